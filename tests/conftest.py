@@ -1,0 +1,70 @@
+"""Shared test helpers: tiny data sets written in the real on-disk formats."""
+
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def class_images(n: int, num_classes: int, size: int = 32, learnable: bool = False, seed: int = 0,
+                 noise: float = 20.0):
+    """uint8 images (n, size, size, 3) and labels. With `learnable`, each class is a smooth
+    random template plus noise, so a small network can tell the classes apart."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % num_classes
+    rng.shuffle(labels)
+    if not learnable:
+        return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), labels
+    coarse = np.random.default_rng(1234).uniform(0, 255, (num_classes, 4, 4, 3))
+    templates = coarse.repeat(size // 4, axis=1).repeat(size // 4, axis=2)
+    images = templates[labels] + rng.normal(0, noise, (n, size, size, 3))
+    return np.clip(images, 0, 255).astype(np.uint8), labels
+
+
+def write_cifar(root: Path, name: str = "cifar10", n_train: int = 60, n_test: int = 20,
+                learnable: bool = False, seed: int = 0, noise: float = 20.0) -> Path:
+    """Write a small CIFAR-10/100 in torchvision's python-version layout (pickled batches)."""
+    classes = 10 if name == "cifar10" else 100
+    x_train, y_train = class_images(n_train, classes, learnable=learnable, seed=seed, noise=noise)
+    x_test, y_test = class_images(n_test, classes, learnable=learnable, seed=seed + 1, noise=noise)
+    folder = Path(root) / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    folder.mkdir(parents=True, exist_ok=True)
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+
+    def dump(fname, x, y):
+        entry = {"batch_label": fname, "data": x.transpose(0, 3, 1, 2).reshape(len(x), -1),
+                 label_key: [int(v) for v in y], "filenames": [f"{i}.png" for i in range(len(x))]}
+        if name == "cifar100":
+            entry["coarse_labels"] = [int(v) // 5 for v in y]
+        with open(folder / fname, "wb") as fh:
+            pickle.dump(entry, fh, protocol=2)
+
+    if name == "cifar10":
+        for i, part in enumerate(np.array_split(np.arange(n_train), 5)):
+            dump(f"data_batch_{i + 1}", x_train[part], y_train[part])
+        dump("test_batch", x_test, y_test)
+        meta = {"label_names": [f"class{i}" for i in range(10)]}
+        with open(folder / "batches.meta", "wb") as fh:
+            pickle.dump(meta, fh, protocol=2)
+    else:
+        dump("train", x_train, y_train)
+        dump("test", x_test, y_test)
+        with open(folder / "meta", "wb") as fh:
+            pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, fh, protocol=2)
+    return Path(root)
+
+
+@pytest.fixture
+def cifar10_root(tmp_path):
+    return write_cifar(tmp_path / "data", "cifar10", n_train=60, n_test=20)
+
+
+@pytest.fixture
+def cifar100_root(tmp_path):
+    return write_cifar(tmp_path / "data", "cifar100", n_train=120, n_test=40)
