@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import json
 import math
@@ -71,10 +72,12 @@ def cli(main: Callable[[], object]) -> None:
     except TKPError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except torch.OutOfMemoryError:
+        print("error: the GPU ran out of memory; use a smaller --batch-train/--batch-size (with "
+              "--grad-accum to keep the effective batch) and --resume if an epoch was saved", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: the last finished epoch is in <output-dir>/checkpoint_last.pt; "
-              "continue with --resume <output-dir>/checkpoint_last.pt", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(130)  # run() has said where the last finished epoch is
 
 
 def int_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
@@ -104,6 +107,22 @@ def nonneg_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    value = nonneg_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a float in [0, 1)."""
+    value = nonneg_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def comma_list(text: str) -> list[str]:
     """argparse type: 'a,b,c' -> ['a', 'b', 'c'] (empty items dropped)."""
     return [item.strip() for item in text.split(",") if item.strip()]
@@ -127,11 +146,11 @@ def base_parser(description: str) -> ArgumentParser:
     g.add_argument("--epochs-stage2", type=int_range(0), help="epochs of masked fine-tuning")
     g.add_argument("--lr", type=nonneg_float, help="peak learning rate (AdamW) of each stage")
     g.add_argument("--weight-decay", type=nonneg_float, help="AdamW weight decay")
-    g.add_argument("--label-smooth", type=nonneg_float, default=0.0,
+    g.add_argument("--label-smooth", type=fraction, default=0.0,
                    help="label smoothing of the cross-entropy")
     g.add_argument("--grad-accum", type=int_range(1), default=1,
                    help="micro-batches per optimizer step (a shorter last group still steps)")
-    g.add_argument("--clip-grad", type=nonneg_float, default=None,
+    g.add_argument("--clip-grad", type=positive_float, default=None,
                    help="clip the gradient norm to this value (default: no clipping)")
     g.add_argument("--bn-recal-batches", type=int_range(0), default=100,
                    help="training batches used to re-estimate BatchNorm statistics after masking")
@@ -147,7 +166,7 @@ def base_parser(description: str) -> ArgumentParser:
     g.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the model (default: on with CUDA, off on CPU)")
     g.add_argument("--no-compile", dest="compile", action="store_false")
-    g.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    g.add_argument("--seed", type=int_range(0, 2**31 - 1), default=0, help="seed of every random draw")
     g.add_argument("--num-workers", type=int_range(0), default=4, help="DataLoader worker processes")
     g.add_argument("--progress-every", type=nonneg_float, default=30.0,
                    help="seconds between in-epoch progress lines (0: epoch lines only)")
@@ -204,16 +223,36 @@ def init_distributed(device_arg: str) -> tuple[Dist, torch.device]:
     dist = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_arg)
+    try:
+        device = torch.device(device_arg)
+    except RuntimeError:
+        raise TKPError(f"--device {device_arg!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise TKPError(f"--device {device_arg}: only cpu and cuda are supported")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise TKPError("--device cuda was asked for but torch sees no GPU; use --device cpu")
         if dist.enabled or device.index is None:
             device = torch.device("cuda", dist.local_rank if dist.enabled else torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise TKPError(f"there is no {device}: this machine has {torch.cuda.device_count()} GPU(s)")
         torch.cuda.set_device(device)
     if dist.enabled and not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch_dist.init_process_group("nccl", device_id=device)
+        else:
+            torch_dist.init_process_group("gloo")
     return dist, device
+
+
+@contextlib.contextmanager
+def main_process_first(dist: Dist):
+    """Rank 0 runs the block first (e.g. downloads a data set), then the others."""
+    if dist.enabled and not dist.is_main:
+        torch_dist.barrier()
+    yield
+    if dist.enabled and dist.is_main:
+        torch_dist.barrier()
 
 
 def resolve_amp(args, device: torch.device) -> torch.dtype | None:
@@ -287,10 +326,10 @@ def fake_images(n: int, size: int, num_classes: int, transform, seed: int = 0) -
 
 
 def fake_splits(args, size: int, num_classes: int, train_transform, val_transform):
-    """--dry-run data: a few random images per split, through the script's real transforms
-    (the training split ends in a partial batch, so that path runs too)."""
-    return (fake_images(2 * args.batch_train + 1, size, num_classes, train_transform, seed=1),
-            fake_images(args.batch_val + 1, size, num_classes, val_transform, seed=2))
+    """--dry-run data: two training batches and one validation batch of random images,
+    through the script's real transforms."""
+    return (fake_images(2 * args.batch_train, size, num_classes, train_transform, seed=1),
+            fake_images(args.batch_val, size, num_classes, val_transform, seed=2))
 
 
 def _cifar_class(name: str):
@@ -345,6 +384,31 @@ def load_cifar(root: str, name: str, download: bool = True):
     return train_x, train_y, test_x, test_y
 
 
+CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+def cifar_splits(args, train_transform, val_transform):
+    """(train, test) of --dataset from --data-root (downloaded when missing), or generated
+    32x32 images under --dry-run, each through the given transforms."""
+    classes = CIFAR_CLASSES[args.dataset]
+    if args.dry_run:
+        return fake_splits(args, 32, classes, train_transform, val_transform)
+    x_train, y_train, x_test, y_test = load_cifar(args.data_root, args.dataset)
+    return ImageArrayDataset(x_train, y_train, train_transform), ImageArrayDataset(x_test, y_test, val_transform)
+
+
+def upscaled_cifar_transforms(img_size: int):
+    """The pretrained-CNN recipe for CIFAR (SPEC §5): RandomResizedCrop(scale 0.2-1), flip,
+    ColorJitter(0.2, 0.2, 0.2, 0.1), ImageNet mean/std; validation resizes to 256/224 of the
+    crop size and center-crops."""
+    import torchvision.transforms as T
+    norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    train = T.Compose([T.RandomResizedCrop(img_size, scale=(0.2, 1.0)), T.RandomHorizontalFlip(),
+                       T.ColorJitter(0.2, 0.2, 0.2, 0.1), T.ToTensor(), norm])
+    val = T.Compose([T.Resize(round(img_size * 256 / 224)), T.CenterCrop(img_size), T.ToTensor(), norm])
+    return train, val
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int,
                 device: torch.device, dist: Dist, seed: int = 0) -> DataLoader:
     """A DataLoader for one split. Training data is shuffled by a seeded generator (reseeded
@@ -366,12 +430,13 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: 
                       pin_memory=device.type == "cuda", drop_last=False, **workers)
 
 
-def set_loader_epoch(loader: DataLoader, seed: int) -> None:
-    """Fix the shuffle order of the next pass over `loader` to `seed`."""
+def set_loader_epoch(loader: DataLoader, seed: int, rank_seed: int | None = None) -> None:
+    """Fix the next pass over `loader`: the shuffle order to `seed` (shared by all ranks, as
+    DistributedSampler needs) and the worker seeds to `rank_seed` (one per rank, so ranks
+    draw different augmentations)."""
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(seed)
-    elif loader.generator is not None:
-        loader.generator.manual_seed(seed)
+    loader.generator.manual_seed(seed if rank_seed is None else rank_seed)
 
 
 # ==== 4. Sparsity: targets, Top-K and N:M masks, mask enforcement ========================
@@ -603,16 +668,17 @@ def build_trainer(model, module, *, args, device, amp_dtype, min_lr, total_steps
 
 
 def optimizer_step(t: Trainer) -> torch.Tensor | None:
-    """One update, in a fixed order: unscale -> add regularizer gradient -> clip -> mask
-    gradients -> step -> update scaler -> re-apply masks. Returns L_aux when computed."""
+    """One update, in a fixed order: unscale -> add regularizer gradient -> mask gradients ->
+    clip -> step -> update scaler -> re-apply masks. Masking before clipping makes the clip
+    norm that of the update actually applied. Returns L_aux when computed."""
     t.scaler.unscale_(t.optimizer)
     aux = None
     if t.regularizer is not None and t.step % t.aux_every == 0:
         aux = t.regularizer.add_grad_(t.beta)
-    if t.clip_grad is not None:
-        torch.nn.utils.clip_grad_norm_(t.module.parameters(), t.clip_grad)
     if t.masker is not None:
         t.masker.mask_grads_()
+    if t.clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_(t.module.parameters(), t.clip_grad)
     t.scaler.step(t.optimizer)
     t.scaler.update()
     if t.masker is not None:
@@ -633,9 +699,9 @@ def _to_device(batch, device, memory_format):
 
 def _check_finite(value: float, where: str) -> None:
     if not math.isfinite(value):
-        raise TKPError(f"the training loss became {value} at {where}; nothing was saved after the "
-                       f"last good epoch: resume from checkpoint_last.pt with a lower --lr, "
-                       f"--clip-grad 1.0 or --amp-dtype bf16")
+        raise TKPError(f"the training loss became {value} at {where}; nothing of this epoch was saved "
+                       f"(checkpoint_last.pt holds the last good one); start a new run with a lower "
+                       f"--lr, --clip-grad 1.0 or --amp-dtype bf16")
 
 
 def train_one_epoch(t: Trainer, loader, *, memory_format=torch.preserve_format,
@@ -711,7 +777,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None, dis
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = model(x)
         out = out.float()
-        pred = out.topk(max(topk), dim=1).indices
+        pred = out.topk(min(max(topk), out.shape[1]), dim=1).indices
         hits = pred == y[:, None]
         sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(),
                              torch.tensor(len(y), dtype=torch.float64, device=device)]
@@ -780,6 +846,18 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def to_cpu(obj):
+    """`obj` with every tensor moved to the CPU (dicts, lists and tuples walked through), so
+    saved files open on machines without the GPU they were made on."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def clean_state_dict(state: dict) -> dict:
     """Strip the '_orig_mod.' (torch.compile) and 'module.' (DDP) prefixes some tools save."""
     out = {}
@@ -799,6 +877,11 @@ def save_atomic(obj, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a saved run is for sharing
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -833,20 +916,39 @@ def read_state_dict(path: str, what: str = "weights file") -> dict:
     return clean_state_dict(obj)
 
 
-def load_weights(module: nn.Module, state: dict, path: str, skip_prefixes: tuple[str, ...] = ()) -> None:
-    """Load `state` strictly, except keys under `skip_prefixes` (e.g. a classifier being
-    replaced); a mismatch is one line that says what differs."""
+def load_weights(module: nn.Module, state: dict, path: str, replaceable: tuple[str, ...] = ()) -> list[str]:
+    """Load `state` strictly, except that entries under the `replaceable` prefixes (a
+    classifier) whose shapes differ from the model's are left as initialised: ImageNet weights
+    load into a 100-class model, and weights that already have 100 classes load whole.
+    A mismatch elsewhere is one line that says what differs. Returns the skipped keys."""
     own = module.state_dict()
-    state = {k: v for k, v in state.items() if not _matches(k, list(skip_prefixes))}
-    expected = {k for k in own if not _matches(k, list(skip_prefixes))}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    bad_shape = [k for k in expected & set(state) if own[k].shape != state[k].shape]
+    skipped = [k for k in own if _matches(k, list(replaceable)) and k in state and state[k].shape != own[k].shape]
+    state = {k: v for k, v in state.items() if k not in skipped}
+    bad_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    missing, unexpected = [], []
+    if not bad_shape:
+        # torch's own key check: it accepts old files without BatchNorm's num_batches_tracked
+        result = module.load_state_dict(state, strict=False)
+        missing = sorted(set(result.missing_keys) - set(skipped))
+        unexpected = sorted(result.unexpected_keys)
     if missing or unexpected or bad_shape:
         detail = "; ".join(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                            for label, keys in (("missing", missing), ("unexpected", unexpected),
                                                ("wrong shape", bad_shape)) if keys)
         raise TKPError(f"{path} does not fit this model ({detail})")
-    module.load_state_dict(state, strict=False)
+    return skipped
+
+
+def download_weights(weights) -> dict:
+    """The state_dict of a torchvision weights enum, through torch.hub's cache (no network
+    when the file is already there); offline, one line naming the alternatives."""
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as e:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+        raise TKPError(f"could not download the pretrained weights {weights} ({type(e).__name__}); "
+                       f"offline, pass --pretrain-path FILE (a copy of {weights.url}; a copy at {cached} "
+                       f"is found too) or train from scratch with --no-pretrain") from None
 
 
 # ==== 8. Reports: parameter and MAC counts, summary =======================================
@@ -858,11 +960,9 @@ def layer_macs(module: nn.Module, input_shape: tuple[int, ...], device: torch.de
     torch.utils.flop_counter (MACs = FLOPs / 2). Returns ({leaf module name: MACs}, total),
     the total including work that no leaf owns (e.g. attention's q@k and attn@v)."""
     from torch.utils.flop_counter import FlopCounterMode
-    was_training = module.training
-    module.eval()
+    shadow = copy.deepcopy(module).to("meta").eval()  # shapes only: no arithmetic is done
     with FlopCounterMode(display=False) as counter:
-        module(torch.zeros(1, *input_shape, device=device))
-    module.train(was_training)
+        shadow(torch.zeros(1, *input_shape, device="meta"))
     counts = counter.get_flop_counts()
     root = type(module).__name__ + "."
     per_layer = {}
@@ -881,6 +981,9 @@ def sparsity_report(module: nn.Module, plan: Plan, masks: dict, input_shape, dev
     pruned_numel = sum(params[n].numel() for n in masks)
     pruned_nonzero = sum(int(torch.count_nonzero(params[n])) for n in masks)
     per_layer, macs_dense = layer_macs(module, input_shape, device)
+    uncounted = [n for n in masks if n.removesuffix(".weight") not in per_layer]
+    if uncounted:  # the speed-up would silently read too low
+        raise RuntimeError(f"the MAC counter saw no work for pruned layers {uncounted[:3]} (a TKP bug)")
     macs_nonzero = macs_dense
     modules = dict(module.named_modules())
     layers = []
@@ -977,6 +1080,7 @@ class Output:
 
 
 def _prepare_output_dir(args, script: Script, dist: Dist) -> Path:
+    """Resolve --output-dir and create it; never adopt a folder that holds another run."""
     if args.output_dir is None:
         if args.resume:
             args.output_dir = str(Path(args.resume).parent)
@@ -986,9 +1090,10 @@ def _prepare_output_dir(args, script: Script, dist: Dist) -> Path:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             args.output_dir = str(Path("runs") / f"{script.name}-{stamp}")
     folder = Path(args.output_dir)
-    if not args.resume and (folder / "checkpoint_last.pt").exists():
-        raise TKPError(f"{folder} already holds a run; continue it with --resume "
-                       f"{folder / 'checkpoint_last.pt'} or choose another --output-dir")
+    existing = folder / "checkpoint_last.pt"
+    if existing.exists() and not (args.resume and existing.resolve() == Path(args.resume).resolve()):
+        raise TKPError(f"{folder} already holds a run; continue it with --resume {existing} "
+                       f"or choose another --output-dir")
     if dist.is_main:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -998,21 +1103,32 @@ def _prepare_output_dir(args, script: Script, dist: Dist) -> Path:
 
 
 def _apply_dry_run(args) -> None:
-    """--dry-run: one short epoch per stage on a few generated images."""
+    """--dry-run: one two-step epoch per stage on a few generated images (every batch of
+    the same size: on CPU each new shape costs kernel set-up time)."""
     args.epochs_stage1 = args.epochs_stage2 = 1
-    args.batch_train = min(args.batch_train, 4)
-    args.batch_val = min(args.batch_val, 4)
+    args.batch_train = args.batch_val = 2
     args.bn_recal_batches = min(args.bn_recal_batches, 2)
     args.num_workers = 0
 
 
-def _check_resumable(saved: dict, args) -> None:
-    current = vars(args)
+def _load_resume(args, amp: str) -> dict:
+    """Read --resume and check that it continues this run: a TKP checkpoint, made with the
+    same science flags and the same precision."""
+    ckpt = load_file(args.resume, "--resume checkpoint")
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise TKPError(f"{args.resume} is not a TKP checkpoint_last.pt (to start from weights, use "
+                       f"the script's pretrained-weights flag)")
+    saved, current = ckpt["args"], plain(vars(args))
     diffs = [k for k, v in saved.items() if k not in OPERATIONAL_FLAGS and k in current and current[k] != v]
     if diffs:
         shown = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {current[k]!r})" for k in diffs[:3])
         raise TKPError(f"the checkpoint was made with {shown}; resume with the same flags, "
                        f"or start a new run in another --output-dir")
+    if ckpt["amp"] != amp:
+        raise TKPError(f"the checkpoint was trained with amp {ckpt['amp']} and this machine resolves "
+                       f"amp {amp}; pass --amp-dtype {ckpt['amp']}" if ckpt["amp"] != "off" else
+                       f"the checkpoint was trained in fp32; pass --no-amp")
+    return ckpt
 
 
 def _rng_state(device) -> dict:
@@ -1036,25 +1152,34 @@ def run(args, script: Script) -> dict:
     dist, device = init_distributed(args.device)
     if args.dry_run:
         _apply_dry_run(args)
-    folder = _prepare_output_dir(args, script, dist)
-    out = Output(folder, dist)
+    # oneDNN sets up CPU kernels per layer shape (20 s for DenseNet-121's first step), which
+    # would dominate a few-step dry run; the plain CPU kernels start at once
+    onednn = torch.backends.mkldnn.enabled
+    if args.dry_run and device.type == "cpu":
+        torch.backends.mkldnn.enabled = False
+    try:
+        return _run(args, script, dist, device)
+    finally:
+        torch.backends.mkldnn.enabled = onednn
+        if dist.enabled and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+def _run(args, script: Script, dist: Dist, device: torch.device) -> dict:
     amp_dtype = resolve_amp(args, device)
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     wall_start = time.time()
-
-    resume = load_file(args.resume, "--resume checkpoint") if args.resume else None
-    if resume is not None:
-        if resume.get("format") != CHECKPOINT_FORMAT:
-            raise TKPError(f"{args.resume} is not a TKP checkpoint_last.pt (for weights to start "
-                           f"from, use the pretrained-weights flag)")
-        _check_resumable(resume["args"], args)
+    resume = _load_resume(args, amp_name(amp_dtype)) if args.resume else None
     wall_before = resume["wall_time_s"] if resume else 0.0
+    folder = _prepare_output_dir(args, script, dist)
+    out = Output(folder, dist)
 
     seed_all(derive_seed(args.seed, 0))
-    module = script.build_model(args).to(device)
+    with main_process_first(dist):  # rank 0 downloads weights and data; the others then read them
+        module = script.build_model(args).to(device)
+        train_set, val_set = script.build_data(args)
     plan = script.build_plan(module, args)
     regularize = args.reg_type != "none" and bool(plan.targets)
-    train_set, val_set = script.build_data(args)
     if len(train_set) == 0 or len(val_set) == 0:
         raise TKPError("the training or validation set is empty; check the data folder")
     loader_args = dict(num_workers=args.num_workers, device=device)
@@ -1072,14 +1197,15 @@ def run(args, script: Script) -> dict:
     if use_compile:
         model = torch.compile(model)
 
-    info = {"args": dict(vars(args)), "script": script.name, "versions": versions(),
+    info = {"args": plain(vars(args)), "script": script.name, "versions": versions(),
             "device": device_name(device), "world_size": dist.world, "amp": amp_name(amp_dtype),
             "compile": use_compile, "pattern": plan.pattern, "pruned_layers": len(plan.targets),
             "skipped_layers": plan.skipped, "aux_num_groups": plan.num_groups}
     out.write_json("args.json", info)
     out.print(f"{script.name}: {plan.pattern}, {len(plan.targets)} pruned layers, "
-              f"{len(train_set)} train / {len(val_set)} val images, {info['device']}, "
-              f"amp {info['amp']}, compile {'on' if use_compile else 'off'}, output {folder}")
+              f"{len(train_set)} train / {len(val_set)} val images, {info['device']}"
+              f"{f' x {dist.world} processes' if dist.enabled else ''}, amp {info['amp']}, "
+              f"compile {'on' if use_compile else 'off'}, output {folder}")
     for line in plan.skipped:
         out.print(f"  kept dense: {line}")
 
@@ -1090,6 +1216,8 @@ def run(args, script: Script) -> dict:
         load_weights(module, clean_state_dict(resume["model"]), args.resume)
         stage, epoch, history, metrics = resume["stage"], resume["epoch"], resume["history"], resume["metrics"]
         masks = {k: v.to(device) for k, v in resume["masks"].items()}
+        if stage == 2 and set(masks) != {t.name for t in plan.targets}:
+            raise TKPError(f"the masks in {args.resume} do not match this model's pruned layers")
         out.write_log(history)
         out.print(f"resumed from {args.resume}: stage {stage}, {epoch} epochs of it done")
     elif script.pretrained(args):
@@ -1102,12 +1230,11 @@ def run(args, script: Script) -> dict:
     durations = []
 
     def checkpoint(trainer: Trainer, stage: int, epoch: int) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "model": module.state_dict(),
-                "masks": {k: v.cpu() for k, v in masks.items()},
-                "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+        return {"format": CHECKPOINT_FORMAT, "model": to_cpu(module.state_dict()), "masks": to_cpu(masks),
+                "optimizer": to_cpu(trainer.optimizer.state_dict()), "scheduler": trainer.scheduler.state_dict(),
                 "scaler": trainer.scaler.state_dict(), "stage": stage, "epoch": epoch, "step": trainer.step,
-                "history": plain(history), "metrics": plain(metrics), "args": plain(vars(args)),
-                "rng": _rng_state(device),
+                "amp": amp_name(amp_dtype), "history": plain(history), "metrics": plain(metrics),
+                "args": plain(vars(args)), "rng": _rng_state(device),
                 "wall_time_s": wall_before + time.time() - wall_start}
 
     def make_trainer(stage: int, **parts) -> Trainer:
@@ -1125,9 +1252,12 @@ def run(args, script: Script) -> dict:
     def train_stage(stage: int, first_epoch: int, trainer: Trainer) -> None:
         nonlocal epochs_left
         for ep in range(first_epoch, epochs[stage]):
+            # every epoch's randomness follows from (seed, stage, epoch, rank): a resumed run
+            # draws what the uninterrupted run would have drawn
             seed = derive_seed(args.seed, stage, ep)
-            seed_all(seed)
-            set_loader_epoch(train_loader, seed)
+            rank_seed = derive_seed(seed, dist.rank)
+            seed_all(rank_seed)
+            set_loader_epoch(train_loader, seed, rank_seed)
             label = f"stage {stage} epoch {ep + 1}/{epochs[stage]}"
             tic = time.perf_counter()
             stats = train_one_epoch(trainer, train_loader, progress=out.print,
@@ -1155,33 +1285,39 @@ def run(args, script: Script) -> dict:
                       f"lr {stats['lr']:.2e} | {stats['images_per_s']:,.0f} img/s | "
                       f"{durations[-1]:.1f}s | ETA {format_duration(eta)}")
 
-    # ---- stage 1: CE + beta * L_aux
-    if stage == 1:
-        regularizer = AuxRegularizer(module, plan, args.reg_type, args.alpha) if regularize else None
-        trainer = make_trainer(1, regularizer=regularizer, beta=args.beta if regularize else 0.0)
-        train_stage(1, epoch, trainer)
-        if epochs[1] == 0:
-            metrics["stage1_top1"] = metrics["init_top1"]
+    try:
+        # ---- stage 1: CE + beta * L_aux
+        if stage == 1:
+            regularizer = AuxRegularizer(module, plan, args.reg_type, args.alpha) if regularize else None
+            trainer = make_trainer(1, regularizer=regularizer, beta=args.beta if regularize else 0.0)
+            train_stage(1, epoch, trainer)
+            if epochs[1] == 0:
+                metrics["stage1_top1"] = metrics["init_top1"]
 
-        # ---- mask, BN recalibration, post-mask evaluation
-        masks = broadcast_masks(compute_masks(module, plan), dist, device)
-        Masker(module, masks).apply_()
-        seed_all(derive_seed(args.seed, 3))
-        set_loader_epoch(recal_loader, derive_seed(args.seed, 3))
-        used = recalibrate_bn(module, recal_loader, args.bn_recal_batches, device, amp_dtype)
-        ev = evaluate(model, val_loader, device, amp_dtype, dist, script.topk_metrics)
-        metrics["post_mask_top1"] = metrics["best_top1"] = ev["top1"]
-        out.print(f"masked {len(masks)} layers ({plan.pattern}); BatchNorm recalibrated on {used} "
-                  f"batches; post-mask top-1 {ev['top1']:.2f}%")
-        stage, epoch, resume = 2, 0, None
+            # ---- mask, BN recalibration, post-mask evaluation
+            masks = broadcast_masks(compute_masks(module, plan), dist, device)
+            Masker(module, masks).apply_()
+            seed_all(derive_seed(args.seed, 3))
+            set_loader_epoch(recal_loader, derive_seed(args.seed, 3))
+            used = recalibrate_bn(module, recal_loader, args.bn_recal_batches, device, amp_dtype)
+            ev = evaluate(model, val_loader, device, amp_dtype, dist, script.topk_metrics)
+            metrics["post_mask_top1"] = metrics["best_top1"] = ev["top1"]
+            out.print(f"masked {len(masks)} layers ({plan.pattern}); BatchNorm recalibrated on {used} "
+                      f"batches; post-mask top-1 {ev['top1']:.2f}%")
+            stage, epoch, resume = 2, 0, None
 
-    # ---- stage 2: masked fine-tuning with a fresh optimizer, schedule and scaler
-    masker = Masker(module, masks)
-    masker.apply_()  # also re-zeroes the weights after a resume
-    trainer = make_trainer(2, masker=masker)
-    if resume is None and epoch == 0:  # the post-mask state is a checkpoint of its own
-        out.save(checkpoint(trainer, 2, 0), "checkpoint_last.pt")
-    train_stage(2, epoch, trainer)
+        # ---- stage 2: masked fine-tuning with a fresh optimizer, schedule and scaler
+        masker = Masker(module, masks)
+        masker.apply_()  # also re-zeroes the weights after a resume
+        trainer = make_trainer(2, masker=masker)
+        if resume is None and epoch == 0:  # the post-mask state is a checkpoint of its own
+            out.save(checkpoint(trainer, 2, 0), "checkpoint_last.pt")
+        train_stage(2, epoch, trainer)
+    except KeyboardInterrupt:
+        saved = folder / "checkpoint_last.pt"
+        out.print(f"interrupted: continue with --resume {saved}" if saved.exists() else
+                  "interrupted before the first epoch finished: nothing was saved")
+        raise
     if epochs[2] == 0:
         metrics["final_top1"] = metrics["post_mask_top1"]
 
@@ -1194,14 +1330,11 @@ def run(args, script: Script) -> dict:
                "amp": info["amp"], "compile": use_compile, "world_size": dist.world,
                "torch": str(torch.__version__), "wall_time_s": wall_before + time.time() - wall_start,
                "layers": report["layers"], "tap_frequencies": tap_frequencies(masks, plan)}
-    out.save({"model": module.state_dict(), "masks": {k: v.cpu() for k, v in masks.items()},
-              "args": plain(vars(args)), "metrics": plain({k: v for k, v in summary.items()
-                                                          if k not in ("layers", "tap_frequencies")})},
+    out.save({"model": to_cpu(module.state_dict()), "masks": to_cpu(masks), "args": plain(vars(args)),
+              "metrics": plain({k: v for k, v in summary.items() if k not in ("layers", "tap_frequencies")})},
              "final.pt")
     out.write_json("summary.json", summary)
     out.print(format_summary(summary))
-    if dist.enabled:
-        torch_dist.barrier()
     return summary
 
 
@@ -1224,9 +1357,7 @@ def evaluate_checkpoint(args, script: Script) -> dict:
     dist, device = init_distributed(args.device)
     saved = argparse.Namespace(**{**vars(args), **{k: v for k, v in ckpt["args"].items()
                                                    if k not in OPERATIONAL_FLAGS}})
-    saved.eval, saved.dry_run = args.eval, False
-    for flag in ("no_pretrain", "no_pretrained"):
-        setattr(saved, flag, True)  # the weights come from the checkpoint
+    saved.eval, saved.dry_run = args.eval, False  # scripts load no pretrained weights under --eval
     module = script.build_model(saved).to(device)
     load_weights(module, clean_state_dict(ckpt["model"]), args.eval)
     plan = script.build_plan(module, saved)

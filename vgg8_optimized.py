@@ -7,7 +7,7 @@ masked fine-tuning. Method, flags and outputs: README.md; the contract: SPEC.md.
 
     pip install -r requirements.txt
     python vgg8_optimized.py                       # Top-1, the paper's defaults (100+100 epochs)
-    python vgg8_optimized.py --topk 9 --reg-type none   # the dense baseline
+    python vgg8_optimized.py --dense-baseline      # same pipeline, no mask, no regularizer
     python vgg8_optimized.py --dry-run             # the whole pipeline on generated data, seconds
     torchrun --nproc_per_node 4 vgg8_optimized.py  # one process per GPU
 
@@ -71,16 +71,14 @@ class VGG8(nn.Module):
         return self.classifier(self.features(x))
 
 
-def num_classes(args) -> int:
-    return {"cifar10": 10, "cifar100": 100}[args.dataset]
-
-
 def starts_pretrained(args) -> bool:
-    return bool(args.pretrain_path) and not args.no_pretrain and not args.dry_run
+    """Whether build_model loads --pretrain-path (not under --dry-run, nor under --eval,
+    whose weights come from the checkpoint)."""
+    return bool(args.pretrain_path) and not (args.no_pretrain or args.dry_run or args.eval)
 
 
 def build_model(args) -> nn.Module:
-    model = VGG8(num_classes(args))
+    model = VGG8(tkp.CIFAR_CLASSES[args.dataset])
     if starts_pretrained(args):
         tkp.load_weights(model, tkp.read_state_dict(args.pretrain_path, "--pretrain-path"), args.pretrain_path)
     return model
@@ -97,10 +95,7 @@ def build_data(args):
     train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(),
                           T.ColorJitter(brightness=0.2, contrast=0.2), T.ToTensor(), T.Normalize(mean, std)])
     val_tf = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
-    if args.dry_run:
-        return tkp.fake_splits(args, 32, num_classes(args), train_tf, val_tf)
-    x_train, y_train, x_test, y_test = tkp.load_cifar(args.data_root, args.dataset)
-    return tkp.ImageArrayDataset(x_train, y_train, train_tf), tkp.ImageArrayDataset(x_test, y_test, val_tf)
+    return tkp.cifar_splits(args, train_tf, val_tf)
 
 
 # ---- main --------------------------------------------------------------------------------

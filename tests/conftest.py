@@ -7,7 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+
+# oneDNN sets up CPU kernels for every new layer shape (20 s for DenseNet-121's first step);
+# the tests run few steps on many shapes, where the plain CPU kernels are several times faster
+torch.backends.mkldnn.enabled = False
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

@@ -1,0 +1,188 @@
+"""ViT-Small (or any timm ViT) on ImageNet-1k with N:M sparsity (TKP, 2:4 by default).
+
+Fine-tunes a pretrained timm Vision Transformer in two stages: cross-entropy plus
+beta * L_aux over every block of M consecutive weights of the attention (qkv, proj) and MLP
+(fc1, fc2) Linears, then a hard N:M mask and masked fine-tuning. The patch embedding and
+the classifier head are never pruned. Method, flags and outputs: README.md; contract: SPEC.md.
+
+    pip install -r requirements.txt
+    python vit_small.py --data-path /data/imagenet                 # ViT-S/16, 2:4, 30+30 epochs
+    python vit_small.py --data-path /data/imagenet --sparsity-type dense   # the baseline
+    python vit_small.py --data-path /data/imagenet \\
+        --model vit_base_patch16_224.augreg2_in21k_ft_in1k             # ViT-B/16, no code change
+    python vit_small.py --dry-run                                  # whole pipeline, generated data
+    torchrun --nproc_per_node 8 vit_small.py --data-path /data/imagenet
+
+--data-path holds train/ and val/, each with one folder per class (ImageFolder layout).
+Offline: --pretrained-path FILE (timm's weights file for --model) or --no-pretrained.
+Measured results: see README.md ("Results"); no full run has been measured yet.
+"""
+
+import argparse
+from pathlib import Path
+
+import timm
+import torch.nn as nn
+import torchvision.datasets as tvd
+from timm.data import create_transform, resolve_data_config
+
+import tkp_common as tkp
+
+# --target-layers names -> the Linear modules of each timm ViT block
+TARGETS = {"qkv": ("attn.qkv",), "proj": ("attn.proj",), "mlp": ("mlp.fc1", "mlp.fc2")}
+
+
+# ---- arguments ---------------------------------------------------------------------------
+
+def sparsity_type(text: str) -> str:
+    """'dense' or 'N:M' with 1 <= N < M."""
+    if text == "dense":
+        return text
+    try:
+        n, m = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'N:M' (e.g. 2:4) or 'dense', got {text!r}") from None
+    if not 1 <= n < m:
+        raise argparse.ArgumentTypeError(f"N:M needs 1 <= N < M, got {text}")
+    return f"{n}:{m}"
+
+
+def target_layers(text: str) -> list[str]:
+    names = tkp.comma_list(text)
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"choose from {','.join(TARGETS)}, got {text!r}")
+    return names
+
+
+def get_args_parser() -> tkp.ArgumentParser:
+    p = tkp.base_parser("TKP: a timm Vision Transformer on ImageNet with N:M sparsity")
+    g = p.add_argument_group("N:M sparsity")
+    g.add_argument("--sparsity-type", type=sparsity_type, default="2:4",
+                   help="keep N of every M consecutive weights ('2:4', '1:4', '4:8', ...) or 'dense'")
+    g.add_argument("--target-layers", type=target_layers, default=list(TARGETS),
+                   help="comma-separated subset of qkv,proj,mlp")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="vit_small_patch16_224.augreg_in21k_ft_in1k", help="timm model name")
+    g.add_argument("--num-classes", type=tkp.int_range(2), default=1000)
+    g.add_argument("--img-size", type=tkp.int_range(16), default=224)
+    g.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
+                   help="start from timm's pretrained weights (downloaded from the Hugging Face hub)")
+    g.add_argument("--no-pretrained", dest="pretrained", action="store_false")
+    g.add_argument("--pretrained-path", default=None,
+                   help="local weights file for --model (loaded by timm), for offline machines")
+    g.add_argument("--data-path", default="./data/imagenet", help="folder with train/ and val/ (ImageFolder)")
+    g.add_argument("--batch-size", dest="batch_train", type=tkp.int_range(1), help="training batch per process")
+    g.add_argument("--batch-val", type=tkp.int_range(1), default=None, help="validation batch (default: --batch-size)")
+    g.add_argument("--checkpoint-dir", dest="output_dir", help="the reference's name for --output-dir")
+    # the paper's table row for ViT-S/16 / ImageNet-1k
+    p.set_defaults(batch_train=256, epochs_stage1=30, epochs_stage2=30, lr=1e-4, weight_decay=0.05,
+                   beta=1000.0, alpha=2.0)
+    return p
+
+
+# ---- model -------------------------------------------------------------------------------
+
+def starts_pretrained(args) -> bool:
+    """Whether build_model loads pretrained weights (not under --dry-run, nor under --eval,
+    whose weights come from the checkpoint)."""
+    return args.pretrained and not (args.dry_run or args.eval)
+
+
+def build_model(args) -> nn.Module:
+    if not timm.is_model(args.model):
+        raise tkp.TKPError(f"timm has no model {args.model!r}; list them with "
+                           f"python -c \"import timm; print(timm.list_models('vit_*', pretrained=True))\"")
+    kwargs = dict(num_classes=args.num_classes, img_size=args.img_size)
+    if not starts_pretrained(args):
+        return timm.create_model(args.model, **kwargs)
+    if args.pretrained_path:
+        if not Path(args.pretrained_path).is_file():
+            raise tkp.TKPError(f"--pretrained-path {args.pretrained_path} does not exist")
+        kwargs["pretrained_cfg_overlay"] = dict(file=args.pretrained_path)
+    try:  # timm loads the file, drops a classifier of another class count, resizes pos. embeddings
+        return timm.create_model(args.model, pretrained=True, **kwargs)
+    except Exception as e:
+        source = args.pretrained_path or "the Hugging Face hub"
+        raise tkp.TKPError(f"could not load pretrained weights for {args.model} from {source} "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
+                           f"offline, pass --pretrained-path FILE (timm's weights file for this model) "
+                           f"or train from scratch with --no-pretrained") from None
+
+
+def build_plan(model, args) -> tkp.Plan:
+    if args.sparsity_type == "dense":
+        return tkp.Plan("dense")
+    n, m = (int(v) for v in args.sparsity_type.split(":"))
+    suffixes = [s for name in args.target_layers for s in TARGETS[name]]
+    names = [name for name, mod in model.named_modules()
+             if isinstance(mod, nn.Linear) and name.startswith("blocks.")
+             and any(name.endswith("." + s) for s in suffixes)]
+    plan = tkp.nm_plan(model, n, m, names)
+    if not plan.targets:
+        raise tkp.TKPError(f"--sparsity-type {args.sparsity_type}: none of the targeted layers has an input "
+                           f"width divisible by {m} ({'; '.join(plan.skipped[:2])}); choose another M")
+    return plan
+
+
+# ---- data --------------------------------------------------------------------------------
+
+def image_folder(root: Path, split: str, transform) -> tvd.ImageFolder:
+    folder = root / split
+    if not folder.is_dir():
+        raise tkp.TKPError(f"{folder} does not exist: --data-path must hold train/ and val/, "
+                           f"each with one folder of images per class")
+    if not any(p.is_dir() for p in folder.iterdir()):
+        raise tkp.TKPError(f"{folder} holds no class folders: sort it into one folder per class (for "
+                           f"ImageNet's flat val/, e.g. with the valprep.sh script from the "
+                           f"PyTorch ImageNet example) and run again")
+    try:
+        return tvd.ImageFolder(str(folder), transform=transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise tkp.TKPError(f"{folder}: {str(e).splitlines()[0]}") from None
+
+
+def build_data(args):
+    """ImageNet in ImageFolder layout, with timm's transforms for the model's data config:
+    RandAugment rand-m9-mstd0.5-inc1 and random erasing 0.25 (pixel) for training; the
+    model's crop_pct and interpolation for validation."""
+    config = resolve_data_config({"input_size": (3, args.img_size, args.img_size)},
+                                 model=build_model_for_config(args))
+    train_tf = create_transform(**config, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
+                                re_prob=0.25, re_mode="pixel")
+    val_tf = create_transform(**config, is_training=False)
+    if args.dry_run:
+        return tkp.fake_splits(args, args.img_size, args.num_classes, train_tf, val_tf)
+    root = Path(args.data_path)
+    train, val = image_folder(root, "train", train_tf), image_folder(root, "val", val_tf)
+    if train.classes != val.classes:
+        raise tkp.TKPError(f"train/ has {len(train.classes)} classes and val/ {len(val.classes)}, or their "
+                           f"names differ; both need the same class folders")
+    if len(train.classes) != args.num_classes:
+        raise tkp.TKPError(f"{root / 'train'} has {len(train.classes)} class folders; pass "
+                           f"--num-classes {len(train.classes)}")
+    return train, val
+
+
+def build_model_for_config(args) -> nn.Module:
+    """The architecture alone (no weights): enough to read its data config."""
+    return timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, img_size=args.img_size)
+
+
+# ---- main --------------------------------------------------------------------------------
+
+SCRIPT = tkp.Script(name="vit", build_model=build_model, build_data=build_data, build_plan=build_plan,
+                    input_shape=lambda args: (3, args.img_size, args.img_size),
+                    dataset_name=lambda args: "imagenet" if args.num_classes == 1000 else Path(args.data_path).name,
+                    pretrained=starts_pretrained, min_lr_ratio=0.01, topk_metrics=(1, 5))
+
+
+def main(argv=None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    if args.batch_val is None:
+        args.batch_val = args.batch_train
+    return tkp.run(args, SCRIPT)
+
+
+if __name__ == "__main__":
+    tkp.cli(main)
