@@ -128,11 +128,19 @@ def comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows defaults, except None and False (no value to show)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def base_parser(description: str) -> ArgumentParser:
     """The flags every script shares. Each script adds its model, data, batch and sparsity
     flags and sets its own defaults (the paper's table row) with set_defaults()."""
-    p = ArgumentParser(description=description,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=description, formatter_class=HelpFormatter)
     g = p.add_argument_group("regularizer (stage 1)")
     g.add_argument("--reg-type", choices=["none", "l2", "exponential"], default="exponential",
                    help="auxiliary loss on the entries outside each group's top K")
@@ -165,7 +173,7 @@ def base_parser(description: str) -> ArgumentParser:
     g.add_argument("--no-amp", action="store_true", help="train in fp32")
     g.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the model (default: on with CUDA, off on CPU)")
-    g.add_argument("--no-compile", dest="compile", action="store_false")
+    g.add_argument("--no-compile", dest="compile", action="store_false", default=None, help="do not compile")
     g.add_argument("--seed", type=int_range(0, 2**31 - 1), default=0, help="seed of every random draw")
     g.add_argument("--num-workers", type=int_range(0), default=4, help="DataLoader worker processes")
     g.add_argument("--progress-every", type=nonneg_float, default=30.0,
@@ -1211,7 +1219,7 @@ def _run(args, script: Script, dist: Dist, device: torch.device) -> dict:
 
     stage, epoch, masks, history = 1, 0, {}, []
     metrics = {"init_top1": None, "stage1_top1": None, "post_mask_top1": None,
-               "final_top1": None, "best_top1": None}
+               "final_top1": None, "best_top1": None, "val_images": None}
     if resume is not None:
         load_weights(module, clean_state_dict(resume["model"]), args.resume)
         stage, epoch, history, metrics = resume["stage"], resume["epoch"], resume["history"], resume["metrics"]
@@ -1265,6 +1273,7 @@ def _run(args, script: Script, dist: Dist, device: torch.device) -> dict:
             val = None
             if (ep + 1) % args.val_freq == 0 or ep + 1 == epochs[stage]:
                 val = evaluate(model, val_loader, device, amp_dtype, dist, script.topk_metrics)
+                metrics["val_images"] = val["images"]  # every validation image, once, over all ranks
                 if stage == 2:
                     metrics["best_top1"] = max(metrics["best_top1"] or 0.0, val["top1"])
                 if ep + 1 == epochs[stage]:
@@ -1302,6 +1311,7 @@ def _run(args, script: Script, dist: Dist, device: torch.device) -> dict:
             used = recalibrate_bn(module, recal_loader, args.bn_recal_batches, device, amp_dtype)
             ev = evaluate(model, val_loader, device, amp_dtype, dist, script.topk_metrics)
             metrics["post_mask_top1"] = metrics["best_top1"] = ev["top1"]
+            metrics["val_images"] = ev["images"]
             out.print(f"masked {len(masks)} layers ({plan.pattern}); BatchNorm recalibrated on {used} "
                       f"batches; post-mask top-1 {ev['top1']:.2f}%")
             stage, epoch, resume = 2, 0, None

@@ -60,15 +60,16 @@ def get_args_parser() -> tkp.ArgumentParser:
     g = p.add_argument_group("N:M sparsity")
     g.add_argument("--sparsity-type", type=sparsity_type, default="2:4",
                    help="keep N of every M consecutive weights ('2:4', '1:4', '4:8', ...) or 'dense'")
-    g.add_argument("--target-layers", type=target_layers, default=list(TARGETS),
+    g.add_argument("--target-layers", type=target_layers, default="qkv,proj,mlp",
                    help="comma-separated subset of qkv,proj,mlp")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="vit_small_patch16_224.augreg_in21k_ft_in1k", help="timm model name")
-    g.add_argument("--num-classes", type=tkp.int_range(2), default=1000)
-    g.add_argument("--img-size", type=tkp.int_range(16), default=224)
+    g.add_argument("--num-classes", type=tkp.int_range(2), default=1000, help="class folders under train/")
+    g.add_argument("--img-size", type=tkp.int_range(16), default=224,
+                   help="input resolution (timm resizes the position embeddings of pretrained weights)")
     g.add_argument("--pretrained", dest="pretrained", action="store_true", default=True,
                    help="start from timm's pretrained weights (downloaded from the Hugging Face hub)")
-    g.add_argument("--no-pretrained", dest="pretrained", action="store_false")
+    g.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="train from scratch")
     g.add_argument("--pretrained-path", default=None,
                    help="local weights file for --model (loaded by timm), for offline machines")
     g.add_argument("--data-path", default="./data/imagenet", help="folder with train/ and val/ (ImageFolder)")
