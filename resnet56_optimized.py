@@ -24,13 +24,8 @@ Measured results: see README.md ("Results"); no full 200-epoch run has been meas
 
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms as T
 
 import tkp_common as tkp
-
-CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
-CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
-
 
 # ---- arguments ---------------------------------------------------------------------------
 
@@ -142,11 +137,7 @@ def build_plan(model, args) -> tkp.Plan:
 # ---- data --------------------------------------------------------------------------------
 
 def build_data(args):
-    mean, std = CIFAR_MEAN[args.dataset], CIFAR_STD[args.dataset]
-    train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(),
-                          T.ColorJitter(brightness=0.2, contrast=0.2), T.ToTensor(), T.Normalize(mean, std)])
-    val_tf = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
-    return tkp.cifar_splits(args, train_tf, val_tf)
+    return tkp.cifar_splits(args, *tkp.cifar32_transforms(args.dataset))
 
 
 # ---- main --------------------------------------------------------------------------------

@@ -165,6 +165,13 @@ def base_parser(description: str) -> ArgumentParser:
     g.add_argument("--val-freq", type=int_range(1), default=1,
                    help="validate every N epochs (and always on each stage's last epoch)")
 
+    g = p.add_argument_group("quantization-aware training (stage 3)")
+    g.add_argument("--qat", action="store_true",
+                   help="after stage 2, fine-tune with int8 fake quantization of every Conv2d and Linear "
+                        "(weights per-channel symmetric, inputs per-tensor), masks kept; writes final_qat.pt")
+    g.add_argument("--qat-epochs", type=int_range(1), default=3, help="epochs of quantization-aware training")
+    g.add_argument("--qat-lr", type=positive_float, default=None, help="peak lr of QAT (default: 0.1 * --lr)")
+
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'")
     g.add_argument("--amp-dtype", choices=["auto", "bf16", "fp16"], default="auto",
@@ -176,6 +183,13 @@ def base_parser(description: str) -> ArgumentParser:
     g.add_argument("--no-compile", dest="compile", action="store_false", default=None, help="do not compile")
     g.add_argument("--seed", type=int_range(0, 2**31 - 1), default=0, help="seed of every random draw")
     g.add_argument("--num-workers", type=int_range(0), default=4, help="DataLoader worker processes")
+    g.add_argument("--data-loader", choices=["auto", "device", "torch"], default="auto",
+                   help="device: the whole data set on the GPU, augmented there in batches (CIFAR); "
+                        "torch: a DataLoader with workers; auto: device on CUDA where possible")
+    g.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
+                   help="channels_last memory format (default: on with CUDA for the CNNs)")
+    g.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None,
+                   help="keep the default memory format")
     g.add_argument("--progress-every", type=nonneg_float, default=30.0,
                    help="seconds between in-epoch progress lines (0: epoch lines only)")
 
@@ -405,6 +419,20 @@ def cifar_splits(args, train_transform, val_transform):
     return ImageArrayDataset(x_train, y_train, train_transform), ImageArrayDataset(x_test, y_test, val_transform)
 
 
+CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
+CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
+
+
+def cifar32_transforms(dataset: str):
+    """The from-scratch CIFAR recipe (SPEC §5, VGG-8): RandomCrop(32, padding 4), flip,
+    ColorJitter(brightness 0.2, contrast 0.2), the data set's mean/std; validation normalises."""
+    import torchvision.transforms as T
+    norm = T.Normalize(CIFAR_MEAN[dataset], CIFAR_STD[dataset])
+    train = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(),
+                       T.ColorJitter(brightness=0.2, contrast=0.2), T.ToTensor(), norm])
+    return train, T.Compose([T.ToTensor(), norm])
+
+
 def upscaled_cifar_transforms(img_size: int):
     """The pretrained-CNN recipe for CIFAR (SPEC §5): RandomResizedCrop(scale 0.2-1), flip,
     ColorJitter(0.2, 0.2, 0.2, 0.1), ImageNet mean/std; validation resizes to 256/224 of the
@@ -415,6 +443,190 @@ def upscaled_cifar_transforms(img_size: int):
                        T.ColorJitter(0.2, 0.2, 0.2, 0.1), T.ToTensor(), norm])
     val = T.Compose([T.Resize(round(img_size * 256 / 224)), T.CenterCrop(img_size), T.ToTensor(), norm])
     return train, val
+
+
+class DeviceImageLoader:
+    """A whole image-array data set held as uint8 on the device, served in batches drawn by a
+    device-side permutation and augmented there, batched, by the same transforms as the
+    dataset's torchvision pipeline (read from it, so the parameter ranges cannot drift):
+    RandomCrop with zero padding, RandomResizedCrop (bilinear, via roi_align), Resize +
+    CenterCrop, horizontal flip, ColorJitter (per-image factors and per-image random order,
+    as torchvision draws them), ToTensor and Normalize. No worker processes, no host copies.
+
+    Training batches follow a permutation shared by all ranks (`set_epoch`), padded so that
+    every rank gets the same number of batches; validation shards are disjoint."""
+
+    def __init__(self, dataset: ImageArrayDataset, batch_size: int, *, train: bool, device: torch.device,
+                 dist: Dist = Dist(), seed: int = 0):
+        self.steps = _device_steps(dataset.transform)  # raises ValueError for unsupported transforms
+        self.images = torch.from_numpy(dataset.images).to(device).permute(0, 3, 1, 2).contiguous()
+        self.labels = torch.from_numpy(dataset.labels).to(device)
+        self.batch_size, self.train, self.device, self.dist = batch_size, train, device, dist
+        self.order_gen = torch.Generator(device=device).manual_seed(seed)
+        self.draw_gen = torch.Generator(device=device).manual_seed(seed)
+        self.dataset = dataset
+
+    def set_epoch(self, seed: int, rank_seed: int | None = None) -> None:
+        self.order_gen.manual_seed(seed)
+        self.draw_gen.manual_seed(seed if rank_seed is None else rank_seed)
+
+    def _indices(self) -> torch.Tensor:
+        n, world, rank = len(self.labels), self.dist.world, self.dist.rank
+        if not self.train:
+            return torch.arange(rank, n, world, device=self.device)
+        order = torch.randperm(n, generator=self.order_gen, device=self.device)
+        if world > 1:
+            padded = math.ceil(n / world) * world
+            order = torch.cat([order, order[: padded - n]])[rank::world]
+        return order
+
+    def __len__(self) -> int:
+        n, world = len(self.labels), self.dist.world
+        per_rank = math.ceil(n / world) if self.train else len(range(self.dist.rank, n, world))
+        return math.ceil(per_rank / self.batch_size)
+
+    def __iter__(self):
+        for idx in self._indices().split(self.batch_size):
+            yield augment_batch(self.images[idx], self.steps, self.draw_gen), self.labels[idx]
+
+
+def _device_steps(transform) -> list[tuple]:
+    """torchvision transforms -> (name, parameters) steps for augment_batch."""
+    import torchvision.transforms as T
+    steps = []
+    for t in getattr(transform, "transforms", [transform]):
+        if isinstance(t, T.RandomCrop):
+            if t.padding_mode != "constant" or t.pad_if_needed:
+                raise ValueError("RandomCrop: only constant padding")
+            pad = t.padding if isinstance(t.padding, int) else t.padding[0]
+            steps.append(("random_crop", t.size, pad or 0, t.fill))
+        elif isinstance(t, T.RandomResizedCrop):
+            steps.append(("random_resized_crop", t.size, t.scale, t.ratio))
+        elif isinstance(t, T.Resize):
+            steps.append(("resize", t.size if isinstance(t.size, int) else t.size[0]))
+        elif isinstance(t, T.CenterCrop):
+            steps.append(("center_crop", t.size))
+        elif isinstance(t, T.RandomHorizontalFlip):
+            steps.append(("flip", t.p))
+        elif isinstance(t, T.ColorJitter):
+            steps.append(("color_jitter", t.brightness, t.contrast, t.saturation, t.hue))
+        elif isinstance(t, T.ToTensor):
+            steps.append(("to_float",))
+        elif isinstance(t, T.Normalize):
+            steps.append(("normalize", tuple(t.mean), tuple(t.std)))
+        else:
+            raise ValueError(f"{type(t).__name__} has no batched device version")
+    if ("to_float",) not in steps:
+        raise ValueError("the pipeline has no ToTensor")
+    return steps
+
+
+def _uniform(n: int, lo: float, hi: float, gen, device) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=gen, device=device)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1] -> HSV, hue += shift (per image, in turns), -> RGB."""
+    maxc, argmax = x.max(1)
+    minc = x.min(1).values
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    r, g, b = x.unbind(1)
+    h = torch.where(argmax == 0, (g - b) / safe, torch.where(argmax == 1, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    h = torch.where(delta > 0, h / 6.0, torch.zeros_like(h))
+    h = (h + shift.view(-1, 1, 1)) % 1.0
+    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    k = lambda n: (n + h * 6) % 6  # noqa: E731
+    f = lambda n: maxc - maxc * sat * torch.clamp(torch.minimum(k(n), 4 - k(n)), 0, 1)  # noqa: E731
+    return torch.stack([f(5), f(3), f(1)], dim=1)
+
+
+def _crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear crop-and-resize of one box (x1, y1, x2, y2, in pixels) per image."""
+    from torchvision.ops import roi_align
+    index = torch.arange(len(x), device=x.device, dtype=x.dtype)[:, None]
+    return roi_align(x, torch.cat([index, boxes], 1), output_size=size, spatial_scale=1.0,
+                     sampling_ratio=1, aligned=True)
+
+
+def augment_batch(images: torch.Tensor, steps: list[tuple], gen: torch.Generator) -> torch.Tensor:
+    """Apply `_device_steps` to a uint8 batch (B, 3, H, W); returns float32 (B, 3, h, w)."""
+    x, dev, b = images.float() / 255.0, images.device, len(images)
+    for step in steps:
+        name = step[0]
+        if name == "random_crop":
+            (h, w), pad, fill = step[1], step[2], step[3]
+            if pad:
+                x = F.pad(x, (pad, pad, pad, pad), value=float(fill) / 255.0 if fill else 0.0)
+            top = (torch.rand(b, generator=gen, device=dev) * (x.shape[2] - h + 1)).long()
+            left = (torch.rand(b, generator=gen, device=dev) * (x.shape[3] - w + 1)).long()
+            rows = (top[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+            cols = (left[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+            x = x[torch.arange(b, device=dev)[:, None, None, None], torch.arange(3, device=dev)[None, :, None, None],
+                  rows, cols]
+        elif name == "random_resized_crop":
+            size, (smin, smax), (rmin, rmax) = step[1], step[2], step[3]
+            height, width = x.shape[2], x.shape[3]
+            area = height * width
+            # torchvision's sampling: 10 tries of (area fraction, log-uniform aspect ratio),
+            # the first that fits wins; else a central crop clamped to the ratio range
+            target = area * (smin + (smax - smin) * torch.rand(b, 10, generator=gen, device=dev))
+            aspect = torch.exp(math.log(rmin) + (math.log(rmax) - math.log(rmin))
+                               * torch.rand(b, 10, generator=gen, device=dev))
+            cw = torch.sqrt(target * aspect).round()
+            ch = torch.sqrt(target / aspect).round()
+            ok = (cw > 0) & (cw <= width) & (ch > 0) & (ch <= height)
+            first = ok.float().argmax(1)
+            pick = lambda t: t.gather(1, first[:, None]).squeeze(1)  # noqa: E731
+            cw, ch, found = pick(cw), pick(ch), ok.any(1)
+            in_ratio = width / height
+            fw = width if in_ratio <= rmax else round(height * rmax)
+            fh = height if in_ratio >= rmin else round(width / rmin)
+            cw = torch.where(found, cw, torch.full_like(cw, fw))
+            ch = torch.where(found, ch, torch.full_like(ch, fh))
+            top = torch.where(found, (torch.rand(b, generator=gen, device=dev) * (height - ch + 1)).floor(),
+                              ((height - ch) / 2).floor())
+            left = torch.where(found, (torch.rand(b, generator=gen, device=dev) * (width - cw + 1)).floor(),
+                               ((width - cw) / 2).floor())
+            size = size[0] if isinstance(size, (tuple, list)) else size
+            x = _crop_resize(x, torch.stack([left, top, left + cw, top + ch], 1), size)
+        elif name == "resize":
+            x = F.interpolate(x, size=(step[1], step[1]), mode="bilinear", align_corners=False, antialias=True)
+        elif name == "center_crop":
+            h, w = step[1]
+            top, left = round((x.shape[2] - h) / 2.0), round((x.shape[3] - w) / 2.0)
+            x = x[:, :, top:top + h, left:left + w]
+        elif name == "flip":
+            flip = torch.rand(b, generator=gen, device=dev) < step[1]
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        elif name == "color_jitter":
+            ranges = step[1:]
+            factors = [None if r is None else _uniform(b, r[0], r[1], gen, dev) for r in ranges]
+            order = torch.rand(b, 4, generator=gen, device=dev).argsort(1)  # per-image random order
+            for slot in range(4):
+                for op, factor in enumerate(factors):
+                    if factor is None:
+                        continue
+                    chosen = (order[:, slot] == op)[:, None, None, None]
+                    fac = factor.view(-1, 1, 1, 1)
+                    if op == 0:
+                        y = x * fac
+                    elif op == 1:
+                        y = x * fac + _gray(x).mean((1, 2, 3), keepdim=True) * (1 - fac)
+                    elif op == 2:
+                        y = x * fac + _gray(x) * (1 - fac)
+                    else:
+                        y = _shift_hue(x, factor)
+                    x = torch.where(chosen, y.clamp(0, 1), x)
+        elif name == "normalize":
+            mean = torch.tensor(step[1], device=dev).view(1, 3, 1, 1)
+            std = torch.tensor(step[2], device=dev).view(1, 3, 1, 1)
+            x = (x - mean) / std
+    return x.contiguous()
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int,
@@ -442,9 +654,35 @@ def set_loader_epoch(loader: DataLoader, seed: int, rank_seed: int | None = None
     """Fix the next pass over `loader`: the shuffle order to `seed` (shared by all ranks, as
     DistributedSampler needs) and the worker seeds to `rank_seed` (one per rank, so ranks
     draw different augmentations)."""
+    if isinstance(loader, DeviceImageLoader):
+        loader.set_epoch(seed, rank_seed)
+        return
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(seed)
     loader.generator.manual_seed(seed if rank_seed is None else rank_seed)
+
+
+def make_loaders(args, train_set, val_set, device: torch.device, dist: Dist):
+    """(train, validation, BN-recalibration) loaders: the device-resident ones where
+    --data-loader asks for them (auto: on CUDA, for image-array data sets whose transforms
+    have device versions), else torch DataLoaders. The recalibration loader is the same on
+    every rank, so every rank estimates the same BatchNorm statistics."""
+    kind = args.data_loader
+    if kind == "auto":
+        kind = "device" if device.type == "cuda" and isinstance(train_set, ImageArrayDataset) else "torch"
+    if kind == "device":
+        try:
+            return (DeviceImageLoader(train_set, args.batch_train, train=True, device=device, dist=dist, seed=args.seed),
+                    DeviceImageLoader(val_set, args.batch_val, train=False, device=device, dist=dist),
+                    DeviceImageLoader(train_set, args.batch_train, train=True, device=device, seed=args.seed))
+        except (ValueError, AttributeError) as e:
+            if args.data_loader == "device":
+                raise TKPError(f"--data-loader device cannot serve this data set ({e}); use --data-loader torch") from None
+    common = dict(num_workers=args.num_workers, device=device)
+    return (make_loader(train_set, args.batch_train, train=True, dist=dist, seed=args.seed, **common),
+            make_loader(val_set, args.batch_val, train=False, dist=dist, **common),
+            make_loader(train_set, args.batch_train, train=True, num_workers=0, device=device,
+                        dist=Dist(), seed=args.seed))
 
 
 # ==== 4. Sparsity: targets, Top-K and N:M masks, mask enforcement ========================
@@ -536,7 +774,8 @@ class Masker:
     """Enforces masks that live beside the model (not in its state_dict).
 
     `mask_grads_()` runs after backward (and unscaling), `apply_()` after every optimizer
-    step, including steps that a GradScaler skips. Both act on all layers at once."""
+    step, including steps that a GradScaler skips. Both write exact zeros (`masked_fill_`:
+    an inf or NaN in a pruned slot becomes 0 too, which a multiply by 0 would not do)."""
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]):
         params = dict(model.named_parameters())
@@ -545,20 +784,18 @@ class Masker:
             raise TKPError(f"masks name parameters this model does not have: {missing[:3]}")
         self.masks = masks
         self.params = [params[n] for n in masks]
-        # float copies in each weight's dtype and memory layout, for in-place multiplies
-        self.factors = [torch.empty_like(p).copy_(m.to(p.device)) for p, m in zip(self.params, masks.values())]
+        self.pruned = [~m.to(p.device) for p, m in zip(self.params, masks.values())]
 
     @torch.no_grad()
     def apply_(self) -> None:
-        if self.params:
-            torch._foreach_mul_(self.params, self.factors)
+        for p, pruned in zip(self.params, self.pruned):
+            p.masked_fill_(pruned, 0.0)
 
     @torch.no_grad()
     def mask_grads_(self) -> None:
-        pairs = [(p.grad, f) for p, f in zip(self.params, self.factors) if p.grad is not None]
-        if pairs:
-            grads, factors = zip(*pairs)
-            torch._foreach_mul_(list(grads), list(factors))
+        for p, pruned in zip(self.params, self.pruned):
+            if p.grad is not None:
+                p.grad.masked_fill_(pruned, 0.0)
 
 
 def broadcast_masks(masks: dict[str, torch.Tensor], dist: Dist, device: torch.device) -> dict:
@@ -654,6 +891,7 @@ class Trainer:
     grad_accum: int = 1
     clip_grad: float | None = None
     dist: Dist = field(default_factory=Dist)
+    memory_format: torch.memory_format = torch.preserve_format
     step: int = 0  # optimizer steps taken in this stage
 
     def autocast(self):
@@ -661,18 +899,21 @@ class Trainer:
                               enabled=self.amp_dtype is not None)
 
 
-def build_trainer(model, module, *, args, device, amp_dtype, min_lr, total_steps, dist,
-                  masker=None, regularizer=None, beta=0.0) -> Trainer:
+def build_trainer(model, module, *, args, device, amp_dtype, min_lr, total_steps, dist, lr=None,
+                  masker=None, regularizer=None, beta=0.0, memory_format=torch.preserve_format) -> Trainer:
     """A fresh AdamW, per-step cosine schedule (lr -> min_lr) and grad scaler for one stage."""
-    optimizer = torch.optim.AdamW(module.parameters(), lr=args.lr, betas=(0.9, 0.999),
-                                  weight_decay=args.weight_decay)
+    params = [p for p in module.parameters() if p.requires_grad]
+    # the fused kernel: one pass over all parameters (CPU and CUDA), and it works with the
+    # fp16 scaler's skipped steps
+    optimizer = torch.optim.AdamW(params, lr=args.lr if lr is None else lr, betas=(0.9, 0.999),
+                                  weight_decay=args.weight_decay, fused=device.type in ("cpu", "cuda"))
     # T_max = total_steps: the last step runs at a small positive lr, never at min_lr = 0
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1), eta_min=min_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     return Trainer(model, module, optimizer, scheduler, scaler, device, amp_dtype,
                    nn.CrossEntropyLoss(label_smoothing=args.label_smooth), masker, regularizer,
                    beta=beta, aux_every=args.aux_loss_freq,
-                   grad_accum=args.grad_accum, clip_grad=args.clip_grad, dist=dist)
+                   grad_accum=args.grad_accum, clip_grad=args.clip_grad, dist=dist, memory_format=memory_format)
 
 
 def optimizer_step(t: Trainer) -> torch.Tensor | None:
@@ -712,8 +953,7 @@ def _check_finite(value: float, where: str) -> None:
                        f"--lr, --clip-grad 1.0 or --amp-dtype bf16")
 
 
-def train_one_epoch(t: Trainer, loader, *, memory_format=torch.preserve_format,
-                    progress: Callable[[str], None] | None = None, progress_every: float = 0,
+def train_one_epoch(t: Trainer, loader, *, progress: Callable[[str], None] | None = None, progress_every: float = 0,
                     label: str = "") -> dict:
     """One pass over `loader`. Every `grad_accum` micro-batches make one optimizer step; a
     shorter group at the end of the epoch steps too, its loss averaged over its own size."""
@@ -725,7 +965,7 @@ def train_one_epoch(t: Trainer, loader, *, memory_format=torch.preserve_format,
     lr_first = t.optimizer.param_groups[0]["lr"]
     start = last_print = time.perf_counter()
     for i, batch in enumerate(loader):
-        x, y = _to_device(batch, t.device, memory_format)
+        x, y = _to_device(batch, t.device, t.memory_format)
         group_start = i - i % t.grad_accum
         group_size = min(t.grad_accum, n_batches - group_start)
         last_in_group = i - group_start == group_size - 1
@@ -841,17 +1081,6 @@ def format_duration(seconds: float) -> str:
 
 
 # ==== 7. Checkpoints =====================================================================
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside torch.compile and DDP wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 def to_cpu(obj):
@@ -1038,10 +1267,135 @@ def tap_frequencies(masks: dict, plan: Plan) -> dict:
     return out
 
 
-# ==== 9. The two-stage driver ============================================================
+# ==== 9. Quantization-aware training ======================================================
+# After stage 2 (--qat), every trained Conv2d and Linear (the pruned ones and the rest)
+# trains with fake quantization: int8 weights, per output channel and symmetric (so a pruned
+# zero stays exactly zero and zeros never stretch the scale), and int8 inputs, per tensor
+# (affine, 0..255, as PyTorch quantizes activations). The fake-quant modules are PyTorch's own (torch.ao.quantization's
+# FakeQuantize with min/max observers). The layers keep their names and Parameters (their
+# class is swapped for a subclass), so masks, optimizer and checkpoints need no translation.
+
+
+class _FakeQuantLayer:
+    """Mixin for a Conv2d/Linear whose input and weight pass through FakeQuantize modules.
+    Observers run in training mode only (and never once the layer is frozen)."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for fq in (self.input_fq, self.weight_fq):
+            fq.enable_observer(mode and not bool(self.qat_frozen))
+        return self
+
+
+class QATConv2d(_FakeQuantLayer, nn.Conv2d):
+    def forward(self, x):
+        return self._conv_forward(self.input_fq(x), self.weight_fq(self.weight), self.bias)
+
+
+class QATLinear(_FakeQuantLayer, nn.Linear):
+    def forward(self, x):
+        return F.linear(self.input_fq(x), self.weight_fq(self.weight), self.bias)
+
+
+def prepare_qat(module: nn.Module) -> list[str]:
+    """Give every trained Conv2d and Linear fake-quantized inputs and weights. Returns the
+    layer names."""
+    from torch.ao.quantization import (FakeQuantize, MovingAverageMinMaxObserver,
+                                       MovingAveragePerChannelMinMaxObserver)
+    names = []
+    for name, layer in list(module.named_modules()):
+        if (type(layer) not in (nn.Conv2d, nn.Linear) or not layer.weight.requires_grad
+                or isinstance(layer, _FakeQuantLayer)):
+            continue
+        device = layer.weight.device
+        # averaging_constant=1: each step's weight scale comes from that step's weights
+        layer.add_module("weight_fq", FakeQuantize(observer=MovingAveragePerChannelMinMaxObserver,
+                                                   averaging_constant=1.0, quant_min=-127, quant_max=127,
+                                                   dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+                                                   ch_axis=0).to(device))
+        layer.add_module("input_fq", FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
+                                                  dtype=torch.quint8, qscheme=torch.per_tensor_affine).to(device))
+        layer.register_buffer("qat_frozen", torch.zeros((), dtype=torch.bool, device=device))
+        with torch.no_grad():
+            layer.weight_fq(layer.weight)  # sizes its per-channel buffers, so checkpoints load
+        layer.__class__ = QATConv2d if isinstance(layer, nn.Conv2d) else QATLinear
+        layer.train(layer.training)
+        names.append(name)
+    return names
+
+
+def qat_layers(module: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in module.named_modules() if isinstance(m, _FakeQuantLayer)}
+
+
+@torch.no_grad()
+def freeze_qat(module: nn.Module) -> None:
+    """Fix every scale: weight scales from the final weights, input scales as observed."""
+    for layer in qat_layers(module).values():
+        layer.weight_fq.enable_observer(True)
+        layer.weight_fq(layer.weight)
+        layer.qat_frozen.fill_(True)
+        layer.weight_fq.disable_observer()
+        layer.input_fq.disable_observer()
+
+
+def strip_qat(module: nn.Module) -> None:
+    """Back to plain Conv2d/Linear layers (the same Parameters)."""
+    for layer in qat_layers(module).values():
+        del layer.weight_fq, layer.input_fq, layer.qat_frozen
+        layer.__class__ = nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Linear
+
+
+@torch.no_grad()
+def export_int8(module: nn.Module) -> dict:
+    """{layer: int8 weight, per-channel scales, input scale and zero point} of a frozen model.
+    int8 * scale (per output channel) reproduces the fake-quantized weight exactly."""
+    out = {}
+    for name, layer in qat_layers(module).items():
+        scale = layer.weight_fq.scale.detach().float()
+        shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+        q = torch.clamp(torch.round(layer.weight.detach().float() / scale.view(shape)), -127, 127).to(torch.int8)
+        out[name] = {"weight_int8": q.cpu(), "weight_scale": scale.cpu(),
+                     "input_scale": layer.input_fq.scale.detach().float().cpu(),
+                     "input_zero_point": layer.input_fq.zero_point.detach().cpu()}
+    return out
+
+
+@torch.no_grad()
+def load_int8(module: nn.Module, int8: dict) -> nn.Module:
+    """A frozen fake-quant model from export_int8's output: weights de-quantized, input
+    scales set. Its outputs are those of the model that was exported."""
+    prepare_qat(module)
+    layers = qat_layers(module)
+    for name, q in int8.items():
+        layer = layers[name]
+        shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+        layer.weight.copy_(q["weight_int8"].float() * q["weight_scale"].view(shape))
+        layer.input_fq.scale.resize_(q["input_scale"].shape).copy_(q["input_scale"])
+        layer.input_fq.zero_point.resize_(q["input_zero_point"].shape).copy_(q["input_zero_point"])
+    freeze_qat(module)
+    return module
+
+
+def int8_size_bytes(module: nn.Module, int8: dict, masks: dict) -> int:
+    """Bytes of the pruned int8 model: a quantized weight as 1 byte per value (per kept value
+    plus a 1-bit mask where pruned), 4 bytes per output-channel scale, 8 for its input's scale
+    and zero point; every other parameter (biases, norms, embeddings) as fp32."""
+    total = 0
+    for name, p in module.named_parameters():
+        layer = name.removesuffix(".weight")
+        if name.endswith(".weight") and layer in int8:
+            values = int(masks[name].sum()) + math.ceil(p.numel() / 8) if name in masks else p.numel()
+            total += values + 4 * p.shape[0] + 8
+        else:
+            total += 4 * p.numel()
+    return total
+
+
+# ==== 10. The two-stage driver ===========================================================
 
 # Flags that change the science of a run: a resumed run must use the same values.
-OPERATIONAL_FLAGS = {"output_dir", "resume", "eval", "num_workers", "compile", "device",
+OPERATIONAL_FLAGS = {"output_dir", "resume", "eval", "num_workers", "data_loader", "compile", "device", "channels_last",
                      "progress_every", "batch_val", "val_freq", "data_root", "data_path",
                      "checkpoint_dir", "pretrain_path", "pretrained_path"}
 
@@ -1058,6 +1412,7 @@ class Script:
     pretrained: Callable = lambda args: False   # args -> bool: starts from trained weights
     min_lr_ratio: float = 0.0                   # cosine floor as a fraction of --lr
     topk_metrics: tuple[int, ...] = (1,)        # (1,) or (1, 5)
+    conv_net: bool = True                       # channels_last by default on CUDA
 
 
 class Output:
@@ -1135,7 +1490,7 @@ def _load_resume(args, amp: str) -> dict:
     if ckpt["amp"] != amp:
         raise TKPError(f"the checkpoint was trained with amp {ckpt['amp']} and this machine resolves "
                        f"amp {amp}; pass --amp-dtype {ckpt['amp']}" if ckpt["amp"] != "off" else
-                       f"the checkpoint was trained in fp32; pass --no-amp")
+                       "the checkpoint was trained in fp32; pass --no-amp")
     return ckpt
 
 
@@ -1190,30 +1545,32 @@ def _run(args, script: Script, dist: Dist, device: torch.device) -> dict:
     regularize = args.reg_type != "none" and bool(plan.targets)
     if len(train_set) == 0 or len(val_set) == 0:
         raise TKPError("the training or validation set is empty; check the data folder")
-    loader_args = dict(num_workers=args.num_workers, device=device)
-    train_loader = make_loader(train_set, args.batch_train, train=True, dist=dist, seed=args.seed, **loader_args)
-    val_loader = make_loader(val_set, args.batch_val, train=False, dist=dist, **loader_args)
-    # BN recalibration sees the same batches on every rank, so all ranks get the same statistics
-    recal_loader = make_loader(train_set, args.batch_train, train=True, num_workers=0, device=device,
-                               dist=Dist(), seed=args.seed)
+    train_loader, val_loader, recal_loader = make_loaders(args, train_set, val_set, device, dist)
+    loader_kind = "device" if isinstance(train_loader, DeviceImageLoader) else f"torch ({args.num_workers} workers)"
+    channels_last = (device.type == "cuda" and script.conv_net) if args.channels_last is None else args.channels_last
+    fmt = torch.channels_last if channels_last else torch.preserve_format
+    module.to(memory_format=fmt)
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
 
-    model = module
-    if dist.enabled:
-        model = nn.parallel.DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None)
-    if use_compile:
-        model = torch.compile(model)
+    def wrap(module: nn.Module) -> nn.Module:
+        model = module
+        if dist.enabled:
+            model = nn.parallel.DistributedDataParallel(
+                module, device_ids=[device.index] if device.type == "cuda" else None)
+        return torch.compile(model) if use_compile else model
+
+    model = wrap(module)
 
     info = {"args": plain(vars(args)), "script": script.name, "versions": versions(),
             "device": device_name(device), "world_size": dist.world, "amp": amp_name(amp_dtype),
-            "compile": use_compile, "pattern": plan.pattern, "pruned_layers": len(plan.targets),
+            "compile": use_compile, "channels_last": channels_last, "data_loader": loader_kind,
+            "pattern": plan.pattern, "pruned_layers": len(plan.targets),
             "skipped_layers": plan.skipped, "aux_num_groups": plan.num_groups}
     out.write_json("args.json", info)
     out.print(f"{script.name}: {plan.pattern}, {len(plan.targets)} pruned layers, "
               f"{len(train_set)} train / {len(val_set)} val images, {info['device']}"
               f"{f' x {dist.world} processes' if dist.enabled else ''}, amp {info['amp']}, "
-              f"compile {'on' if use_compile else 'off'}, output {folder}")
+              f"compile {'on' if use_compile else 'off'}, data {loader_kind}, output {folder}")
     for line in plan.skipped:
         out.print(f"  kept dense: {line}")
 
@@ -1221,20 +1578,23 @@ def _run(args, script: Script, dist: Dist, device: torch.device) -> dict:
     metrics = {"init_top1": None, "stage1_top1": None, "post_mask_top1": None,
                "final_top1": None, "best_top1": None, "val_images": None}
     if resume is not None:
+        if resume["stage"] == 3:
+            prepare_qat(module)
+            model = wrap(module)
         load_weights(module, clean_state_dict(resume["model"]), args.resume)
         stage, epoch, history, metrics = resume["stage"], resume["epoch"], resume["history"], resume["metrics"]
         masks = {k: v.to(device) for k, v in resume["masks"].items()}
-        if stage == 2 and set(masks) != {t.name for t in plan.targets}:
+        if stage >= 2 and set(masks) != {t.name for t in plan.targets}:
             raise TKPError(f"the masks in {args.resume} do not match this model's pruned layers")
         out.write_log(history)
         out.print(f"resumed from {args.resume}: stage {stage}, {epoch} epochs of it done")
     elif script.pretrained(args):
-        ev = evaluate(model, val_loader, device, amp_dtype, dist, script.topk_metrics)
+        ev = evaluate(model, val_loader, device, amp_dtype, dist, script.topk_metrics, fmt)
         metrics.update({f"init_top{k}": ev[f"top{k}"] for k in script.topk_metrics})
         out.print(f"initial evaluation: top-1 {ev['top1']:.2f}%")
 
-    epochs = {1: args.epochs_stage1, 2: args.epochs_stage2}
-    epochs_left = epochs[1] + epochs[2] - (epoch if stage == 1 else epochs[1] + epoch)
+    epochs = {1: args.epochs_stage1, 2: args.epochs_stage2, 3: args.qat_epochs if args.qat else 0}
+    epochs_left = sum(epochs.values()) - sum(epochs[s] for s in range(1, stage)) - epoch
     durations = []
 
     def checkpoint(trainer: Trainer, stage: int, epoch: int) -> dict:
@@ -1245,10 +1605,11 @@ def _run(args, script: Script, dist: Dist, device: torch.device) -> dict:
                 "args": plain(vars(args)), "rng": _rng_state(device),
                 "wall_time_s": wall_before + time.time() - wall_start}
 
-    def make_trainer(stage: int, **parts) -> Trainer:
-        trainer = build_trainer(model, module, args=args, device=device, amp_dtype=amp_dtype,
-                                min_lr=script.min_lr_ratio * args.lr, dist=dist,
-                                total_steps=steps_per_epoch * epochs[stage], **parts)
+    def make_trainer(stage: int, lr: float | None = None, **parts) -> Trainer:
+        lr = args.lr if lr is None else lr
+        trainer = build_trainer(model, module, args=args, device=device, amp_dtype=amp_dtype, lr=lr,
+                                min_lr=script.min_lr_ratio * lr, dist=dist,
+                                total_steps=steps_per_epoch * epochs[stage], memory_format=fmt, **parts)
         if resume is not None:
             trainer.optimizer.load_state_dict(resume["optimizer"])
             trainer.scheduler.load_state_dict(resume["scheduler"])
@@ -1272,12 +1633,12 @@ def _run(args, script: Script, dist: Dist, device: torch.device) -> dict:
                                     progress_every=args.progress_every, label=label)
             val = None
             if (ep + 1) % args.val_freq == 0 or ep + 1 == epochs[stage]:
-                val = evaluate(model, val_loader, device, amp_dtype, dist, script.topk_metrics)
+                val = evaluate(model, val_loader, device, amp_dtype, dist, script.topk_metrics, fmt)
                 metrics["val_images"] = val["images"]  # every validation image, once, over all ranks
                 if stage == 2:
                     metrics["best_top1"] = max(metrics["best_top1"] or 0.0, val["top1"])
                 if ep + 1 == epochs[stage]:
-                    name = "stage1" if stage == 1 else "final"
+                    name = {1: "stage1", 2: "final", 3: "qat_train"}[stage]
                     metrics.update({f"{name}_top{k}": val[f"top{k}"] for k in script.topk_metrics})
             history.append({"stage": stage, "epoch": ep + 1, **stats, "val_loss": val and val["loss"],
                             **{f"val_top{k}": val and val[f"top{k}"] for k in script.topk_metrics}})
@@ -1308,8 +1669,8 @@ def _run(args, script: Script, dist: Dist, device: torch.device) -> dict:
             Masker(module, masks).apply_()
             seed_all(derive_seed(args.seed, 3))
             set_loader_epoch(recal_loader, derive_seed(args.seed, 3))
-            used = recalibrate_bn(module, recal_loader, args.bn_recal_batches, device, amp_dtype)
-            ev = evaluate(model, val_loader, device, amp_dtype, dist, script.topk_metrics)
+            used = recalibrate_bn(module, recal_loader, args.bn_recal_batches, device, amp_dtype, fmt)
+            ev = evaluate(model, val_loader, device, amp_dtype, dist, script.topk_metrics, fmt)
             metrics["post_mask_top1"] = metrics["best_top1"] = ev["top1"]
             metrics["val_images"] = ev["images"]
             out.print(f"masked {len(masks)} layers ({plan.pattern}); BatchNorm recalibrated on {used} "
@@ -1319,30 +1680,67 @@ def _run(args, script: Script, dist: Dist, device: torch.device) -> dict:
         # ---- stage 2: masked fine-tuning with a fresh optimizer, schedule and scaler
         masker = Masker(module, masks)
         masker.apply_()  # also re-zeroes the weights after a resume
-        trainer = make_trainer(2, masker=masker)
-        if resume is None and epoch == 0:  # the post-mask state is a checkpoint of its own
-            out.save(checkpoint(trainer, 2, 0), "checkpoint_last.pt")
-        train_stage(2, epoch, trainer)
+        if stage == 2:
+            trainer = make_trainer(2, masker=masker)
+            if resume is None and epoch == 0:  # the post-mask state is a checkpoint of its own
+                out.save(checkpoint(trainer, 2, 0), "checkpoint_last.pt")
+            train_stage(2, epoch, trainer)
+            if epochs[2] == 0:
+                metrics["final_top1"] = metrics["post_mask_top1"]
+            summary = _write_reports(out, script, args, module, plan, masks, metrics, info, epochs,
+                                     wall_before + time.time() - wall_start, device)
+            stage, epoch, resume = 3, 0, None
+        if not args.qat:
+            return summary
+
+        # ---- stage 3: quantization-aware training of the pruned layers, masks enforced
+        if not qat_layers(module):
+            prepare_qat(module)
+            model = wrap(module)
+        trainer = make_trainer(3, lr=args.qat_lr or 0.1 * args.lr, masker=Masker(module, masks))
+        train_stage(3, epoch, trainer)
     except KeyboardInterrupt:
         saved = folder / "checkpoint_last.pt"
         out.print(f"interrupted: continue with --resume {saved}" if saved.exists() else
                   "interrupted before the first epoch finished: nothing was saved")
         raise
-    if epochs[2] == 0:
-        metrics["final_top1"] = metrics["post_mask_top1"]
 
-    # ---- final checks and reports
+    freeze_qat(module)
+    check_sparsity(module, plan, masks)
+    ev = evaluate(model, val_loader, device, amp_dtype, dist, script.topk_metrics, fmt)
+    int8 = export_int8(module)
+    strip_qat(module)  # final_qat.pt's "model" loads into the plain model
+    metrics.update({f"qat_top{k}": ev[f"top{k}"] for k in script.topk_metrics})
+    metrics.update(size_bytes_dense_fp32=4 * sum(p.numel() for p in module.parameters()),
+                   size_bytes_sparse_int8=int8_size_bytes(module, int8, masks))
+    qat_state = {n: w for n, w in to_cpu(module.state_dict()).items()}
+    for name, q in int8.items():  # the de-quantized weights: what the int8 model computes with
+        shape = (-1,) + (1,) * (q["weight_int8"].dim() - 1)
+        qat_state[f"{name}.weight"] = q["weight_int8"].float() * q["weight_scale"].view(shape)
+    out.save({"model": qat_state, "int8": int8, "masks": to_cpu(masks), "args": plain(vars(args)),
+              "metrics": plain(metrics)}, "final_qat.pt")
+    out.print(f"QAT: top-1 {ev['top1']:.2f}% with int8 weights and inputs (float {metrics['final_top1']:.2f}%); "
+              f"{metrics['size_bytes_sparse_int8'] / 2**20:.2f} MiB sparse int8 vs "
+              f"{metrics['size_bytes_dense_fp32'] / 2**20:.2f} MiB dense fp32")
+    return _write_reports(out, script, args, module, plan, masks, metrics, info, epochs,
+                          wall_before + time.time() - wall_start, device, write_final=False)
+
+
+def _write_reports(out: Output, script: Script, args, module, plan, masks, metrics, info, epochs,
+                   wall_time, device, write_final: bool = True) -> dict:
+    """Check the sparsity, count, and write final.pt (the float model) and summary.json."""
     check_sparsity(module, plan, masks)
     report = sparsity_report(module, plan, masks, script.input_shape(args), device)
     summary = {"model": script.name, "dataset": script.dataset_name(args), "sparsity": plan.pattern,
                **metrics, **{k: v for k, v in report.items() if k != "layers"}, "sparsity_exact": True,
-               "epochs_stage1": epochs[1], "epochs_stage2": epochs[2], "device": info["device"],
-               "amp": info["amp"], "compile": use_compile, "world_size": dist.world,
-               "torch": str(torch.__version__), "wall_time_s": wall_before + time.time() - wall_start,
+               "epochs_stage1": epochs[1], "epochs_stage2": epochs[2], "epochs_qat": epochs[3],
+               "device": info["device"], "amp": info["amp"], "compile": info["compile"],
+               "world_size": info["world_size"], "torch": str(torch.__version__), "wall_time_s": wall_time,
                "layers": report["layers"], "tap_frequencies": tap_frequencies(masks, plan)}
-    out.save({"model": to_cpu(module.state_dict()), "masks": to_cpu(masks), "args": plain(vars(args)),
-              "metrics": plain({k: v for k, v in summary.items() if k not in ("layers", "tap_frequencies")})},
-             "final.pt")
+    if write_final:
+        out.save({"model": to_cpu(module.state_dict()), "masks": to_cpu(masks), "args": plain(vars(args)),
+                  "metrics": plain({k: v for k, v in summary.items() if k not in ("layers", "tap_frequencies")})},
+                 "final.pt")
     out.write_json("summary.json", summary)
     out.print(format_summary(summary))
     return summary

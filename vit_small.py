@@ -175,7 +175,7 @@ def build_model_for_config(args) -> nn.Module:
 SCRIPT = tkp.Script(name="vit", build_model=build_model, build_data=build_data, build_plan=build_plan,
                     input_shape=lambda args: (3, args.img_size, args.img_size),
                     dataset_name=lambda args: "imagenet" if args.num_classes == 1000 else Path(args.data_path).name,
-                    pretrained=starts_pretrained, min_lr_ratio=0.01, topk_metrics=(1, 5))
+                    pretrained=starts_pretrained, min_lr_ratio=0.01, topk_metrics=(1, 5), conv_net=False)
 
 
 def main(argv=None) -> dict:

@@ -6,14 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# oneDNN sets up CPU kernels for every new layer shape (20 s for DenseNet-121's first step);
-# the tests run few steps on many shapes, where the plain CPU kernels are several times faster
-torch.backends.mkldnn.enabled = False
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -74,3 +69,13 @@ def cifar10_root(tmp_path):
 @pytest.fixture
 def cifar100_root(tmp_path):
     return write_cifar(tmp_path / "data", "cifar100", n_train=120, n_test=40)
+
+
+@pytest.fixture
+def plain_cpu_kernels():
+    """oneDNN sets up CPU kernels for every new layer shape (20 s for DenseNet-121's first
+    step): for a few steps of a network with many shapes the plain kernels are faster."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    yield
+    torch.backends.mkldnn.enabled = before

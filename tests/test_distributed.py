@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -60,11 +59,14 @@ def test_two_process_vgg8(tmp_path):
     r = torchrun(ROOT / "vgg8_optimized.py", "--device", "cpu", "--data-root", str(data), "--output-dir", str(out),
                  "--epochs-stage1", "2", "--epochs-stage2", "1", "--batch-train", "8", "--batch-val", "4",
                  "--num-workers", "0", "--bn-recal-batches", "2", "--grad-accum", "2", "--topk", "1",
-                 "--progress-every", "0")
+                 "--progress-every", "0", "--qat", "--qat-epochs", "1")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("stage 1 epoch 1/2") == 1  # only rank 0 prints
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [(e["stage"], e["epoch"]) for e in log] == [(1, 1), (1, 2), (2, 1)]  # written once
+    assert [(e["stage"], e["epoch"]) for e in log] == [(1, 1), (1, 2), (2, 1), (3, 1)]  # written once
+    qat = torch.load(out / "final_qat.pt", weights_only=True)
+    for name, mask in qat["masks"].items():
+        assert (qat["int8"][name.removesuffix(".weight")]["weight_int8"][~mask] == 0).all()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["val_images"] == 21
     assert log[0]["train_aux"] > 0

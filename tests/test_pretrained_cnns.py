@@ -16,6 +16,7 @@ import tkp_common as tkp
 from conftest import write_cifar
 
 SCRIPTS = {"googlenet": googlenet, "densenet": densenet}
+pytestmark = pytest.mark.usefixtures("plain_cpu_kernels")
 FAST = ["--img-size", "32", "--epochs-stage1", "1", "--epochs-stage2", "1", "--batch-train", "20",
         "--batch-val", "20", "--num-workers", "0", "--bn-recal-batches", "2", "--progress-every", "0"]
 

@@ -2,7 +2,6 @@
 install and test commands it shows."""
 
 import importlib
-from pathlib import Path
 
 import pytest
 

@@ -65,9 +65,11 @@ def hand_count(convs, fc_in, classes):
 # (network slimming) and ~398M MACs; all for 10 classes (a 100-class head adds 0.2% at most).
 MODELS = {
     "resnet56": dict(script=resnet56, cls=resnet56.ResNet56, dataset="cifar10", convs=resnet56_convs(),
-                     fc="linear", fc_in=64, paper_speedup=8.83, published_macs=125e6, published_params=0.85e6),
+                     fc="linear", fc_in=64, paper_speedup=8.83,
+                     published_macs=125e6, published_params=0.85e6),
     "vgg19": dict(script=vgg19, cls=vgg19.VGG19, dataset="cifar100", convs=vgg19_convs(),
-                  fc="classifier.1", fc_in=512, paper_speedup=8.90, published_macs=398e6, published_params=20.04e6),
+                  fc="classifier.1", fc_in=512, paper_speedup=8.90,
+                  published_macs=398e6, published_params=20.04e6),
 }
 
 
@@ -181,7 +183,8 @@ def test_resnet56_option_a_shortcut():
 def test_defaults_are_the_vgg8_row():
     for script, dataset in ((resnet56, "cifar10"), (vgg19, "cifar100")):
         a = script.get_args_parser().parse_args([])
-        assert (a.dataset, a.batch_train, a.batch_val, a.epochs_stage1, a.epochs_stage2) == (dataset, 128, 256, 100, 100)
+        assert (a.dataset, a.batch_train, a.batch_val) == (dataset, 128, 256)
+        assert (a.epochs_stage1, a.epochs_stage2) == (100, 100)
         assert (a.lr, a.weight_decay, a.beta, a.alpha, a.topk) == (1e-3, 1e-4, 3000.0, 3.0, 1)
         assert a.pretrain_path is None and not a.no_pretrain
 
