@@ -1234,8 +1234,11 @@ def sparsity_report(module: nn.Module, plan: Plan, masks: dict, input_shape, dev
         if f"{name}.weight" in masks:
             layers.append({"layer": name, "shape": list(weight.shape), "density": density,
                            "macs_dense": macs, "macs_nonzero": nz})
+    pruned_dense = sum(layer["macs_dense"] for layer in layers)
+    pruned_nonzero_macs = sum(layer["macs_nonzero"] for layer in layers)
     return {
         "params_total": total, "params_nonzero": nonzero,
+        "speedup_pruned_layers": pruned_dense / pruned_nonzero_macs if pruned_nonzero_macs else 1.0,
         "pruned_layers": len(masks), "pruned_layer_density": pruned_nonzero / pruned_numel if pruned_numel else 1.0,
         "macs_dense": macs_dense, "macs_nonzero": macs_nonzero,
         "speedup_theoretical": macs_dense / macs_nonzero if macs_nonzero else float("inf"),
@@ -1743,6 +1746,9 @@ def _write_reports(out: Output, script: Script, args, module, plan, masks, metri
                  "final.pt")
     out.write_json("summary.json", summary)
     out.print(format_summary(summary))
+    if out.dist.is_main:
+        import tkp_figures  # PNG figures when matplotlib is installed; otherwise one line says so
+        tkp_figures.draw(out.folder, log=out.print)
     return summary
 
 

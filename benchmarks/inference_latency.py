@@ -1,0 +1,817 @@
+"""Inference latency of a TKP model: dense vs pruned, measured vs theoretical speed-up.
+
+Loads a run's final.pt (the model is rebuilt by the script that trained it) or builds a
+model from random init with fresh masks, then times inference of
+
+  dense   the same model, same kernels, with every weight non-zero: the weights before
+          masking (fresh build) or, for a checkpoint, its pruned entries refilled with noise
+          of the layer's scale;
+  pruned  the same model with the pruned entries set to exactly 0.
+
+on the CPU and the GPU (if present), at batch 1 and a large batch, eagerly and under
+torch.compile, after warm-up, as the median over repeats (CUDA synchronized). It prints the
+theoretical speed-up (tkp.sparsity_report: dense MACs / non-zero MACs) beside the measured
+one. Dense kernels multiply zeros like any other value, so the measured speed-up is about
+1.0x: the theoretical figure needs a sparse execution path. Two are measured:
+
+  * Top-K CNNs, the "arithmetic floor": each kxk conv layer timed against a 1x1 conv with the
+    same channels and output size (a kernel that keeps one tap is a 1x1 conv on a shifted
+    input). The ratio bounds what K=1 can gain with dense 1x1 kernels at that shape.
+  * N:M ViTs (2:4), deployment: every pruned Linear converted to a semi-structured sparse
+    weight (torch.sparse.to_sparse_semi_structured: cuSPARSELt, else CUTLASS; fp16/bf16; a
+    CUDA GPU with compute capability >= 8.0), its output checked against the masked dense
+    layer, both timed, and the sparse form kept only where it is faster. Elsewhere the
+    section says why it was skipped and the benchmark goes on.
+
+    python benchmarks/inference_latency.py --checkpoint runs/vgg8-.../final.pt --json lat.json
+    python benchmarks/inference_latency.py --script vgg8 --topk 1
+    python benchmarks/inference_latency.py --script vit --sparsity-type 2:4 --no-pretrained
+    python benchmarks/inference_latency.py --script vit --no-pretrained --devices cuda --batch-sizes 1,256
+
+Flags this benchmark does not know are passed to the model script (e.g. --topk,
+--sparsity-type, --model, --img-size, --no-pretrained); with --checkpoint they come from the
+checkpoint instead. Measured numbers: README.md ("Inference latency").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python benchmarks/inference_latency.py`
+    sys.path.insert(0, str(ROOT))
+
+import tkp_common as tkp  # noqa: E402
+
+# --script name -> the module that trains it; the names final.pt's metrics use map here too
+SCRIPTS = {"vgg8": "vgg8_optimized", "googlenet": "googlenet_optimized", "densenet": "densenet_optimized",
+           "resnet56": "resnet56_optimized", "vgg19": "vgg19_optimized", "vit": "vit_small"}
+ALIASES = {"densenet121": "densenet"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_BATCHES = {"cpu": [1, 32], "cuda": [1, 256]}
+SKIP_2_4 = "skipped: needs a CUDA GPU with compute capability >= 8.0"
+HONEST_NOTE = ("Dense kernels (oneDNN/cuDNN convolutions, BLAS/cuBLAS matrix products) multiply the zeros "
+               "like any other value, so the pruned model runs as fast as the dense one: a measured "
+               "speed-up near 1.0x is the expected result. The theoretical speed-up counts non-zero MACs "
+               "only; it needs a sparse execution path (see the arithmetic floor and 2:4 sections).")
+
+
+# ---- arguments ---------------------------------------------------------------------------
+
+def batch_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in tkp.comma_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return sorted(set(values))
+
+
+def device_list(text: str) -> list[str]:
+    names = tkp.comma_list(text)
+    bad = [n for n in names if n not in ("auto", "cpu", "cuda")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"choose auto, or any of cpu,cuda; got {text!r}")
+    return names
+
+
+class HelpFormatter(tkp.HelpFormatter):
+    """tkp's --help layout; on/off switches show no default."""
+
+    def _get_help_string(self, action):
+        return action.help if action.nargs == 0 else super()._get_help_string(action)
+
+
+def get_args_parser() -> tkp.ArgumentParser:
+    p = tkp.ArgumentParser(description="TKP inference latency: dense vs pruned, measured vs theoretical",
+                           formatter_class=HelpFormatter, allow_abbrev=False,
+                           epilog="Other flags go to the model script (e.g. --topk 2, --sparsity-type 2:4, "
+                                  "--model, --img-size, --no-pretrained).")
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="a TKP final.pt; the model is rebuilt by the script that trained it")
+    g.add_argument("--script", type=lambda s: ALIASES.get(s, s), choices=sorted(SCRIPTS), default=None,
+                   help="the model script (needed without --checkpoint; inferred from one)")
+    g.add_argument("--seed", type=tkp.int_range(0), default=0, help="seed of the random init and inputs")
+    g = p.add_argument_group("measurement")
+    g.add_argument("--devices", type=device_list, default="auto",
+                   help="'auto' (cpu, and cuda when present), or a list such as cpu,cuda")
+    g.add_argument("--batch-sizes", type=batch_list, default=None,
+                   help="batch sizes to time (default: 1,32 on cpu; 1,256 on cuda)")
+    g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="inference precision; auto = fp32 on cpu, bf16 on GPUs that support it (else fp16)")
+    g.add_argument("--no-compile", dest="compile", action="store_false", help="time eager mode only")
+    g.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode")
+    g.add_argument("--threads", type=tkp.int_range(1), default=None,
+                   help="CPU threads (torch.set_num_threads; default: torch's choice)")
+    g.add_argument("--channels-last", action="store_true", help="CNNs: channels-last memory format")
+    g.add_argument("--warmup", type=tkp.int_range(0), default=5, help="untimed calls before timing")
+    g.add_argument("--repeats", type=tkp.int_range(1), default=20, help="timed repeats (the median is reported)")
+    g.add_argument("--min-repeat-ms", type=tkp.nonneg_float, default=2.0,
+                   help="back-to-back calls per repeat are raised until one repeat lasts this long")
+    g.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="skip the per-layer kxk vs 1x1 arithmetic floor (Top-K CNNs)")
+    g.add_argument("--no-2-4", dest="semi_structured", action="store_false",
+                   help="skip the 2:4 semi-structured deployment (N:M models)")
+    g.add_argument("--sparse-margin", type=tkp.fraction, default=0.02,
+                   help="keep a layer's 2:4 sparse form only when it is at least this fraction faster")
+    g.add_argument("--json", default=None, metavar="PATH", help="write every measurement to this JSON file")
+    return p
+
+
+# ---- the model: from a checkpoint, or fresh masks on random init -------------------------
+
+@dataclass
+class Bench:
+    """A model with its masks, and the two sets of values of its masked weights."""
+    script: str                  # key of SCRIPTS
+    script_args: argparse.Namespace
+    model: nn.Module             # fp32, CPU, eval mode, pruned weights loaded
+    plan: tkp.Plan
+    masks: dict
+    dense: dict                  # {param name: weight with no zeros}  (the "dense" model)
+    pruned: dict                 # {param name: weight with zeros where pruned}
+    input_shape: tuple
+    source: str
+
+
+def script_module(name: str):
+    return importlib.import_module(SCRIPTS[name])
+
+
+def _saved_args(module, ckpt_args: dict, path: str) -> argparse.Namespace:
+    """The script's defaults overlaid with a checkpoint's science flags, as tkp's --eval does."""
+    base = vars(module.get_args_parser().parse_args([]))
+    saved = argparse.Namespace(**{**base, **{k: v for k, v in ckpt_args.items() if k not in tkp.OPERATIONAL_FLAGS}})
+    saved.eval, saved.dry_run = path, False  # the weights come from the checkpoint, never a download
+    return saved
+
+
+def _fits(model: nn.Module, state: dict) -> bool:
+    own = model.state_dict()
+    keys = {k for k in own if not k.endswith("num_batches_tracked")}
+    return keys <= set(state) and set(state) <= set(own) and all(own[k].shape == state[k].shape for k in keys)
+
+
+def _candidates(ckpt: dict, forced: str | None) -> list[str]:
+    """Scripts that may have written this checkpoint, the likeliest first."""
+    if forced:
+        return [forced]
+    named = ALIASES.get(str(ckpt.get("metrics", {}).get("model")), ckpt.get("metrics", {}).get("model"))
+    if named in SCRIPTS:
+        return [named]
+    args = ckpt["args"]
+    if "sparsity_type" in args:
+        return ["vit"]
+    cnns = ["googlenet", "densenet"] if "img_size" in args else ["vgg8", "resnet56", "vgg19"]
+    return cnns + [s for s in SCRIPTS if s not in cnns and s != "vit"]
+
+
+def load_checkpoint(path: str, forced: str | None) -> Bench:
+    ckpt = tkp.load_file(path, "--checkpoint")
+    if not {"model", "masks", "args"} <= set(ckpt):
+        raise tkp.TKPError(f"{path} is not a TKP final.pt (it lacks model/masks/args)")
+    state = tkp.clean_state_dict(ckpt["model"])
+    for name in _candidates(ckpt, forced):
+        try:
+            module = script_module(name)
+        except ImportError:
+            continue
+        saved = _saved_args(module, ckpt["args"], path)
+        model = module.build_model(saved)
+        if not _fits(model, state):
+            if forced:
+                raise tkp.TKPError(f"{path} does not fit the model of --script {forced}; leave --script out "
+                                   f"to infer it")
+            continue
+        tkp.load_weights(model, state, path)
+        plan = module.build_plan(model, saved)
+        masks = {k: v.bool() for k, v in ckpt["masks"].items()}
+        if set(masks) != {t.name for t in plan.targets}:
+            raise tkp.TKPError(f"{path}: its masks do not match the pruned layers of its {name} model")
+        tkp.check_sparsity(model, plan, masks)
+        pruned = {n: p.detach().clone() for n, p in model.named_parameters() if n in masks}
+        gen = torch.Generator().manual_seed(0)
+        dense = {}
+        for n, w in pruned.items():  # refill the pruned entries with noise of the kept weights' scale
+            kept = w[masks[n]]
+            std = float(kept.float().std()) if kept.numel() > 1 else 1e-2
+            noise = torch.randn(w.shape, generator=gen, dtype=w.dtype) * (std or 1e-2)
+            dense[n] = torch.where(masks[n], w, noise)
+        return Bench(name, saved, model.eval(), plan, masks, dense, pruned,
+                     tuple(module.SCRIPT.input_shape(saved)), f"checkpoint {path}")
+    raise tkp.TKPError(f"{path}: no model script builds a model these weights fit; pass --script")
+
+
+def build_fresh(name: str, extra: list[str], seed: int) -> Bench:
+    module = script_module(name)
+    args = module.get_args_parser().parse_args(extra)
+    torch.manual_seed(seed)
+    model = module.build_model(args).eval()
+    plan = module.build_plan(model, args)
+    masks = tkp.compute_masks(model, plan)
+    dense = {n: p.detach().clone() for n, p in model.named_parameters() if n in masks}
+    tkp.Masker(model, masks).apply_()
+    pruned = {n: p.detach().clone() for n, p in model.named_parameters() if n in masks}
+    return Bench(name, args, model, plan, masks, dense, pruned, tuple(module.SCRIPT.input_shape(args)),
+                 f"random init (seed {seed}), fresh masks")
+
+
+@torch.no_grad()
+def load_values(model: nn.Module, values: dict) -> None:
+    """Copy `values` into the model's parameters in place (compiled graphs stay valid)."""
+    params = dict(model.named_parameters())
+    for name, v in values.items():
+        params[name].copy_(v)
+
+
+# ---- timing ------------------------------------------------------------------------------
+
+@dataclass
+class Timing:
+    warmup: int
+    repeats: int
+    min_repeat_s: float
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def measure(fn: Callable[[], object], device: torch.device, timing: Timing) -> dict:
+    """Milliseconds per call of `fn`: see measure_interleaved."""
+    return measure_interleaved({"fn": (None, fn)}, device, timing)["fn"]
+
+
+def measure_interleaved(variants: dict, device: torch.device, timing: Timing) -> dict:
+    """{name: timing} for variants {name: (prepare or None, fn)}, timed in alternation so that
+    drift (clocks, other processes) hits them alike. Each variant's first call is timed on its
+    own (it includes torch.compile's compilation and cuDNN's algorithm search), then `warmup`
+    calls; then `repeats` rounds in which each variant is prepared (e.g. its weights copied
+    in, untimed) and runs `inner` back-to-back calls between device synchronizations; `inner`
+    grows until one run of the first variant lasts `min_repeat_s`. Reports the median, min and
+    max milliseconds per call over the rounds."""
+    sync = _synchronizer(device)
+
+    def run(fn, n: int) -> float:
+        sync()
+        tic = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        return time.perf_counter() - tic
+
+    def prepared(name):
+        prepare, fn = variants[name]
+        if prepare is not None:
+            prepare()
+        return fn
+
+    first = {}
+    for name in variants:
+        fn = prepared(name)
+        first[name] = run(fn, 1)
+        for _ in range(timing.warmup):
+            fn()
+    inner, name0 = 1, next(iter(variants))
+    fn0 = prepared(name0)
+    while True:
+        t = run(fn0, inner)
+        if t >= timing.min_repeat_s or inner >= 4096:
+            break
+        inner = min(4096, inner * max(2, math.ceil(timing.min_repeat_s / max(t, 1e-6))))
+    per_call = {name: [] for name in variants}
+    for _ in range(timing.repeats):
+        for name in variants:
+            per_call[name].append(run(prepared(name), inner) / inner)
+    return {name: {"median_ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3, "max_ms": max(v) * 1e3,
+                   "first_call_s": first[name], "calls_per_repeat": inner, "repeats": timing.repeats}
+            for name, v in per_call.items()}
+
+
+def resolve_devices(names: list[str]) -> list[torch.device]:
+    if "auto" in names:
+        names = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if "cuda" in names and not torch.cuda.is_available():
+        raise tkp.TKPError("--devices cuda was asked for but torch sees no GPU; use --devices cpu")
+    return [torch.device("cuda", torch.cuda.current_device()) if n == "cuda" else torch.device(n)
+            for n in dict.fromkeys(names)]
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160] if text else ''}"
+
+
+@dataclass
+class DeviceSetup:
+    """One device's copy of the model and its inputs."""
+    device: torch.device
+    dtype: torch.dtype
+    model: nn.Module
+    dense: dict
+    pruned: dict
+    memory_format: torch.memory_format
+
+    def inputs(self, batch: int, shape: tuple, seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch, *shape, generator=gen).to(self.device, self.dtype)
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
+
+
+def setup_device(bench: Bench, device: torch.device, dtype: torch.dtype, channels_last: bool) -> DeviceSetup:
+    # (not preserve_format: older torch refuses it in Tensor.contiguous)
+    fmt = torch.channels_last if channels_last and len(bench.input_shape) == 3 else torch.contiguous_format
+    model = copy.deepcopy(bench.model).to(device=device, dtype=dtype)
+    if fmt is torch.channels_last:
+        model = model.to(memory_format=fmt)
+    params = dict(model.named_parameters())
+
+    def placed(values):  # each weight in its parameter's device, dtype and layout
+        return {n: torch.empty_like(params[n]).copy_(v) for n, v in values.items()}
+    return DeviceSetup(device, dtype, model, placed(bench.dense), placed(bench.pruned), fmt)
+
+
+# ---- dense vs pruned ---------------------------------------------------------------------
+
+def time_dense_vs_pruned(bench: Bench, setup: DeviceSetup, batches: list[int], modes: list[str],
+                         timing: Timing, compile_mode: str, seed: int) -> tuple[list[dict], nn.Module | None]:
+    """Rows of (device, batch, mode) with dense and pruned times. Returns the rows and the
+    compiled model (pruned weights loaded, compiled for every batch), for the 2:4 section."""
+    rows, compiled = [], None
+    for mode in modes:
+        runner = setup.model
+        if mode == "compile":
+            try:
+                compiled = runner = torch.compile(setup.model, dynamic=False, mode=compile_mode)
+            except Exception as e:  # noqa: BLE001 - a missing compiler must not end the benchmark
+                rows.append({"device": str(setup.device), "mode": mode, "error": _one_line(e)})
+                continue
+        for batch in batches:
+            x = setup.inputs(batch, bench.input_shape, seed)
+            row = {"device": str(setup.device), "dtype": dtype_name(setup.dtype), "batch": batch, "mode": mode}
+            try:
+                row.update(measure_interleaved(
+                    {v: (lambda v=v: load_values(setup.model, getattr(setup, v)), lambda: runner(x))
+                     for v in ("dense", "pruned")}, setup.device, timing))
+                load_values(setup.model, setup.pruned)
+                row["speedup_measured"] = row["dense"]["median_ms"] / row["pruned"]["median_ms"]
+                row["speedup_measured_min"] = row["dense"]["min_ms"] / row["pruned"]["min_ms"]  # a noise check
+                if mode == "compile":  # the compiled graph must follow the weights swapped in place
+                    row["compiled_vs_eager_rel_error"] = _relative_error(runner(x), setup.model(x))
+            except Exception as e:  # noqa: BLE001 - e.g. a compile failure on first call, or OOM
+                row["error"] = _one_line(e)
+                _free(setup.device)
+            rows.append(row)
+    load_values(setup.model, setup.pruned)
+    return rows, compiled
+
+
+# ---- the arithmetic floor of Top-K: kxk conv vs 1x1 conv at the same shapes --------------
+
+def input_shapes(model: nn.Module, names: list[str], x: torch.Tensor) -> dict:
+    """{module name: the shape of its first input} for one forward pass of `model` on `x`."""
+    shapes, handles = {}, []
+    modules = dict(model.named_modules())
+
+    def hook(name):
+        def record(module, args):
+            shapes.setdefault(name, tuple(args[0].shape))  # returns None: the input is left alone
+        return record
+
+    for name in names:
+        handles.append(modules[name].register_forward_pre_hook(hook(name)))
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def arithmetic_floor(bench: Bench, setup: DeviceSetup, batch: int, timing: Timing, seed: int) -> dict:
+    """Each pruned kxk Conv2d timed against a 1x1 Conv2d with the same in/out channels and
+    groups, applied to an input of the kxk conv's output size (stride and padding done by the
+    shift). A kernel keeping K taps costs at best K such 1x1 convs; the kxk/1x1 ratio is the
+    speed-up K=1 could reach with dense 1x1 kernels at that shape (kh*kw in arithmetic)."""
+    modules = dict(setup.model.named_modules())
+    keep = {t.name.removesuffix(".weight"): t.keep for t in bench.plan.targets}
+    convs = [n for n in keep if isinstance(modules[n], nn.Conv2d)]
+    shapes = input_shapes(setup.model, convs, setup.inputs(batch, bench.input_shape, seed))
+    rows = []
+    for name in convs:
+        conv = modules[name]
+        if name not in shapes:  # not on the forward path (e.g. GoogLeNet's unused auxiliary heads)
+            continue
+        x = torch.randn(shapes[name], device=setup.device, dtype=setup.dtype)
+        x = x.contiguous(memory_format=setup.memory_format)
+        y = conv(x)
+        one = nn.Conv2d(conv.in_channels, conv.out_channels, 1, groups=conv.groups,
+                        bias=conv.bias is not None).to(setup.device, setup.dtype, memory_format=setup.memory_format)
+        x1 = torch.randn(x.shape[0], x.shape[1], *y.shape[2:], device=setup.device, dtype=setup.dtype)
+        x1 = x1.contiguous(memory_format=setup.memory_format)
+        times = measure_interleaved({"kxk": (None, lambda: conv(x)), "1x1": (None, lambda: one(x1))},
+                                    setup.device, timing)
+        t_k, t_1 = times["kxk"]["median_ms"], times["1x1"]["median_ms"]
+        kh, kw = conv.kernel_size
+        rows.append({"layer": name, "in": conv.in_channels, "out": conv.out_channels,
+                     "input_hw": list(x.shape[2:]), "output_hw": list(y.shape[2:]), "kernel": [kh, kw],
+                     "stride": list(conv.stride), "keep": keep[name], "kxk_ms": t_k, "1x1_ms": t_1,
+                     "ratio": t_k / t_1, "theoretical": kh * kw / keep[name],
+                     "floor_speedup": t_k / (keep[name] * t_1)})
+    total_k = sum(r["kxk_ms"] for r in rows)
+    total_floor = sum(r["keep"] * r["1x1_ms"] for r in rows)
+    return {"device": str(setup.device), "dtype": dtype_name(setup.dtype), "batch": batch, "layers": rows,
+            "total": {"kxk_ms": total_k, "floor_ms": total_floor,
+                      "floor_speedup": total_k / total_floor if total_floor else None}}
+
+
+# ---- 2:4 semi-structured deployment (N:M Linears on CUDA GPUs) ---------------------------
+
+def semi_structured_unsupported(device: torch.device, pattern: str) -> str | None:
+    """Why 2:4 semi-structured kernels cannot run here, or None if they may."""
+    if ":" not in pattern:
+        return (f"not applicable: a {pattern} model has no N:M Linears (semi-structured kernels need "
+                f"2 of every 4 consecutive inputs of a Linear)")
+    n, m = (int(v) for v in pattern.split(":"))
+    if m != 4 or n > 2:
+        return f"not applicable: {pattern} is not a 2:4 pattern (semi-structured kernels need at most 2 of 4)"
+    if device.type != "cuda":
+        return f"{SKIP_2_4} (this device is {device.type})"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 0):
+        return f"{SKIP_2_4} (this GPU has {major}.{minor})"
+    try:
+        from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+        del SparseSemiStructuredTensor, to_sparse_semi_structured  # only their presence matters here
+    except ImportError as e:
+        return f"skipped: this torch has no semi-structured sparse tensors ({_one_line(e)})"
+    return None
+
+
+@contextlib.contextmanager
+def _force_cutlass(value: bool):
+    from torch.sparse import SparseSemiStructuredTensor
+    old = SparseSemiStructuredTensor._FORCE_CUTLASS
+    SparseSemiStructuredTensor._FORCE_CUTLASS = value
+    try:
+        yield
+    finally:
+        SparseSemiStructuredTensor._FORCE_CUTLASS = old
+
+
+def cusparselt_info() -> dict:
+    try:
+        import torch.backends.cusparselt as cslt
+        return {"cusparselt_available": bool(cslt.is_available()), "cusparselt_version": cslt.version()}
+    except Exception as e:  # noqa: BLE001
+        return {"cusparselt_available": False, "cusparselt_error": _one_line(e)}
+
+
+def pick_backend(device: torch.device, dtype: torch.dtype) -> tuple[str | None, list[str]]:
+    """The first backend (cuSPARSELt, then CUTLASS) that converts and multiplies a small 2:4
+    matrix correctly on this GPU, and what went wrong with the others."""
+    from torch.sparse import to_sparse_semi_structured
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.tensor([0.0, 0.0, 1.0, 1.0]).tile(128, 32) * torch.randn(128, 128, generator=gen)).to(device, dtype)
+    x = torch.randn(64, 128, generator=gen).to(device, dtype)
+    ref = F.linear(x, w)
+    problems = []
+    for backend in ("cusparselt", "cutlass"):
+        if backend == "cusparselt" and not cusparselt_info()["cusparselt_available"]:
+            problems.append("cusparselt: not built into this torch")
+            continue
+        try:
+            with _force_cutlass(backend == "cutlass"):
+                sparse = to_sparse_semi_structured(w)
+            err = float((F.linear(x, sparse) - ref).abs().max() / ref.abs().max())
+            if err <= 2e-2:
+                return backend, problems
+            problems.append(f"{backend}: wrong result (relative error {err:.2e})")
+        except Exception as e:  # noqa: BLE001 - e.g. "architecture mismatch", "not supported"
+            problems.append(f"{backend}: {_one_line(e)}")
+    return None, problems
+
+
+def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6))
+
+
+def deploy_semi_structured(bench: Bench, setup: DeviceSetup, batches: list[int], timing: Timing, seed: int,
+                           compiled_dense: nn.Module | None = None, compile_mode: str | None = None,
+                           margin: float = 0.02, convert: Callable | None = None) -> dict:
+    """Convert each pruned Linear to a 2:4 semi-structured sparse weight where that is faster.
+
+    Per layer, at the largest batch: the layer's input shape is taken from one forward pass,
+    the masked dense Linear and its sparse twin are timed (interleaved) on one random input, the
+    sparse output is checked against the dense one (relative error <= 2e-2), and the sparse
+    form is kept only if it is correct and at least `margin` faster. Then the whole deployed
+    model is checked against the masked dense model and both are timed (eager at every batch;
+    compiled at the largest). `convert` replaces torch.sparse.to_sparse_semi_structured (the
+    tests pass a stand-in to run this bookkeeping on a CPU). Never raises: a failure is
+    reported in the result."""
+    out = {"device": str(setup.device), "pattern": bench.plan.pattern, **cusparselt_info()}
+    if convert is None:
+        reason = semi_structured_unsupported(setup.device, bench.plan.pattern)
+        if reason:
+            return {**out, "status": "skipped" if reason.startswith("skipped") else "not applicable",
+                    "reason": reason}
+    try:
+        return {**out, **_deploy(bench, setup, batches, timing, seed, compiled_dense, compile_mode, margin, convert)}
+    except Exception as e:  # noqa: BLE001 - the deployment is an experiment; the benchmark goes on
+        _free(setup.device)
+        return {**out, "status": "failed", "reason": f"failed: {_one_line(e)}"}
+
+
+def _deploy(bench, setup, batches, timing, seed, compiled_dense, compile_mode, margin, convert) -> dict:
+    dtype = setup.dtype if setup.dtype in (torch.float16, torch.bfloat16) else (
+        torch.bfloat16 if setup.device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16)
+    backend, problems = "stand-in", []
+    if convert is None:
+        backend, problems = pick_backend(setup.device, dtype)
+        if backend is None:
+            return {"status": "skipped", "reason": "skipped: no semi-structured backend works on this GPU ("
+                    + "; ".join(problems) + ")"}
+
+        def convert(w):
+            from torch.sparse import to_sparse_semi_structured
+            with _force_cutlass(backend == "cutlass"):
+                return to_sparse_semi_structured(w)
+
+    dense = setup.model if dtype == setup.dtype else copy.deepcopy(setup.model).to(dtype)
+    if dense is not setup.model:
+        compiled_dense = None  # the compiled model runs another dtype
+    deployed = copy.deepcopy(dense)
+    modules = dict(deployed.named_modules())
+    linears = [n.removesuffix(".weight") for n in bench.masks
+               if isinstance(modules.get(n.removesuffix(".weight")), nn.Linear)]
+    big = max(batches)
+    x_big = setup.inputs(big, bench.input_shape, seed).to(dtype)
+    shapes = input_shapes(deployed, linears, x_big)
+    layers = []
+    for name in linears:
+        lin = modules[name]
+        row = {"layer": name, "weight": list(lin.weight.shape), "input": list(shapes[name]), "kept_sparse": False}
+        x = torch.randn(shapes[name], device=setup.device, dtype=dtype)
+        w, b = lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
+        ref = F.linear(x, w, b)  # what nn.Linear.forward computes
+        try:
+            sparse = convert(w.contiguous())
+            row["rel_error"] = _relative_error(F.linear(x, sparse, b), ref)
+            t = measure_interleaved({"dense": (None, lambda: F.linear(x, w, b)),
+                                     "sparse": (None, lambda: F.linear(x, sparse, b))}, setup.device, timing)
+            row["dense_ms"], row["sparse_ms"] = t["dense"]["median_ms"], t["sparse"]["median_ms"]
+            row["speedup"] = row["dense_ms"] / row["sparse_ms"]
+            row["kept_sparse"] = row["rel_error"] <= 2e-2 and row["speedup"] >= 1 + margin
+            row["note"] = ("sparse: faster" if row["kept_sparse"] else
+                           "dense: sparse output differs" if row["rel_error"] > 2e-2 else "dense: sparse not faster")
+            if row["kept_sparse"]:
+                lin.weight = nn.Parameter(sparse, requires_grad=False)
+        except Exception as e:  # noqa: BLE001 - e.g. a shape the kernels do not take
+            row["note"] = f"dense: {_one_line(e)}"
+            row["dense_ms"] = measure(lambda: F.linear(x, w, b), setup.device, timing)["median_ms"]
+        layers.append(row)
+    kept = sum(r["kept_sparse"] for r in layers)
+    result = {"status": "done", "backend": backend, "backend_problems": problems, "dtype": dtype_name(dtype),
+              "decided_at_batch": big, "margin": margin, "layers": layers, "layers_sparse": kept,
+              "layers_total": len(layers)}
+    ref, y = dense(x_big), deployed(x_big)
+    result["model_rel_error"] = _relative_error(y, ref)
+    result["model_matches"] = result["model_rel_error"] <= 5e-2
+    rows = []
+    for batch in batches if kept else []:  # with no sparse layer the deployed model is the dense one
+        x = setup.inputs(batch, bench.input_shape, seed).to(dtype)
+        t = measure_interleaved({"dense": (None, lambda: dense(x)), "deployed": (None, lambda: deployed(x))},
+                                setup.device, timing)
+        d, s = t["dense"]["median_ms"], t["deployed"]["median_ms"]
+        rows.append({"batch": batch, "mode": "eager", "dense_ms": d, "deployed_ms": s, "speedup": d / s})
+    if compile_mode and kept:
+        try:
+            x = x_big
+            d_model = (compiled_dense if compiled_dense is not None
+                       else torch.compile(dense, dynamic=False, mode=compile_mode))
+            s_model = torch.compile(deployed, dynamic=False, mode=compile_mode)
+            t = measure_interleaved({"dense": (None, lambda: d_model(x)), "deployed": (None, lambda: s_model(x))},
+                                    setup.device, timing)
+            d, s = t["dense"]["median_ms"], t["deployed"]["median_ms"]
+            rows.append({"batch": big, "mode": "compile", "dense_ms": d, "deployed_ms": s, "speedup": d / s})
+        except Exception as e:  # noqa: BLE001 - the sparse subclass under torch.compile is prototype
+            rows.append({"batch": big, "mode": "compile", "error": _one_line(e)})
+    result["model"] = rows
+    return result
+
+
+# ---- report ------------------------------------------------------------------------------
+
+def format_report(r: dict) -> str:
+    th = r["theoretical"]
+    lines = [f"{r['script']} {r['pattern']} | {r['source']} | input {'x'.join(map(str, r['input_shape']))} | "
+             f"torch {r['versions']['torch']}",
+             f"theoretical speed-up {th['speedup_theoretical']:.2f}x (MACs {th['macs_dense'] / 1e6:,.1f}M dense -> "
+             f"{th['macs_nonzero'] / 1e6:,.1f}M non-zero; pruned layers alone "
+             f"{th['speedup_pruned_layers']:.2f}x)",
+             "dense = the same model and kernels with every weight non-zero; pruned = zeros where masked; "
+             "times are medians over rounds alternating dense and pruned ((fastest): the ratio of the fastest "
+             "rounds, a check on noise)", "",
+             f"{'device':<28} {'dtype':<5} {'batch':>5} {'mode':<8} {'dense ms':>9} {'pruned ms':>9} "
+             f"{'dense img/s':>11} {'pruned img/s':>12} {'measured':>8} {'(fastest)':>9} {'theoretical':>11}"]
+    for row in r["latency"]:
+        label = r["device_names"].get(row["device"], row["device"])[:28]
+        if "error" in row:
+            lines.append(f"{label:<28} {row.get('dtype', ''):<5} {row.get('batch', ''):>5} {row['mode']:<8} "
+                         f"failed: {row['error']}")
+            continue
+        d, p = row["dense"]["median_ms"], row["pruned"]["median_ms"]
+        lines.append(f"{label:<28} {row['dtype']:<5} {row['batch']:>5} {row['mode']:<8} {d:>9.3f} {p:>9.3f} "
+                     f"{row['batch'] * 1e3 / d:>11,.0f} {row['batch'] * 1e3 / p:>12,.0f} "
+                     f"{row['speedup_measured']:>7.2f}x {row['speedup_measured_min']:>8.2f}x "
+                     f"{th['speedup_theoretical']:>10.2f}x")
+    for err in r.get("errors", []):
+        lines.append(f"{r['device_names'].get(err['device'], err['device'])}: failed: {err['error']}")
+    lines += ["", "note: " + HONEST_NOTE]
+    for floor in r["arithmetic_floor"]:
+        if "error" in floor:
+            lines += ["", f"arithmetic floor ({floor['device']}, batch {floor['batch']}) failed: {floor['error']}"]
+            continue
+        lines += ["", f"arithmetic floor ({r['device_names'].get(floor['device'], floor['device'])}, "
+                      f"{floor['dtype']}, batch {floor['batch']}): each kxk conv vs a 1x1 conv with the same "
+                      f"channels and output size",
+                  f"{'layer':<28} {'in->out':>11} {'out HxW':>9} {'kernel':>6} {'kxk ms':>9} {'1x1 ms':>9} "
+                  f"{'kxk/1x1':>8} {'K':>2} {'floor':>7} {'theory':>7}"]
+        for x in floor["layers"]:
+            lines.append(f"{x['layer'][:28]:<28} {x['in']:>5}->{x['out']:<5} {'x'.join(map(str, x['output_hw'])):>9} "
+                         f"{'x'.join(map(str, x['kernel'])):>6} {x['kxk_ms']:>9.4f} {x['1x1_ms']:>9.4f} "
+                         f"{x['ratio']:>7.2f}x {x['keep']:>2} {x['floor_speedup']:>6.2f}x {x['theoretical']:>6.2f}x")
+        t = floor["total"]
+        if t["floor_speedup"]:
+            lines.append(f"{'all pruned convs':<28} {'':>11} {'':>9} {'':>6} {t['kxk_ms']:>9.4f} {t['floor_ms']:>9.4f} "
+                         f"{'':>8} {'':>2} {t['floor_speedup']:>6.2f}x")
+        lines.append("floor = kxk time / (K x 1x1 time): the best dense kernels can do for K taps at these shapes "
+                     "(gathering the shifted inputs not counted)")
+    for s in r["semi_structured"]:
+        label = r["device_names"].get(s["device"], s["device"])
+        if s["status"] != "done":
+            lines += ["", f"2:4 deployment ({label}): {s['reason']}"]
+            continue
+        lines += ["", f"2:4 deployment ({label}, {s['dtype']}, backend {s['backend']}): {s['layers_sparse']} of "
+                      f"{s['layers_total']} Linears kept sparse (decided at batch {s['decided_at_batch']}, "
+                      f"sparse kept only if >= {s['margin']:.0%} faster and correct)",
+                  f"{'layer':<24} {'weight':>11} {'dense ms':>9} {'sparse ms':>9} {'speed-up':>8} {'rel err':>8}  "
+                  f"decision"]
+        for x in s["layers"]:
+            sp = f"{x['sparse_ms']:>9.4f}" if "sparse_ms" in x else f"{'-':>9}"
+            su = f"{x['speedup']:>7.2f}x" if "speedup" in x else f"{'-':>8}"
+            er = f"{x['rel_error']:>8.1e}" if "rel_error" in x else f"{'-':>8}"
+            lines.append(f"{x['layer'][:24]:<24} {'x'.join(map(str, x['weight'])):>11} {x['dense_ms']:>9.4f} "
+                         f"{sp} {su} {er}  {x['note']}")
+        lines.append(f"whole model: output vs masked dense model, relative error {s['model_rel_error']:.1e} "
+                     f"({'ok' if s['model_matches'] else 'MISMATCH'})"
+                     + ("" if s["layers_sparse"] else "; no layer kept sparse, so it is the masked dense model"))
+        for m in s["model"]:
+            if "error" in m:
+                lines.append(f"  batch {m['batch']:>4} {m['mode']:<8} failed: {m['error']}")
+            else:
+                lines.append(f"  batch {m['batch']:>4} {m['mode']:<8} masked dense {m['dense_ms']:.3f} ms, "
+                             f"deployed {m['deployed_ms']:.3f} ms: {m['speedup']:.2f}x")
+    return "\n".join(lines)
+
+
+# ---- main --------------------------------------------------------------------------------
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        with contextlib.suppress(Exception):  # after a CUDA error even this may fail
+            torch.cuda.empty_cache()
+
+
+def bench_device(bench: Bench, device: torch.device, args, timing: Timing, modes: list[str], result: dict,
+                 saved: Callable[[], None]) -> None:
+    """Every measurement on one device, appended to `result` (and `saved()` after each part):
+    dense vs pruned, the Top-K arithmetic floor, then the 2:4 deployment (last: a CUDA error
+    there spoils nothing else)."""
+    dtype = resolve_dtype(args.dtype, device)
+    batches = args.batch_sizes or DEFAULT_BATCHES[device.type]
+    setup = setup_device(bench, device, dtype, args.channels_last)
+    rows, compiled = time_dense_vs_pruned(bench, setup, batches, modes, timing, args.compile_mode, args.seed)
+    result["latency"] += rows
+    saved()
+    if args.floor and any(m.dim() == 4 for m in bench.masks.values()):
+        for batch in batches:
+            try:
+                result["arithmetic_floor"].append(arithmetic_floor(bench, setup, batch, timing, args.seed))
+            except Exception as e:  # noqa: BLE001
+                result["arithmetic_floor"].append({"device": str(device), "batch": batch, "error": _one_line(e)})
+                _free(device)
+        saved()
+    if args.semi_structured:
+        result["semi_structured"].append(deploy_semi_structured(
+            bench, setup, batches, timing, args.seed, compiled_dense=compiled,
+            compile_mode=args.compile_mode if args.compile else None, margin=args.sparse_margin))
+        saved()
+
+
+def main(argv=None) -> dict:
+    args, extra = get_args_parser().parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]  # `-- FLAGS` (as benchmarks/train_throughput.py takes them) works too
+    if args.checkpoint:
+        if extra:
+            raise tkp.TKPError(f"with --checkpoint the model flags come from the checkpoint; unknown flags: "
+                               f"{' '.join(extra)}")
+        bench = load_checkpoint(args.checkpoint, args.script)
+    elif args.script:
+        bench = build_fresh(args.script, extra, args.seed)
+    else:
+        raise tkp.TKPError("pass --checkpoint PATH (a final.pt) or --script NAME (a fresh model)")
+
+    report = tkp.sparsity_report(bench.model, bench.plan, bench.masks, bench.input_shape, torch.device("cpu"))
+    pruned_dense = sum(x["macs_dense"] for x in report["layers"])
+    pruned_nonzero = sum(x["macs_nonzero"] for x in report["layers"])
+    theoretical = {**{k: v for k, v in report.items() if k != "layers"},
+                   "speedup_pruned_layers": pruned_dense / pruned_nonzero if pruned_nonzero else 1.0}
+    timing = Timing(args.warmup, args.repeats, args.min_repeat_ms / 1e3)
+    devices = resolve_devices(args.devices)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if load is not None and any(d.type == "cpu" for d in devices) and load > (os.cpu_count() or 1) - 0.5:
+        print(f"warning: the load average is {load:.1f} on {os.cpu_count()} CPUs: if other processes are "
+              f"running, the CPU timings are unreliable (--threads 1 suffers least)", flush=True)
+    threads_before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # restored at the end (main() is also called in-process)
+    modes = ["eager"] + (["compile"] if args.compile else [])
+    result = {"benchmark": "inference_latency", "script": bench.script, "pattern": bench.plan.pattern,
+              "source": bench.source, "input_shape": list(bench.input_shape), "versions": tkp.versions(),
+              "platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+              "load_average_at_start": load, "dense_means": "same model, same kernels, every weight non-zero "
+              "(the weights before masking; for a checkpoint its pruned entries refilled with noise of the "
+              "layer's scale)", "pruned_means": "the same model with the masked weights exactly zero",
+              "theoretical": theoretical, "timing": vars(timing), "compile_mode": args.compile_mode if args.compile
+              else None, "channels_last": args.channels_last, "note": HONEST_NOTE,
+              "device_names": {}, "latency": [], "arithmetic_floor": [], "semi_structured": [], "errors": [],
+              "complete": False}
+    path = Path(args.json) if args.json else None
+
+    def save() -> None:  # after each part, so a run cut short by a time limit keeps what it measured
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(tkp.plain(result), indent=2) + "\n")
+            tmp.replace(path)
+
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = True  # every conv (kxk and 1x1 alike) gets its fastest algorithm
+        with torch.inference_mode():
+            for device in devices:
+                result["device_names"][str(device)] = tkp.device_name(device)
+                try:
+                    bench_device(bench, device, args, timing, modes, result, save)
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory: the other devices still count
+                    result["errors"].append({"device": str(device), "error": _one_line(e)})
+                _free(device)
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        torch.set_num_threads(threads_before)
+    result["complete"] = True
+    save()
+    print(format_report(result), flush=True)
+    if path:
+        print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    tkp.cli(main)
