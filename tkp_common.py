@@ -72,7 +72,7 @@ def cli(main: Callable[[], object]) -> None:
     except TKPError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         print("error: the GPU ran out of memory; use a smaller --batch-train/--batch-size (with "
               "--grad-accum to keep the effective batch) and --resume if an epoch was saved", file=sys.stderr)
         sys.exit(2)
@@ -475,9 +475,9 @@ class DeviceImageLoader:
         if not self.train:
             return torch.arange(rank, n, world, device=self.device)
         order = torch.randperm(n, generator=self.order_gen, device=self.device)
-        if world > 1:
+        if world > 1:  # pad by repeating the permutation, as DistributedSampler does
             padded = math.ceil(n / world) * world
-            order = torch.cat([order, order[: padded - n]])[rank::world]
+            order = order.repeat(math.ceil(padded / n))[:padded][rank::world]
         return order
 
     def __len__(self) -> int:
@@ -495,14 +495,21 @@ def _device_steps(transform) -> list[tuple]:
     import torchvision.transforms as T
     steps = []
     for t in getattr(transform, "transforms", [transform]):
+        bilinear = getattr(t, "interpolation", T.InterpolationMode.BILINEAR) == T.InterpolationMode.BILINEAR
+        if not bilinear:
+            raise ValueError(f"{type(t).__name__}: only bilinear interpolation")
         if isinstance(t, T.RandomCrop):
-            if t.padding_mode != "constant" or t.pad_if_needed:
-                raise ValueError("RandomCrop: only constant padding")
-            pad = t.padding if isinstance(t.padding, int) else t.padding[0]
-            steps.append(("random_crop", t.size, pad or 0, t.fill))
+            pads = [t.padding] if isinstance(t.padding, int) or t.padding is None else list(t.padding)
+            if t.padding_mode != "constant" or t.pad_if_needed or len(set(pads)) != 1:
+                raise ValueError("RandomCrop: only the same constant padding on every side")
+            if not isinstance(t.fill, (int, float)):
+                raise ValueError("RandomCrop: only a single fill value")
+            steps.append(("random_crop", t.size, pads[0] or 0, t.fill))
         elif isinstance(t, T.RandomResizedCrop):
             steps.append(("random_resized_crop", t.size, t.scale, t.ratio))
         elif isinstance(t, T.Resize):
+            if not isinstance(t.size, int) and len(t.size) != 1:
+                raise ValueError("Resize: only a single size (the shorter side) of square images")
             steps.append(("resize", t.size if isinstance(t.size, int) else t.size[0]))
         elif isinstance(t, T.CenterCrop):
             steps.append(("center_crop", t.size))
@@ -611,17 +618,21 @@ def augment_batch(images: torch.Tensor, steps: list[tuple], gen: torch.Generator
                 for op, factor in enumerate(factors):
                     if factor is None:
                         continue
-                    chosen = (order[:, slot] == op)[:, None, None, None]
-                    fac = factor.view(-1, 1, 1, 1)
+                    chosen = order[:, slot] == op
+                    if op == 3:  # hue: only on the images whose turn it is
+                        idx = chosen.nonzero().squeeze(1)
+                        if len(idx):
+                            x[idx] = _shift_hue(x[idx], factor[idx]).clamp(0, 1)
+                        continue
+                    # factor 1 leaves an image exactly as it is (x * 1 + m * 0 == x)
+                    fac = torch.where(chosen, factor, torch.ones_like(factor)).view(-1, 1, 1, 1)
                     if op == 0:
-                        y = x * fac
+                        x = x * fac
                     elif op == 1:
-                        y = x * fac + _gray(x).mean((1, 2, 3), keepdim=True) * (1 - fac)
-                    elif op == 2:
-                        y = x * fac + _gray(x) * (1 - fac)
+                        x = x * fac + _gray(x).mean((1, 2, 3), keepdim=True) * (1 - fac)
                     else:
-                        y = _shift_hue(x, factor)
-                    x = torch.where(chosen, y.clamp(0, 1), x)
+                        x = x * fac + _gray(x) * (1 - fac)
+                    x = x.clamp(0, 1)
         elif name == "normalize":
             mean = torch.tensor(step[1], device=dev).view(1, 3, 1, 1)
             std = torch.tensor(step[2], device=dev).view(1, 3, 1, 1)
@@ -1095,6 +1106,13 @@ def to_cpu(obj):
     return obj
 
 
+def to_device(obj, device):
+    """`obj` with every tensor moved to `device` (dicts walked through)."""
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj.to(device) if isinstance(obj, torch.Tensor) else obj
+
+
 def clean_state_dict(state: dict) -> dict:
     """Strip the '_orig_mod.' (torch.compile) and 'module.' (DDP) prefixes some tools save."""
     out = {}
@@ -1212,7 +1230,9 @@ def layer_macs(module: nn.Module, input_shape: tuple[int, ...], device: torch.de
 def sparsity_report(module: nn.Module, plan: Plan, masks: dict, input_shape, device) -> dict:
     """Parameter and MAC counts, dense and non-zero, and the theoretical speed-up
     (dense MACs / MACs of non-zero weights: the paper's Speed-Up column)."""
-    params = dict(module.named_parameters())
+    # frozen parameters (GoogLeNet's auxiliary heads: training-only, not in the loss, never
+    # run at inference) are not counted
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad or n in masks}
     total = sum(p.numel() for p in params.values())
     nonzero = sum(int(torch.count_nonzero(p)) for p in params.values())
     pruned_numel = sum(params[n].numel() for n in masks)
@@ -1357,7 +1377,9 @@ def export_int8(module: nn.Module) -> dict:
     for name, layer in qat_layers(module).items():
         scale = layer.weight_fq.scale.detach().float()
         shape = (-1,) + (1,) * (layer.weight.dim() - 1)
-        q = torch.clamp(torch.round(layer.weight.detach().float() / scale.view(shape)), -127, 127).to(torch.int8)
+        # w * (1/scale), rounded half to even: what the fake-quant kernel computes
+        q = torch.clamp(torch.round(layer.weight.detach().float() * (1.0 / scale.view(shape))), -127, 127)
+        q = q.to(torch.int8)
         out[name] = {"weight_int8": q.cpu(), "weight_scale": scale.cpu(),
                      "input_scale": layer.input_fq.scale.detach().float().cpu(),
                      "input_zero_point": layer.input_fq.zero_point.detach().cpu()}
@@ -1386,6 +1408,8 @@ def int8_size_bytes(module: nn.Module, int8: dict, masks: dict) -> int:
     and zero point; every other parameter (biases, norms, embeddings) as fp32."""
     total = 0
     for name, p in module.named_parameters():
+        if not p.requires_grad:  # frozen, training-only parameters (GoogLeNet's auxiliary heads)
+            continue
         layer = name.removesuffix(".weight")
         if name.endswith(".weight") and layer in int8:
             values = int(masks[name].sum()) + math.ceil(p.numel() / 8) if name in masks else p.numel()
@@ -1555,12 +1579,12 @@ def _run(args, script: Script, dist: Dist, device: torch.device) -> dict:
     module.to(memory_format=fmt)
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
 
-    def wrap(module: nn.Module) -> nn.Module:
+    def wrap(module: nn.Module, compile: bool = use_compile) -> nn.Module:
         model = module
         if dist.enabled:
             model = nn.parallel.DistributedDataParallel(
                 module, device_ids=[device.index] if device.type == "cuda" else None)
-        return torch.compile(model) if use_compile else model
+        return torch.compile(model) if compile else model
 
     model = wrap(module)
 
@@ -1583,7 +1607,7 @@ def _run(args, script: Script, dist: Dist, device: torch.device) -> dict:
     if resume is not None:
         if resume["stage"] == 3:
             prepare_qat(module)
-            model = wrap(module)
+            model = wrap(module, compile=False)
         load_weights(module, clean_state_dict(resume["model"]), args.resume)
         stage, epoch, history, metrics = resume["stage"], resume["epoch"], resume["history"], resume["metrics"]
         masks = {k: v.to(device) for k, v in resume["masks"].items()}
@@ -1608,10 +1632,10 @@ def _run(args, script: Script, dist: Dist, device: torch.device) -> dict:
                 "args": plain(vars(args)), "rng": _rng_state(device),
                 "wall_time_s": wall_before + time.time() - wall_start}
 
-    def make_trainer(stage: int, lr: float | None = None, **parts) -> Trainer:
+    def make_trainer(stage: int, lr: float | None = None, min_lr: float | None = None, **parts) -> Trainer:
         lr = args.lr if lr is None else lr
         trainer = build_trainer(model, module, args=args, device=device, amp_dtype=amp_dtype, lr=lr,
-                                min_lr=script.min_lr_ratio * lr, dist=dist,
+                                min_lr=script.min_lr_ratio * lr if min_lr is None else min_lr, dist=dist,
                                 total_steps=steps_per_epoch * epochs[stage], memory_format=fmt, **parts)
         if resume is not None:
             trainer.optimizer.load_state_dict(resume["optimizer"])
@@ -1696,11 +1720,12 @@ def _run(args, script: Script, dist: Dist, device: torch.device) -> dict:
         if not args.qat:
             return summary
 
-        # ---- stage 3: quantization-aware training of the pruned layers, masks enforced
+        # ---- stage 3: quantization-aware training, masks enforced; eager, because dynamo does
+        # not trace torch.ao's FakeQuantize (a graph break at every quantized layer)
         if not qat_layers(module):
             prepare_qat(module)
-            model = wrap(module)
-        trainer = make_trainer(3, lr=args.qat_lr or 0.1 * args.lr, masker=Masker(module, masks))
+            model = wrap(module, compile=False)
+        trainer = make_trainer(3, lr=args.qat_lr or 0.1 * args.lr, min_lr=0.0, masker=Masker(module, masks))
         train_stage(3, epoch, trainer)
     except KeyboardInterrupt:
         saved = folder / "checkpoint_last.pt"
@@ -1709,19 +1734,21 @@ def _run(args, script: Script, dist: Dist, device: torch.device) -> dict:
         raise
 
     freeze_qat(module)
-    check_sparsity(module, plan, masks)
-    ev = evaluate(model, val_loader, device, amp_dtype, dist, script.topk_metrics, fmt)
     int8 = export_int8(module)
+    with torch.no_grad():  # the weights become their de-quantized values: exactly the int8 model
+        for name, q in int8.items():
+            weight = module.get_submodule(name).weight
+            shape = (-1,) + (1,) * (weight.dim() - 1)
+            weight.copy_((q["weight_int8"].float() * q["weight_scale"].view(shape)).to(weight.device))
+    check_sparsity(module, plan, masks)
+    # in fp32: bf16/fp16 autocast would round the de-quantized weights and inputs again
+    ev = evaluate(model, val_loader, device, None, dist, script.topk_metrics, fmt)
     strip_qat(module)  # final_qat.pt's "model" loads into the plain model
     metrics.update({f"qat_top{k}": ev[f"top{k}"] for k in script.topk_metrics})
-    metrics.update(size_bytes_dense_fp32=4 * sum(p.numel() for p in module.parameters()),
+    metrics.update(size_bytes_dense_fp32=4 * sum(p.numel() for p in module.parameters() if p.requires_grad),
                    size_bytes_sparse_int8=int8_size_bytes(module, int8, masks))
-    qat_state = {n: w for n, w in to_cpu(module.state_dict()).items()}
-    for name, q in int8.items():  # the de-quantized weights: what the int8 model computes with
-        shape = (-1,) + (1,) * (q["weight_int8"].dim() - 1)
-        qat_state[f"{name}.weight"] = q["weight_int8"].float() * q["weight_scale"].view(shape)
-    out.save({"model": qat_state, "int8": int8, "masks": to_cpu(masks), "args": plain(vars(args)),
-              "metrics": plain(metrics)}, "final_qat.pt")
+    out.save({"model": to_cpu(module.state_dict()), "int8": int8, "masks": to_cpu(masks),
+              "args": plain(vars(args)), "metrics": plain(metrics)}, "final_qat.pt")
     out.print(f"QAT: top-1 {ev['top1']:.2f}% with int8 weights and inputs (float {metrics['final_top1']:.2f}%); "
               f"{metrics['size_bytes_sparse_int8'] / 2**20:.2f} MiB sparse int8 vs "
               f"{metrics['size_bytes_dense_fp32'] / 2**20:.2f} MiB dense fp32")
@@ -1764,11 +1791,20 @@ def format_summary(s: dict) -> str:
 
 
 def evaluate_checkpoint(args, script: Script) -> dict:
-    """--eval CKPT: rebuild the model from a final.pt, evaluate it, print its summary."""
+    """--eval CKPT: rebuild the model from a final.pt (or a final_qat.pt, evaluated with its
+    int8 weights and input quantization, in fp32), evaluate it, print its summary."""
     ckpt = load_file(args.eval, "--eval checkpoint")
     if not {"model", "masks", "args"} <= set(ckpt):
         raise TKPError(f"{args.eval} is not a TKP final.pt (it lacks model/masks/args)")
     dist, device = init_distributed(args.device)
+    try:
+        return _evaluate_checkpoint(args, script, ckpt, dist, device)
+    finally:
+        if dist.enabled and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+def _evaluate_checkpoint(args, script: Script, ckpt: dict, dist: Dist, device: torch.device) -> dict:
     saved = argparse.Namespace(**{**vars(args), **{k: v for k, v in ckpt["args"].items()
                                                    if k not in OPERATIONAL_FLAGS}})
     saved.eval, saved.dry_run = args.eval, False  # scripts load no pretrained weights under --eval
@@ -1780,10 +1816,17 @@ def evaluate_checkpoint(args, script: Script) -> dict:
     _, val_set = script.build_data(saved)
     loader = make_loader(val_set, args.batch_val, train=False, num_workers=args.num_workers,
                          device=device, dist=dist)
-    ev = evaluate(module, loader, device, resolve_amp(args, device), dist, script.topk_metrics)
     report = sparsity_report(module, plan, masks, script.input_shape(saved), device)
+    quantized = "int8" in ckpt
+    if quantized:
+        load_int8(module, {k: to_device(v, device) for k, v in ckpt["int8"].items()})
+    # the precision the checkpoint was trained with (fp32 for the int8 model: bf16/fp16
+    # would round its de-quantized weights again)
+    amp_dtype = None if quantized else resolve_amp(saved, device)
+    ev = evaluate(module, loader, device, amp_dtype, dist, script.topk_metrics)
+    name = "qat" if quantized else "final"
     summary = {"model": script.name, "dataset": script.dataset_name(saved), "sparsity": plan.pattern,
-               **{f"final_top{k}": ev[f"top{k}"] for k in script.topk_metrics},
+               **{f"{name}_top{k}": ev[f"top{k}"] for k in script.topk_metrics},
                "val_images": ev["images"], **{k: v for k, v in report.items() if k != "layers"},
                "sparsity_exact": True}
     if dist.is_main:

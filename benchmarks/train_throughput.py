@@ -51,6 +51,8 @@ def get_args_parser():
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers for the loader benchmark")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (on a shared machine, 1 is the least disturbed)")
     p.add_argument("--epoch-images", type=int, default=None, help="images in the full-epoch measurement")
     p.add_argument("--skip-epoch", action="store_true", help="skip the loader and full-epoch measurements")
     p.add_argument("--json", default=None, help="write the results here")
@@ -97,6 +99,8 @@ def main(argv=None):
     args.batch_train = bench.batch or args.batch_train
     args.grad_accum, args.aux_loss_freq = 1, 1
 
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
     dist, device = tkp.init_distributed(bench.device)
     args.no_amp = bench.amp_dtype == "off"
     args.amp_dtype = "auto" if bench.amp_dtype == "off" else bench.amp_dtype
@@ -109,8 +113,7 @@ def main(argv=None):
     module.to(memory_format=fmt)
     plan = script.build_plan(module, args)
     shape = script.SCRIPT.input_shape(args)
-    classes = script.SCRIPT.dataset_name and (tkp.CIFAR_CLASSES.get(getattr(args, "dataset", ""), None)
-                                              or getattr(args, "num_classes", 10))
+    classes = tkp.CIFAR_CLASSES.get(getattr(args, "dataset", ""), None) or args.num_classes
     gen = torch.Generator().manual_seed(0)
     batch = (torch.randn(args.batch_train, *shape, generator=gen).to(device, memory_format=fmt),
              torch.randint(0, classes, (args.batch_train,), generator=gen).to(device))

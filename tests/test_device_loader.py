@@ -105,6 +105,9 @@ def test_epoch_covers_every_image_once_and_shards_evenly():
     shards = [torch.cat([y for _, y in r]) for r in ranks]
     assert {len(s) for s in shards} == {17} and len({len(r) for r in ranks}) == 1  # padded like DistributedSampler
     assert set(torch.cat(shards).tolist()) == set(range(50))
+    tiny = tkp.ImageArrayDataset(x[:4], labels[:4], T.ToTensor())  # more ranks than images
+    many = [list(tkp.DeviceImageLoader(tiny, 8, train=True, device=CPU, dist=tkp.Dist(r, 16, r))) for r in range(16)]
+    assert all(len(batches) == 1 and len(batches[0][1]) == 1 for batches in many)
     val = [torch.cat([y for _, y in tkp.DeviceImageLoader(data, 8, train=False, device=CPU, dist=tkp.Dist(r, 3, r))])
            for r in range(3)]
     assert sorted(torch.cat(val).tolist()) == list(range(50))  # validation: every image exactly once

@@ -54,6 +54,8 @@ def test_end_to_end_exact_topk_and_strict_final(name, cifar100_root, tmp_path):
             assert taps.count_nonzero() > 0.99 * taps.numel(), mod_name  # 1x1: never pruned
             one_by_one += 1
     assert stems == 1 and pruned > 10 and one_by_one > 10
+    # counts leave out frozen training-only parameters (GoogLeNet's auxiliary heads)
+    assert summary["params_total"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     saved = json.loads((out / "summary.json").read_text())
     assert saved["dataset"] == "cifar100" and saved["sparsity"] == "top-2"
     assert summary["speedup_theoretical"] > 1.2

@@ -2,6 +2,7 @@
 quantization, the int8 export reproduces the fake-quantized model, and runs end to end
 (VGG-8 Top-1, ViT 2:4), learn, and resume."""
 
+import copy
 import json
 
 import pytest
@@ -79,6 +80,8 @@ def test_int8_export_reproduces_the_fake_quantized_model():
     x = torch.randn(16, 3, 8, 8)
     expected = model(x)
     int8 = tkp.export_int8(model)
+    model_before_strip = copy.deepcopy(model)
+    weights = {n: m.weight.detach().clone() for n, m in tkp.qat_layers(model).items()}
     for name, q in int8.items():
         assert q["weight_int8"].dtype == torch.int8 and q["weight_int8"].abs().max() <= 127
         if f"{name}.weight" in masks:
@@ -87,7 +90,9 @@ def test_int8_export_reproduces_the_fake_quantized_model():
     fresh = small_net()
     fresh.load_state_dict(model.state_dict(), strict=True)  # plain layers again
     rebuilt = tkp.load_int8(fresh, int8).eval()
-    torch.testing.assert_close(rebuilt(x), expected, rtol=0, atol=1e-5)
+    for name, layer in tkp.qat_layers(rebuilt).items():  # the de-quantized weights, to the bit
+        assert torch.equal(layer.weight, tkp.qat_layers(model_before_strip)[name].weight_fq(weights[name]))
+    torch.testing.assert_close(rebuilt(x), expected, rtol=0, atol=1e-6)
 
 
 def test_vgg8_qat_end_to_end(cifar10_root, tmp_path):
@@ -107,6 +112,9 @@ def test_vgg8_qat_end_to_end(cifar10_root, tmp_path):
     assert [r["stage"] for r in log] == [1, 2, 3, 3]
     final = torch.load(out / "final.pt", weights_only=True)  # the float model of stage 2, unchanged
     vgg8.VGG8(10).load_state_dict(final["model"], strict=True)
+    # --eval on final_qat.pt evaluates the int8 model (weights and input quantization)
+    e = vgg8.main(["--eval", str(out / "final_qat.pt"), "--data-root", str(cifar10_root), "--num-workers", "0"])
+    assert e["qat_top1"] == pytest.approx(s["qat_top1"]) and "final_top1" not in e
 
 
 def test_vit_qat_keeps_2_4(tmp_path):
