@@ -63,11 +63,10 @@ def build_model(args) -> nn.Module:
     model = tvm.densenet121(weights=None)
     model.classifier = nn.Linear(model.classifier.in_features, tkp.CIFAR_CLASSES[args.dataset])
     if starts_pretrained(args):
-        state = (tkp.read_state_dict(args.pretrain_path, "--pretrain-path") if args.pretrain_path
-                 else tkp.download_weights(WEIGHTS))
+        state, source = tkp.pretrained_state(args.pretrain_path, WEIGHTS)
         state = {OLD_KEY.sub(r"\1\2", k): v for k, v in state.items()}
         # ImageNet's 1000-class classifier is not loaded; one with this run's class count is
-        tkp.load_weights(model, state, args.pretrain_path or str(WEIGHTS), replaceable=("classifier",))
+        tkp.load_weights(model, state, source, replaceable=("classifier",))
     return model
 
 

@@ -60,10 +60,9 @@ def build_model(args) -> nn.Module:
                           init_weights=args.no_pretrain)
     replace_heads(model, tkp.CIFAR_CLASSES[args.dataset])
     if starts_pretrained(args):
-        state = (tkp.read_state_dict(args.pretrain_path, "--pretrain-path") if args.pretrain_path
-                 else tkp.download_weights(WEIGHTS))
+        state, source = tkp.pretrained_state(args.pretrain_path, WEIGHTS)
         # ImageNet's 1000-class heads are not loaded; heads with this run's class count are
-        tkp.load_weights(model, state, args.pretrain_path or str(WEIGHTS), replaceable=HEADS)
+        tkp.load_weights(model, state, source, replaceable=HEADS)
     model.aux_logits = False  # forward returns the main logits only
     for head in (model.aux1, model.aux2):
         head.requires_grad_(False)  # not in the loss: no gradient, no weight decay, no DDP sync

@@ -533,7 +533,8 @@ def _uniform(n: int, lo: float, hi: float, gen, device) -> torch.Tensor:
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    from torchvision.transforms.functional import rgb_to_grayscale  # batched on tensors
+    return rgb_to_grayscale(x)
 
 
 def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -1094,34 +1095,31 @@ def format_duration(seconds: float) -> str:
 # ==== 7. Checkpoints =====================================================================
 
 
-def to_cpu(obj):
-    """`obj` with every tensor moved to the CPU (dicts, lists and tuples walked through), so
-    saved files open on machines without the GPU they were made on."""
+def to_device(obj, device):
+    """`obj` with every tensor detached and moved to `device` (dicts, lists and tuples
+    walked through)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
+        return obj.detach().to(device)
     if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
+        return type(obj)(to_device(v, device) for v in obj)
     return obj
 
 
-def to_device(obj, device):
-    """`obj` with every tensor moved to `device` (dicts walked through)."""
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj.to(device) if isinstance(obj, torch.Tensor) else obj
+def to_cpu(obj):
+    """`obj` on the CPU, so saved files open on machines without the GPU they came from."""
+    return to_device(obj, "cpu")
 
 
 def clean_state_dict(state: dict) -> dict:
-    """Strip the '_orig_mod.' (torch.compile) and 'module.' (DDP) prefixes some tools save."""
-    out = {}
-    for key, value in state.items():
-        for prefix in ("_orig_mod.", "module."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key.replace("._orig_mod.", ".")] = value
-    return out
+    """Strip the '_orig_mod.' (torch.compile) and 'module.' (DDP) prefixes some tools save,
+    in either nesting order."""
+    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+    state = dict(state)
+    for prefix in ("_orig_mod.", "module.", "_orig_mod."):
+        consume_prefix_in_state_dict_if_present(state, prefix)
+    return state
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -1192,6 +1190,14 @@ def load_weights(module: nn.Module, state: dict, path: str, replaceable: tuple[s
                                                ("wrong shape", bad_shape)) if keys)
         raise TKPError(f"{path} does not fit this model ({detail})")
     return skipped
+
+
+def pretrained_state(path: str | None, weights) -> tuple[dict, str]:
+    """(state_dict, where it came from): the local file `path` (--pretrain-path), else the
+    torchvision weights enum `weights`, downloaded or read from torch.hub's cache."""
+    if path:
+        return read_state_dict(path, "--pretrain-path"), path
+    return download_weights(weights), str(weights)
 
 
 def download_weights(weights) -> dict:

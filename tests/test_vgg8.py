@@ -243,3 +243,30 @@ def test_pretrain_path_loads_a_dense_checkpoint(cifar10_root, tmp_path):
     args = vgg8.get_args_parser().parse_args(["--pretrain-path", str(tmp_path / "wrong.pt")])
     with pytest.raises(tkp.TKPError, match="does not fit this model"):
         vgg8.build_model(args)
+
+
+def test_resume_re_zeroes_pruned_weights(cifar10_root, tmp_path, monkeypatch):
+    """A stage-2 checkpoint whose pruned weights were touched (by hand, a bug, another tool)
+    comes back exactly sparse: masks are re-applied on resume, not only via gradients."""
+    real, calls = tkp.save_atomic, {"n": 0}
+
+    def crash_after_post_mask(obj, path):
+        real(obj, path)
+        calls["n"] += 1
+        if calls["n"] == 3:  # stage 1 epochs 1-2, then the post-mask checkpoint
+            raise Crash()
+
+    monkeypatch.setattr(tkp, "save_atomic", crash_after_post_mask)
+    with pytest.raises(Crash):
+        run_vgg8(cifar10_root, tmp_path / "a", "--topk", "1")
+    monkeypatch.setattr(tkp, "save_atomic", real)
+    path = tmp_path / "a" / "checkpoint_last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["stage"] == 2
+    for name, mask in ckpt["masks"].items():
+        ckpt["model"][name][~mask] = 1.0  # revive every pruned weight
+    torch.save(ckpt, path)
+    vgg8.main(["--data-root", str(cifar10_root), *FAST, "--topk", "1", "--resume", str(path)])
+    final = torch.load(tmp_path / "a" / "final.pt", weights_only=True)
+    for name, mask in final["masks"].items():
+        assert (final["model"][name][~mask] == 0).all(), name
