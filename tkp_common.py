@@ -348,9 +348,9 @@ def fake_images(n: int, size: int, num_classes: int, transform, seed: int = 0) -
 
 
 def fake_splits(args, size: int, num_classes: int, train_transform, val_transform):
-    """--dry-run data: two training batches and one validation batch of random images,
-    through the script's real transforms."""
-    return (fake_images(2 * args.batch_train, size, num_classes, train_transform, seed=1),
+    """--dry-run data: one training and one validation batch of random images, through the
+    script's real transforms."""
+    return (fake_images(args.batch_train, size, num_classes, train_transform, seed=1),
             fake_images(args.batch_val, size, num_classes, val_transform, seed=2))
 
 
@@ -1499,8 +1499,8 @@ def _prepare_output_dir(args, script: Script, dist: Dist) -> Path:
 
 
 def _apply_dry_run(args) -> None:
-    """--dry-run: one two-step epoch per stage on a few generated images (every batch of
-    the same size: on CPU each new shape costs kernel set-up time)."""
+    """--dry-run: a one-step epoch per stage on a few generated images (every batch of the
+    same size: on CPU each new shape costs kernel set-up time)."""
     args.epochs_stage1 = args.epochs_stage2 = 1
     args.batch_train = args.batch_val = 2
     args.bn_recal_batches = min(args.bn_recal_batches, 2)
@@ -1549,14 +1549,17 @@ def run(args, script: Script) -> dict:
     if args.dry_run:
         _apply_dry_run(args)
     # oneDNN sets up CPU kernels per layer shape (20 s for DenseNet-121's first step), which
-    # would dominate a few-step dry run; the plain CPU kernels start at once
-    onednn = torch.backends.mkldnn.enabled
+    # would dominate a few-step dry run; the plain CPU kernels start at once. One thread: at
+    # batch 2 more threads only wait on each other, badly so when other jobs share the cores
+    onednn, threads = torch.backends.mkldnn.enabled, torch.get_num_threads()
     if args.dry_run and device.type == "cpu":
         torch.backends.mkldnn.enabled = False
+        torch.set_num_threads(1)
     try:
         return _run(args, script, dist, device)
     finally:
         torch.backends.mkldnn.enabled = onednn
+        torch.set_num_threads(threads)
         if dist.enabled and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
 

@@ -148,7 +148,7 @@ def build_data(args):
     RandAugment rand-m9-mstd0.5-inc1 and random erasing 0.25 (pixel) for training; the
     model's crop_pct and interpolation for validation."""
     config = resolve_data_config({"input_size": (3, args.img_size, args.img_size)},
-                                 model=build_model_for_config(args))
+                                 pretrained_cfg=timm.models.get_pretrained_cfg(args.model).to_dict())
     train_tf = create_transform(**config, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
                                 re_prob=0.25, re_mode="pixel")
     val_tf = create_transform(**config, is_training=False)
@@ -163,11 +163,6 @@ def build_data(args):
         raise tkp.TKPError(f"{root / 'train'} has {len(train.classes)} class folders; pass "
                            f"--num-classes {len(train.classes)}")
     return train, val
-
-
-def build_model_for_config(args) -> nn.Module:
-    """The architecture alone (no weights): enough to read its data config."""
-    return timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, img_size=args.img_size)
 
 
 # ---- main --------------------------------------------------------------------------------
