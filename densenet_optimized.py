@@ -29,29 +29,16 @@ WEIGHTS = tvm.DenseNet121_Weights.IMAGENET1K_V1
 # ---- arguments ---------------------------------------------------------------------------
 
 def get_args_parser() -> tkp.ArgumentParser:
-    p = tkp.base_parser("TKP: ImageNet-pretrained DenseNet-121 on CIFAR with Top-K spatial pruning")
-    tkp.add_topk_args(p)
-    g = p.add_argument_group("model and data")
-    g.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar100")
-    g.add_argument("--data-root", default="./data", help="folder that holds (or receives) CIFAR")
-    g.add_argument("--img-size", type=tkp.int_range(32), default=224, help="training and validation crop size")
-    g.add_argument("--pretrain-path", default=None,
-                   help="local DenseNet-121 weights (torchvision's ImageNet file, or a state_dict with "
-                        "this run's class count) instead of downloading them")
-    g.add_argument("--no-pretrain", action="store_true", help="train from scratch")
-    # the paper's table row for DenseNet-121 / CIFAR-100
-    p.set_defaults(batch_train=256, batch_val=512, epochs_stage1=100, epochs_stage2=100,
-                   lr=1e-3, weight_decay=1e-4, beta=3000.0, alpha=3.0)
-    return p
+    return tkp.cnn_parser(
+        "TKP: ImageNet-pretrained DenseNet-121 on CIFAR with Top-K spatial pruning", dataset="cifar100", img_size=224,
+        pretrain_help="local DenseNet-121 weights (torchvision's ImageNet file, or a state_dict with "
+                      "this run's class count) instead of downloading them",
+        # the paper's table row for DenseNet-121 / CIFAR-100
+        batch_train=256, batch_val=512, epochs_stage1=100, epochs_stage2=100,
+        lr=1e-3, weight_decay=1e-4, beta=3000.0, alpha=3.0)
 
 
 # ---- model -------------------------------------------------------------------------------
-
-def starts_pretrained(args) -> bool:
-    """Whether build_model loads ImageNet weights (not under --dry-run, nor under --eval,
-    whose weights come from the checkpoint)."""
-    return not (args.no_pretrain or args.dry_run or args.eval)
-
 
 # torchvision's DenseNet files name some keys "...denselayer1.norm.1.weight"; the modules
 # are now called "norm1". torchvision renames them on load (torchvision.models.densenet); so
@@ -62,7 +49,7 @@ OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:wei
 def build_model(args) -> nn.Module:
     model = tvm.densenet121(weights=None)
     model.classifier = nn.Linear(model.classifier.in_features, tkp.CIFAR_CLASSES[args.dataset])
-    if starts_pretrained(args):
+    if tkp.loads_imagenet_weights(args):
         state, source = tkp.pretrained_state(args.pretrain_path, WEIGHTS)
         state = {OLD_KEY.sub(r"\1\2", k): v for k, v in state.items()}
         # ImageNet's 1000-class classifier is not loaded; one with this run's class count is
@@ -70,26 +57,14 @@ def build_model(args) -> nn.Module:
     return model
 
 
-def build_plan(model, args) -> tkp.Plan:
-    return tkp.topk_plan(model, args.topk, args.exclude_layers, dense=args.dense_baseline)
-
-
-# ---- data --------------------------------------------------------------------------------
-
-def build_data(args):
-    return tkp.cifar_splits(args, *tkp.upscaled_cifar_transforms(args.img_size))
-
-
 # ---- main --------------------------------------------------------------------------------
 
-SCRIPT = tkp.Script(name="densenet121", build_model=build_model, build_data=build_data, build_plan=build_plan,
-                    input_shape=lambda args: (3, args.img_size, args.img_size),
-                    dataset_name=lambda args: args.dataset, pretrained=starts_pretrained)
+# Top-K over every Conv2d (the 7x7 stem too); CIFAR upscaled to --img-size, ImageNet statistics
+SCRIPT = tkp.cnn_script("densenet121", build_model, upscaled=True, pretrained=tkp.loads_imagenet_weights)
 
 
 def main(argv=None) -> dict:
-    args = get_args_parser().parse_args(argv)
-    return tkp.run(args, SCRIPT)
+    return tkp.run(get_args_parser().parse_args(argv), SCRIPT)
 
 
 if __name__ == "__main__":

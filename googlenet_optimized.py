@@ -27,29 +27,16 @@ HEADS = ("fc", "aux1.fc2", "aux2.fc2")  # the classifiers replaced for --dataset
 # ---- arguments ---------------------------------------------------------------------------
 
 def get_args_parser() -> tkp.ArgumentParser:
-    p = tkp.base_parser("TKP: ImageNet-pretrained GoogLeNet on CIFAR with Top-K spatial pruning")
-    tkp.add_topk_args(p)
-    g = p.add_argument_group("model and data")
-    g.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar100")
-    g.add_argument("--data-root", default="./data", help="folder that holds (or receives) CIFAR")
-    g.add_argument("--img-size", type=tkp.int_range(32), default=224, help="training and validation crop size")
-    g.add_argument("--pretrain-path", default=None,
-                   help="local GoogLeNet weights (torchvision's ImageNet file, or a state_dict with "
-                        "this run's class count) instead of downloading them")
-    g.add_argument("--no-pretrain", action="store_true", help="train from scratch")
-    # the paper's table row for GoogLeNet / CIFAR-100
-    p.set_defaults(batch_train=256, batch_val=512, epochs_stage1=100, epochs_stage2=100,
-                   lr=1e-3, weight_decay=1e-4, beta=3000.0, alpha=3.0)
-    return p
+    return tkp.cnn_parser(
+        "TKP: ImageNet-pretrained GoogLeNet on CIFAR with Top-K spatial pruning", dataset="cifar100", img_size=224,
+        pretrain_help="local GoogLeNet weights (torchvision's ImageNet file, or a state_dict with "
+                      "this run's class count) instead of downloading them",
+        # the paper's table row for GoogLeNet / CIFAR-100
+        batch_train=256, batch_val=512, epochs_stage1=100, epochs_stage2=100,
+        lr=1e-3, weight_decay=1e-4, beta=3000.0, alpha=3.0)
 
 
 # ---- model -------------------------------------------------------------------------------
-
-def starts_pretrained(args) -> bool:
-    """Whether build_model loads ImageNet weights (not under --dry-run, nor under --eval,
-    whose weights come from the checkpoint)."""
-    return not (args.no_pretrain or args.dry_run or args.eval)
-
 
 def build_model(args) -> nn.Module:
     """torchvision's GoogLeNet with its auxiliary heads built (as the reference has them) but
@@ -59,7 +46,7 @@ def build_model(args) -> nn.Module:
     model = tvm.googlenet(weights=None, aux_logits=True, transform_input=not args.no_pretrain,
                           init_weights=args.no_pretrain)
     replace_heads(model, tkp.CIFAR_CLASSES[args.dataset])
-    if starts_pretrained(args):
+    if tkp.loads_imagenet_weights(args):
         state, source = tkp.pretrained_state(args.pretrain_path, WEIGHTS)
         # ImageNet's 1000-class heads are not loaded; heads with this run's class count are
         tkp.load_weights(model, state, source, replaceable=HEADS)
@@ -75,26 +62,14 @@ def replace_heads(model, num_classes: int) -> None:
         setattr(parent, name, nn.Linear(getattr(parent, name).in_features, num_classes))
 
 
-def build_plan(model, args) -> tkp.Plan:
-    return tkp.topk_plan(model, args.topk, args.exclude_layers, dense=args.dense_baseline)
-
-
-# ---- data --------------------------------------------------------------------------------
-
-def build_data(args):
-    return tkp.cifar_splits(args, *tkp.upscaled_cifar_transforms(args.img_size))
-
-
 # ---- main --------------------------------------------------------------------------------
 
-SCRIPT = tkp.Script(name="googlenet", build_model=build_model, build_data=build_data, build_plan=build_plan,
-                    input_shape=lambda args: (3, args.img_size, args.img_size),
-                    dataset_name=lambda args: args.dataset, pretrained=starts_pretrained)
+# Top-K over every Conv2d (the 7x7 stem too); CIFAR upscaled to --img-size, ImageNet statistics
+SCRIPT = tkp.cnn_script("googlenet", build_model, upscaled=True, pretrained=tkp.loads_imagenet_weights)
 
 
 def main(argv=None) -> dict:
-    args = get_args_parser().parse_args(argv)
-    return tkp.run(args, SCRIPT)
+    return tkp.run(get_args_parser().parse_args(argv), SCRIPT)
 
 
 if __name__ == "__main__":

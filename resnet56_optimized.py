@@ -30,20 +30,14 @@ import tkp_common as tkp
 # ---- arguments ---------------------------------------------------------------------------
 
 def get_args_parser() -> tkp.ArgumentParser:
-    p = tkp.base_parser("TKP: ResNet-56 on CIFAR with Top-K spatial pruning")
-    tkp.add_topk_args(p)
-    g = p.add_argument_group("model and data")
-    g.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
-    g.add_argument("--data-root", default="./data", help="folder that holds (or receives) CIFAR")
-    g.add_argument("--pretrain-path", default=None,
-                   help="a dense ResNet-56 checkpoint to start stage 1 from (state_dict, our final.pt, "
-                        "or an akamaster/pytorch_resnet_cifar10 resnet56 .th file)")
-    g.add_argument("--no-pretrain", action="store_true",
-                   help="ignore --pretrain-path and train from scratch (the default without it)")
-    # the paper gives no row for ResNet-56: these are its VGG-8 / CIFAR-10 hyperparameters
-    p.set_defaults(batch_train=128, batch_val=256, epochs_stage1=100, epochs_stage2=100,
-                   lr=1e-3, weight_decay=1e-4, beta=3000.0, alpha=3.0)
-    return p
+    return tkp.cnn_parser(
+        "TKP: ResNet-56 on CIFAR with Top-K spatial pruning", dataset="cifar10",
+        pretrain_help="a dense ResNet-56 checkpoint to start stage 1 from (state_dict, our final.pt, "
+                      "or an akamaster/pytorch_resnet_cifar10 resnet56 .th file)",
+        no_pretrain_help="ignore --pretrain-path and train from scratch (the default without it)",
+        # the paper gives no row for ResNet-56: these are its VGG-8 / CIFAR-10 hyperparameters
+        batch_train=128, batch_val=256, epochs_stage1=100, epochs_stage2=100,
+        lr=1e-3, weight_decay=1e-4, beta=3000.0, alpha=3.0)
 
 
 # ---- model -------------------------------------------------------------------------------
@@ -117,39 +111,18 @@ class ResNet56(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def starts_pretrained(args) -> bool:
-    """Whether build_model loads --pretrain-path (not under --dry-run, nor under --eval,
-    whose weights come from the checkpoint)."""
-    return bool(args.pretrain_path) and not (args.no_pretrain or args.dry_run or args.eval)
-
-
 def build_model(args) -> nn.Module:
-    model = ResNet56(tkp.CIFAR_CLASSES[args.dataset])
-    if starts_pretrained(args):
-        tkp.load_weights(model, tkp.read_state_dict(args.pretrain_path, "--pretrain-path"), args.pretrain_path)
-    return model
-
-
-def build_plan(model, args) -> tkp.Plan:
-    return tkp.topk_plan(model, args.topk, args.exclude_layers, dense=args.dense_baseline)
-
-
-# ---- data --------------------------------------------------------------------------------
-
-def build_data(args):
-    return tkp.cifar_splits(args, *tkp.cifar32_transforms(args.dataset))
+    """ResNet-56 for --dataset's classes; from --pretrain-path when given, else from scratch."""
+    return tkp.start_from_pretrain_path(ResNet56(tkp.CIFAR_CLASSES[args.dataset]), args)
 
 
 # ---- main --------------------------------------------------------------------------------
 
-SCRIPT = tkp.Script(name="resnet56", build_model=build_model, build_data=build_data, build_plan=build_plan,
-                    input_shape=lambda args: (3, 32, 32), dataset_name=lambda args: args.dataset,
-                    pretrained=starts_pretrained)
+SCRIPT = tkp.cnn_script("resnet56", build_model)  # Top-K over every Conv2d; CIFAR at 32 px
 
 
 def main(argv=None) -> dict:
-    args = get_args_parser().parse_args(argv)
-    return tkp.run(args, SCRIPT)
+    return tkp.run(get_args_parser().parse_args(argv), SCRIPT)
 
 
 if __name__ == "__main__":

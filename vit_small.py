@@ -23,7 +23,6 @@ from pathlib import Path
 
 import timm
 import torch.nn as nn
-import torchvision.datasets as tvd
 from timm.data import create_transform, resolve_data_config
 
 import tkp_common as tkp
@@ -128,21 +127,6 @@ def build_plan(model, args) -> tkp.Plan:
 
 # ---- data --------------------------------------------------------------------------------
 
-def image_folder(root: Path, split: str, transform) -> tvd.ImageFolder:
-    folder = root / split
-    if not folder.is_dir():
-        raise tkp.TKPError(f"{folder} does not exist: --data-path must hold train/ and val/, "
-                           f"each with one folder of images per class")
-    if not any(p.is_dir() for p in folder.iterdir()):
-        raise tkp.TKPError(f"{folder} holds no class folders: sort it into one folder per class (for "
-                           f"ImageNet's flat val/, e.g. with the valprep.sh script from the "
-                           f"PyTorch ImageNet example) and run again")
-    try:
-        return tvd.ImageFolder(str(folder), transform=transform)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise tkp.TKPError(f"{folder}: {str(e).splitlines()[0]}") from None
-
-
 def build_data(args):
     """ImageNet in ImageFolder layout, with timm's transforms for the model's data config:
     RandAugment rand-m9-mstd0.5-inc1 and random erasing 0.25 (pixel) for training; the
@@ -155,7 +139,7 @@ def build_data(args):
     if args.dry_run:
         return tkp.fake_splits(args, args.img_size, args.num_classes, train_tf, val_tf)
     root = Path(args.data_path)
-    train, val = image_folder(root, "train", train_tf), image_folder(root, "val", val_tf)
+    train, val = tkp.image_folder(root, "train", train_tf), tkp.image_folder(root, "val", val_tf)
     if train.classes != val.classes:
         raise tkp.TKPError(f"train/ has {len(train.classes)} classes and val/ {len(val.classes)}, or their "
                            f"names differ; both need the same class folders")

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib
 import json
 import math
 import os
@@ -60,10 +59,6 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/inference_latency.py`
 
 import tkp_common as tkp  # noqa: E402
 
-# --script name -> the module that trains it; the names final.pt's metrics use map here too
-SCRIPTS = {"vgg8": "vgg8_optimized", "googlenet": "googlenet_optimized", "densenet": "densenet_optimized",
-           "resnet56": "resnet56_optimized", "vgg19": "vgg19_optimized", "vit": "vit_small"}
-ALIASES = {"densenet121": "densenet"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_BATCHES = {"cpu": [1, 32], "cuda": [1, 256]}
 SKIP_2_4 = "skipped: needs a CUDA GPU with compute capability >= 8.0"
@@ -108,8 +103,9 @@ def get_args_parser() -> tkp.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="a TKP final.pt; the model is rebuilt by the script that trained it")
-    g.add_argument("--script", type=lambda s: ALIASES.get(s, s), choices=sorted(SCRIPTS), default=None,
-                   help="the model script (needed without --checkpoint; inferred from one)")
+    g.add_argument("--script", default=None,
+                   help="the model script: a file such as vgg8_optimized.py, or its short name (vgg8, vit, "
+                        "resnet56, ...); needed without --checkpoint, inferred from one")
     g.add_argument("--seed", type=tkp.int_range(0), default=0, help="seed of the random init and inputs")
     g = p.add_argument_group("measurement")
     g.add_argument("--devices", type=device_list, default="auto",
@@ -144,7 +140,7 @@ def get_args_parser() -> tkp.ArgumentParser:
 @dataclass
 class Bench:
     """A model with its masks, and the two sets of values of its masked weights."""
-    script: str                  # key of SCRIPTS
+    script: str                  # the Script's name
     script_args: argparse.Namespace
     model: nn.Module             # fp32, CPU, eval mode, pruned weights loaded
     plan: tkp.Plan
@@ -155,86 +151,35 @@ class Bench:
     source: str
 
 
-def script_module(name: str):
-    return importlib.import_module(SCRIPTS[name])
-
-
-def _saved_args(module, ckpt_args: dict, path: str) -> argparse.Namespace:
-    """The script's defaults overlaid with a checkpoint's science flags, as tkp's --eval does."""
-    base = vars(module.get_args_parser().parse_args([]))
-    saved = argparse.Namespace(**{**base, **{k: v for k, v in ckpt_args.items() if k not in tkp.OPERATIONAL_FLAGS}})
-    saved.eval, saved.dry_run = path, False  # the weights come from the checkpoint, never a download
-    return saved
-
-
-def _fits(model: nn.Module, state: dict) -> bool:
-    own = model.state_dict()
-    keys = {k for k in own if not k.endswith("num_batches_tracked")}
-    return keys <= set(state) and set(state) <= set(own) and all(own[k].shape == state[k].shape for k in keys)
-
-
-def _candidates(ckpt: dict, forced: str | None) -> list[str]:
-    """Scripts that may have written this checkpoint, the likeliest first."""
-    if forced:
-        return [forced]
-    named = ALIASES.get(str(ckpt.get("metrics", {}).get("model")), ckpt.get("metrics", {}).get("model"))
-    if named in SCRIPTS:
-        return [named]
-    args = ckpt["args"]
-    if "sparsity_type" in args:
-        return ["vit"]
-    cnns = ["googlenet", "densenet"] if "img_size" in args else ["vgg8", "resnet56", "vgg19"]
-    return cnns + [s for s in SCRIPTS if s not in cnns and s != "vit"]
-
-
-def load_checkpoint(path: str, forced: str | None) -> Bench:
-    ckpt = tkp.load_file(path, "--checkpoint")
-    if not {"model", "masks", "args"} <= set(ckpt):
-        raise tkp.TKPError(f"{path} is not a TKP final.pt (it lacks model/masks/args)")
-    state = tkp.clean_state_dict(ckpt["model"])
-    for name in _candidates(ckpt, forced):
-        try:
-            module = script_module(name)
-        except ImportError:
-            continue
-        saved = _saved_args(module, ckpt["args"], path)
-        model = module.build_model(saved)
-        if not _fits(model, state):
-            if forced:
-                raise tkp.TKPError(f"{path} does not fit the model of --script {forced}; leave --script out "
-                                   f"to infer it")
-            continue
-        tkp.load_weights(model, state, path)
-        plan = module.build_plan(model, saved)
-        masks = {k: v.bool() for k, v in ckpt["masks"].items()}
-        if set(masks) != {t.name for t in plan.targets}:
-            raise tkp.TKPError(f"{path}: its masks do not match the pruned layers of its {name} model")
-        tkp.check_sparsity(model, plan, masks)
-        pruned = {n: p.detach().clone() for n, p in model.named_parameters() if n in masks}
-        gen = torch.Generator().manual_seed(0)
-        dense = {}
-        for n, w in pruned.items():  # refill the pruned entries with noise of the kept weights' scale
-            kept = w[masks[n]]
-            std = float(kept.float().std()) if kept.numel() > 1 else 1e-2
-            noise = torch.randn(w.shape, generator=gen, dtype=w.dtype) * (std or 1e-2)
-            dense[n] = torch.where(masks[n], w, noise)
-        return Bench(name, saved, model.eval(), plan, masks, dense, pruned,
-                     tuple(module.SCRIPT.input_shape(saved)), f"checkpoint {path}")
-    raise tkp.TKPError(f"{path}: no model script builds a model these weights fit; pass --script")
+def load_checkpoint(path: str, script: str | None) -> Bench:
+    """A final.pt's model, rebuilt by the script that trained it (tkp.load_trained); its
+    "dense" twin has the pruned entries refilled with noise of the kept weights' scale."""
+    t = tkp.load_trained(path, script, "--checkpoint")
+    pruned = {n: p.detach().clone() for n, p in t.model.named_parameters() if n in t.masks}
+    gen = torch.Generator().manual_seed(0)
+    dense = {}
+    for n, w in pruned.items():
+        kept = w[t.masks[n]]
+        std = float(kept.float().std()) if kept.numel() > 1 else 1e-2
+        noise = torch.randn(w.shape, generator=gen, dtype=w.dtype) * (std or 1e-2)
+        dense[n] = torch.where(t.masks[n], w, noise)
+    return Bench(t.script.name, t.args, t.model, t.plan, t.masks, dense, pruned,
+                 tuple(t.script.input_shape(t.args)), f"checkpoint {path}")
 
 
 def build_fresh(name: str, extra: list[str], seed: int) -> Bench:
-    module = script_module(name)
+    """A model of script `name` from random init, with masks computed from those weights."""
+    module = tkp.import_script(name)
     args = module.get_args_parser().parse_args(extra)
     torch.manual_seed(seed)
     model = module.build_model(args).eval()
-    plan = module.build_plan(model, args)
+    plan = module.SCRIPT.build_plan(model, args)
     masks = tkp.compute_masks(model, plan)
     dense = {n: p.detach().clone() for n, p in model.named_parameters() if n in masks}
     tkp.Masker(model, masks).apply_()
     pruned = {n: p.detach().clone() for n, p in model.named_parameters() if n in masks}
-    return Bench(name, args, model, plan, masks, dense, pruned, tuple(module.SCRIPT.input_shape(args)),
-                 f"random init (seed {seed}), fresh masks")
+    return Bench(module.SCRIPT.name, args, model, plan, masks, dense, pruned,
+                 tuple(module.SCRIPT.input_shape(args)), f"random init (seed {seed}), fresh masks")
 
 
 @torch.no_grad()

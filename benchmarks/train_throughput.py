@@ -21,11 +21,11 @@ Script flags after `--` go to the script's own parser (e.g. --topk 2, --img-size
 
 import argparse
 import copy
-import importlib
 import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tkp_common as tkp  # noqa: E402
 
-SCRIPTS = {"vgg8": "vgg8_optimized", "googlenet": "googlenet_optimized", "densenet": "densenet_optimized",
-           "resnet56": "resnet56_optimized", "vgg19": "vgg19_optimized", "vit": "vit_small"}
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--script", choices=SCRIPTS, default="vgg8")
+    p.add_argument("--script", default="vgg8",
+                   help="the model script: a file such as vgg8_optimized.py, or its short name (vgg8, vit, ...)")
     p.add_argument("--batch", type=int, default=None, help="batch (default: the script's training batch)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per round and configuration")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
@@ -85,132 +84,175 @@ def loader_rate(loader, device, limit_images) -> float:
     return seen / (time.perf_counter() - tic)
 
 
-def main(argv=None):
-    bench = get_args_parser().parse_args(argv)
-    script = importlib.import_module(SCRIPTS[bench.script])
+def script_args(bench):
+    """The script's arguments for a benchmark: its defaults and the flags after `--`, no
+    pretrained weights, the benchmark's batch, one micro-step per optimizer step."""
+    script = tkp.import_script(bench.script)
     args = script.get_args_parser().parse_args(bench.script_args)
-    for flag in ("no_pretrain",):
-        if hasattr(args, flag):
-            setattr(args, flag, True)
+    if hasattr(args, "no_pretrain"):
+        args.no_pretrain = True
     if hasattr(args, "pretrained"):
         args.pretrained = False
     if getattr(args, "batch_val", 0) is None:
         args.batch_val = args.batch_train
     args.batch_train = bench.batch or args.batch_train
     args.grad_accum, args.aux_loss_freq = 1, 1
-
-    if bench.threads:
-        torch.set_num_threads(bench.threads)
-    dist, device = tkp.init_distributed(bench.device)
     args.no_amp = bench.amp_dtype == "off"
     args.amp_dtype = "auto" if bench.amp_dtype == "off" else bench.amp_dtype
+    return script, args
+
+
+@dataclass
+class Setup:
+    script: object
+    args: argparse.Namespace
+    device: torch.device
+    amp_dtype: object
+    use_compile: bool
+    channels_last: bool
+    module: torch.nn.Module
+    plan: tkp.Plan
+    batch: tuple
+    classes: int
+
+
+def setup(bench) -> Setup:
+    """Model, plan and one training batch on the device, with the benchmark's settings."""
+    script, args = script_args(bench)
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
+    _, device = tkp.init_distributed(bench.device)
     amp_dtype = tkp.resolve_amp(args, device)
     use_compile = {"auto": device.type == "cuda", "on": True, "off": False}[bench.compile]
-    module = script.build_model(args).to(device)
     channels_last = {"auto": device.type == "cuda" and script.SCRIPT.conv_net, "on": True,
                      "off": False}[bench.channels_last]
     fmt = torch.channels_last if channels_last else torch.preserve_format
-    module.to(memory_format=fmt)
-    plan = script.build_plan(module, args)
+    module = script.build_model(args).to(device).to(memory_format=fmt)
+    plan = script.SCRIPT.build_plan(module, args)
     shape = script.SCRIPT.input_shape(args)
     classes = tkp.CIFAR_CLASSES.get(getattr(args, "dataset", ""), None) or args.num_classes
     gen = torch.Generator().manual_seed(0)
     batch = (torch.randn(args.batch_train, *shape, generator=gen).to(device, memory_format=fmt),
              torch.randint(0, classes, (args.batch_train,), generator=gen).to(device))
+    return Setup(script, args, device, amp_dtype, use_compile, channels_last, module, plan, batch, classes)
 
-    def trainer_for(kind):
-        m = copy.deepcopy(module)
-        parts = {}
-        if kind == "stage1":
-            parts = dict(regularizer=tkp.AuxRegularizer(m, plan, args.reg_type, args.alpha), beta=args.beta)
-        elif kind == "stage2":
-            masker = tkp.Masker(m, tkp.compute_masks(m, plan))
-            masker.apply_()
-            parts = dict(masker=masker)
-        runner = torch.compile(m) if use_compile else m
-        return tkp.build_trainer(runner, m, args=args, device=device, amp_dtype=amp_dtype, min_lr=0.0,
-                                 total_steps=10**6, dist=tkp.Dist(), memory_format=fmt, **parts)
 
-    kinds = ["dense", "stage1", "stage2"] if plan.targets else ["dense"]
-    trainers = {k: trainer_for(k) for k in kinds}
+def trainer_for(s: Setup, kind: str):
+    """A trainer of its own copy of the model: dense, stage 1 (regularizer) or stage 2 (masks)."""
+    m = copy.deepcopy(s.module)
+    parts = {}
+    if kind == "stage1":
+        parts = dict(regularizer=tkp.AuxRegularizer(m, s.plan, s.args.reg_type, s.args.alpha), beta=s.args.beta)
+    elif kind == "stage2":
+        masker = tkp.Masker(m, tkp.compute_masks(m, s.plan))
+        masker.apply_()
+        parts = dict(masker=masker)
+    runner = torch.compile(m) if s.use_compile else m
+    fmt = torch.channels_last if s.channels_last else torch.preserve_format
+    return tkp.build_trainer(runner, m, args=s.args, device=s.device, amp_dtype=s.amp_dtype, min_lr=0.0,
+                             total_steps=10**6, dist=tkp.Dist(), memory_format=fmt, **parts)
+
+
+def step_times(s: Setup, bench, trainers: dict) -> tuple[dict, dict]:
+    """Median seconds per step of each trainer over interleaved rounds (and every round)."""
+    kinds = list(trainers)
     for k in kinds:
-        timed_steps(trainers[k], batch, bench.warmup, device)
+        timed_steps(trainers[k], s.batch, bench.warmup, s.device)
     rounds = {k: [] for k in kinds}
     for r in range(bench.rounds):
         for k in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:  # rotate the order each round
-            rounds[k].append(timed_steps(trainers[k], batch, bench.steps, device) / bench.steps)
-    step = {k: statistics.median(v) for k, v in rounds.items()}
+            rounds[k].append(timed_steps(trainers[k], s.batch, bench.steps, s.device) / bench.steps)
+    return {k: statistics.median(v) for k, v in rounds.items()}, rounds
 
-    # the TKP work alone, timed in isolation: it is small next to a step, so the end-to-end
-    # ratios above carry the machine's noise while these do not
-    extra = {}
-    if plan.targets:
-        t1, t2 = trainers["stage1"], trainers["stage2"]
-        for p in t1.module.parameters():
-            p.grad = torch.zeros_like(p)
-        for p in t2.module.parameters():
-            p.grad = torch.zeros_like(p)
-        calls = 20
-        for name, fn in (("regularizer", lambda: t1.regularizer.add_grad_(args.beta)),
-                         ("masking", lambda: (t2.masker.mask_grads_(), t2.masker.apply_()))):
+
+def tkp_work_alone(s: Setup, trainers: dict) -> dict:
+    """Seconds per step of the regularizer and of the masking, timed in isolation: they are
+    small next to a step, so the end-to-end ratios carry the machine's noise and these do not."""
+    if "stage1" not in trainers:
+        return {}
+    t1, t2 = trainers["stage1"], trainers["stage2"]
+    for p in [*t1.module.parameters(), *t2.module.parameters()]:
+        p.grad = torch.zeros_like(p)
+    extra, calls = {}, 20
+    for name, fn in (("regularizer", lambda: t1.regularizer.add_grad_(s.args.beta)),
+                     ("masking", lambda: (t2.masker.mask_grads_(), t2.masker.apply_()))):
+        fn()
+        sync(s.device)
+        tic = time.perf_counter()
+        for _ in range(calls):
             fn()
-            sync(device)
-            tic = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            sync(device)
-            extra[name] = (time.perf_counter() - tic) / calls
+        sync(s.device)
+        extra[name] = (time.perf_counter() - tic) / calls
+    return extra
+
+
+def epoch_measurements(s: Setup, bench, trainers: dict, step: dict) -> dict:
+    """Each loader alone, then a full epoch (loader + training) over generated images."""
+    train_set, _ = s.script.SCRIPT.build_data(argparse.Namespace(**{**vars(s.args), "dry_run": True}))
+    n = bench.epoch_images or max(8 * s.args.batch_train, 512)
+    side = train_set.images.shape[1]
+    pixels = np.random.default_rng(0).integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+    data = tkp.ImageArrayDataset(pixels, np.arange(n) % s.classes, train_set.transform)
+    loaders = {"torch": tkp.make_loader(data, s.args.batch_train, train=True, num_workers=bench.num_workers,
+                                        device=s.device, dist=tkp.Dist())}
+    out = {}
+    try:
+        loaders["device"] = tkp.DeviceImageLoader(data, s.args.batch_train, train=True, device=s.device)
+    except ValueError as e:
+        out["device_loader"] = f"unavailable: {e}"
+    out["loader_images_per_s"] = {k: loader_rate(v, s.device, n) for k, v in loaders.items()}
+    kind = "device" if s.device.type == "cuda" and "device" in loaders else "torch"
+    trained = "stage1" if "stage1" in trainers else "dense"
+    sync(s.device)
+    tic = time.perf_counter()
+    tkp.train_one_epoch(trainers[trained], loaders[kind])
+    sync(s.device)
+    epoch = time.perf_counter() - tic
+    out.update(epoch_loader=kind, epoch_images=n, epoch_seconds=epoch, epoch_images_per_s=n / epoch,
+               epoch_over_compute=epoch / (step[trained] * len(loaders[kind])))
+    return out
+
+
+def print_report(result: dict, bench) -> None:
+    print(f"{bench.script} {result['pattern']} on {result['device']}, batch {result['batch']}, amp {result['amp']}, "
+          f"compile {'on' if result['compile'] else 'off'}, channels_last {'on' if result['channels_last'] else 'off'}, "
+          f"torch {result['torch']}")
+    for k, v in result["step_seconds"].items():
+        print(f"  {k:8s} step {v * 1e3:9.2f} ms   {result['images_per_s'][k]:10,.0f} img/s")
+    for k, v in result["tkp_seconds_per_step"].items():
+        print(f"  {k:12s} alone {v * 1e3:8.3f} ms per step")
+    for k, v in result.get("loader_images_per_s", {}).items():
+        print(f"  loader {k:7s}            {v:10,.0f} img/s")
+    if "epoch_seconds" in result:
+        print(f"  epoch ({result['epoch_loader']} loader, {result['epoch_images']} images) "
+              f"{result['epoch_images_per_s']:,.0f} img/s")
+    for k, v in result["ratios"].items():
+        print(f"  {k:42s} {v:.3f}")
+
+
+def main(argv=None):
+    bench = get_args_parser().parse_args(argv)
+    s = setup(bench)
+    kinds = ["dense", "stage1", "stage2"] if s.plan.targets else ["dense"]
+    trainers = {k: trainer_for(s, k) for k in kinds}
+    step, rounds = step_times(s, bench, trainers)
+    extra = tkp_work_alone(s, trainers)
     result = {
-        "script": bench.script, "device": tkp.device_name(device), "torch": str(torch.__version__),
-        "batch": args.batch_train, "input_shape": list(shape), "amp": tkp.amp_name(amp_dtype),
-        "compile": use_compile, "channels_last": channels_last, "pattern": plan.pattern,
+        "script": bench.script, "device": tkp.device_name(s.device), "torch": str(torch.__version__),
+        "batch": s.args.batch_train, "input_shape": list(s.batch[0].shape[1:]), "amp": tkp.amp_name(s.amp_dtype),
+        "compile": s.use_compile, "channels_last": s.channels_last, "pattern": s.plan.pattern,
         "step_seconds": step, "step_seconds_rounds": rounds,
-        "images_per_s": {k: args.batch_train / v for k, v in step.items()},
+        "images_per_s": {k: s.args.batch_train / v for k, v in step.items()},
         "ratios": {f"{k}/dense": step[k] / step["dense"] for k in kinds if k != "dense"},
         "tkp_seconds_per_step": extra,
     }
     if extra:
         result["ratios"]["stage1/dense (dense + regularizer time)"] = 1 + extra["regularizer"] / step["dense"]
         result["ratios"]["stage2/dense (dense + masking time)"] = 1 + extra["masking"] / step["dense"]
-
     if not bench.skip_epoch:
-        train_set, _ = script.build_data(argparse.Namespace(**{**vars(args), "dry_run": True}))
-        n = bench.epoch_images or max(8 * args.batch_train, 512)
-        side = train_set.images.shape[1]
-        pixels = np.random.default_rng(0).integers(0, 256, (n, side, side, 3), dtype=np.uint8)
-        data = tkp.ImageArrayDataset(pixels, np.arange(n) % classes, train_set.transform)
-        loaders = {"torch": tkp.make_loader(data, args.batch_train, train=True, num_workers=bench.num_workers,
-                                            device=device, dist=tkp.Dist())}
-        try:
-            loaders["device"] = tkp.DeviceImageLoader(data, args.batch_train, train=True, device=device)
-        except ValueError as e:
-            result["device_loader"] = f"unavailable: {e}"
-        result["loader_images_per_s"] = {k: loader_rate(v, device, n) for k, v in loaders.items()}
-        epoch_kind = "device" if device.type == "cuda" and "device" in loaders else "torch"
-        trainer = trainers["stage1" if "stage1" in trainers else "dense"]
-        sync(device)
-        tic = time.perf_counter()
-        tkp.train_one_epoch(trainer, loaders[epoch_kind])
-        sync(device)
-        epoch = time.perf_counter() - tic
-        compute = step["stage1" if "stage1" in step else "dense"] * len(loaders[epoch_kind])
-        result.update(epoch_loader=epoch_kind, epoch_images=n, epoch_seconds=epoch,
-                      epoch_images_per_s=n / epoch)
-        result["ratios"]["epoch/compute"] = epoch / compute
-
-    print(f"{bench.script} {plan.pattern} on {result['device']}, batch {args.batch_train}, amp {result['amp']}, "
-          f"compile {'on' if use_compile else 'off'}, channels_last {'on' if channels_last else 'off'}, "
-          f"torch {result['torch']}")
-    for k in kinds:
-        print(f"  {k:8s} step {step[k] * 1e3:9.2f} ms   {result['images_per_s'][k]:10,.0f} img/s")
-    for k, v in extra.items():
-        print(f"  {k:12s} alone {v * 1e3:8.3f} ms per step")
-    for k, v in result.get("loader_images_per_s", {}).items():
-        print(f"  loader {k:7s}            {v:10,.0f} img/s")
-    if "epoch_seconds" in result:
-        print(f"  epoch ({result['epoch_loader']} loader, {n} images) {result['epoch_images_per_s']:,.0f} img/s")
-    for k, v in result["ratios"].items():
-        print(f"  {k:42s} {v:.3f}")
+        result.update(epoch_measurements(s, bench, trainers, step))
+        result["ratios"]["epoch/compute"] = result.pop("epoch_over_compute")
+    print_report(result, bench)
     if bench.json:
         Path(bench.json).write_text(json.dumps(result, indent=2) + "\n")
     return result

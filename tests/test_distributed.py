@@ -83,14 +83,14 @@ def test_two_process_crash_then_resume_in_one_process(tmp_path):
     out = tmp_path / "run"
     crashing = tmp_path / "crash_after_two_saves.py"
     crashing.write_text(textwrap.dedent("""
-        import tkp_common as tkp, vgg8_optimized as vgg8
-        real, calls = tkp.save_atomic, []
+        import tkp_common as tkp, tkp_runtime, vgg8_optimized as vgg8
+        real, calls = tkp_runtime.save_atomic, []
         def save(obj, path):
             real(obj, path)
             calls.append(path)
             if len(calls) == 2:
                 raise SystemExit(3)   # rank 0 dies after stage 1 epoch 2 was saved
-        tkp.save_atomic = save
+        tkp_runtime.save_atomic = save
         tkp.cli(vgg8.main)
     """))
     common = ["--device", "cpu", "--data-root", str(data), "--epochs-stage1", "2", "--epochs-stage2", "2",

@@ -45,7 +45,7 @@ def test_vgg8_top1_fresh_masks_end_to_end(tmp_path, capsys):
     torch.manual_seed(0)  # the benchmark's model, built the same way
     args = vgg8.get_args_parser().parse_args(["--topk", "1"])
     model = vgg8.build_model(args)
-    plan = vgg8.build_plan(model, args)
+    plan = vgg8.SCRIPT.build_plan(model, args)
     masks = tkp.compute_masks(model, plan)
     tkp.Masker(model, masks).apply_()
     expected = reference_report(model, plan, masks, (3, 32, 32))

@@ -11,6 +11,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import tkp_common as tkp
+import tkp_runtime
 import vgg8_optimized as vgg8
 import vit_small
 from conftest import write_cifar
@@ -147,10 +148,10 @@ def test_qat_resume_is_exact(cifar10_root, tmp_path, monkeypatch):
         if obj.get("stage") == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(tkp, "save_atomic", crash_in_stage_3)
+    monkeypatch.setattr(tkp_runtime, "save_atomic", crash_in_stage_3)
     with pytest.raises(KeyboardInterrupt):
         vgg8.main(["--data-root", str(cifar10_root), "--output-dir", str(tmp_path / "b"), *QAT])
-    monkeypatch.setattr(tkp, "save_atomic", real)
+    monkeypatch.setattr(tkp_runtime, "save_atomic", real)
     resumed = vgg8.main(["--data-root", str(cifar10_root), *QAT, "--resume", str(tmp_path / "b" / "checkpoint_last.pt")])
     assert straight["qat_top1"] == resumed["qat_top1"]
     a = torch.load(tmp_path / "a" / "final_qat.pt", weights_only=True)

@@ -143,12 +143,12 @@ def test_pretrain_path_loads_dense_checkpoints(tmp_path):
     torch.save(v19.state_dict(), tmp_path / "v19.pt")
 
     args = resnet56.get_args_parser().parse_args(["--pretrain-path", str(tmp_path / "r56.th")])
-    assert resnet56.starts_pretrained(args)
+    assert tkp.loads_pretrain_path(args)
     assert torch.equal(resnet56.build_model(args).layer3[8].conv2.weight, r56.layer3[8].conv2.weight)
     args = vgg19.get_args_parser().parse_args(["--pretrain-path", str(tmp_path / "v19.pt")])
     assert torch.equal(vgg19.build_model(args).features[0].weight, v19.features[0].weight)
     args = vgg19.get_args_parser().parse_args(["--pretrain-path", str(tmp_path / "v19.pt"), "--no-pretrain"])
-    assert not vgg19.starts_pretrained(args)
+    assert not tkp.loads_pretrain_path(args)
     assert not torch.equal(vgg19.build_model(args).features[0].weight, v19.features[0].weight)
 
     args = resnet56.get_args_parser().parse_args(["--pretrain-path", str(tmp_path / "v19.pt")])

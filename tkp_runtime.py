@@ -1,0 +1,471 @@
+"""TKP runtime: what every run needs around the method.
+
+Owns: user errors (TKPError) and the one-line exit of `cli`, the command-line types and the
+flags every script shares, process setup (torchrun, device, precision, seeds), and files
+(plain values, atomic saves, reading checkpoints and weights, the run folder's outputs).
+May import: torch and the standard library only; every other tkp_* module may import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+
+
+# ==== Errors and command line ============================================================
+
+
+class TKPError(Exception):
+    """A problem the user can fix. Printed as one line; the process exits with status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error message."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def cli(main: Callable[[], object]) -> None:
+    """Run a script's main(): user errors become one line on stderr and exit status 2."""
+    try:
+        main()
+    except TKPError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except torch.cuda.OutOfMemoryError:
+        print("error: the GPU ran out of memory; use a smaller --batch-train/--batch-size (with "
+              "--grad-accum to keep the effective batch) and --resume if an epoch was saved", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)  # run() has said where the last finished epoch is
+
+
+def int_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer in [lo, hi]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def nonneg_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    value = nonneg_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a float in [0, 1)."""
+    value = nonneg_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def comma_list(text: str) -> list[str]:
+    """argparse type: 'a,b,c' -> ['a', 'b', 'c'] (empty items dropped)."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows defaults, except None and False (no value to show)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def base_parser(description: str) -> ArgumentParser:
+    """The flags every script shares. Each script adds its model, data, batch and sparsity
+    flags and sets its own defaults (the paper's table row) with set_defaults()."""
+    p = ArgumentParser(description=description, formatter_class=HelpFormatter)
+    g = p.add_argument_group("regularizer (stage 1)")
+    g.add_argument("--reg-type", choices=["none", "l2", "exponential"], default="exponential",
+                   help="auxiliary loss on the entries outside each group's top K")
+    g.add_argument("--beta", type=nonneg_float, help="weight of the auxiliary loss")
+    g.add_argument("--alpha", type=nonneg_float, help="decay rate of the exponential regularizer")
+    g.add_argument("--aux-loss-freq", type=int_range(1), default=1,
+                   help="compute the auxiliary loss on every N-th optimizer step only")
+
+    g = p.add_argument_group("schedule")
+    g.add_argument("--epochs-stage1", type=int_range(0), help="epochs of regularized training")
+    g.add_argument("--epochs-stage2", type=int_range(0), help="epochs of masked fine-tuning")
+    g.add_argument("--lr", type=nonneg_float, help="peak learning rate (AdamW) of each stage")
+    g.add_argument("--weight-decay", type=nonneg_float, help="AdamW weight decay")
+    g.add_argument("--label-smooth", type=fraction, default=0.0,
+                   help="label smoothing of the cross-entropy")
+    g.add_argument("--grad-accum", type=int_range(1), default=1,
+                   help="micro-batches per optimizer step (a shorter last group still steps)")
+    g.add_argument("--clip-grad", type=positive_float, default=None,
+                   help="clip the gradient norm to this value (default: no clipping)")
+    g.add_argument("--bn-recal-batches", type=int_range(0), default=100,
+                   help="training batches used to re-estimate BatchNorm statistics after masking")
+    g.add_argument("--val-freq", type=int_range(1), default=1,
+                   help="validate every N epochs (and always on each stage's last epoch)")
+
+    g = p.add_argument_group("quantization-aware training (stage 3)")
+    g.add_argument("--qat", action="store_true",
+                   help="after stage 2, fine-tune with int8 fake quantization of every Conv2d and Linear "
+                        "(weights per-channel symmetric, inputs per-tensor), masks kept; writes final_qat.pt")
+    g.add_argument("--qat-epochs", type=int_range(1), default=3, help="epochs of quantization-aware training")
+    g.add_argument("--qat-lr", type=positive_float, default=None, help="peak lr of QAT (default: 0.1 * --lr)")
+
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'")
+    g.add_argument("--amp-dtype", choices=["auto", "bf16", "fp16"], default="auto",
+                   help="autocast precision; auto = bf16 on GPUs that support it, else fp16; "
+                        "off on CPU unless given explicitly")
+    g.add_argument("--no-amp", action="store_true", help="train in fp32")
+    g.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="torch.compile the model (default: on with CUDA, off on CPU)")
+    g.add_argument("--no-compile", dest="compile", action="store_false", default=None, help="do not compile")
+    g.add_argument("--seed", type=int_range(0, 2**31 - 1), default=0, help="seed of every random draw")
+    g.add_argument("--num-workers", type=int_range(0), default=4, help="DataLoader worker processes")
+    g.add_argument("--data-loader", choices=["auto", "device", "torch"], default="auto",
+                   help="device: the whole data set on the GPU, augmented there in batches (CIFAR); "
+                        "torch: a DataLoader with workers; auto: device on CUDA where possible")
+    g.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
+                   help="channels_last memory format (default: on with CUDA for the CNNs)")
+    g.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None,
+                   help="keep the default memory format")
+    g.add_argument("--progress-every", type=nonneg_float, default=30.0,
+                   help="seconds between in-epoch progress lines (0: epoch lines only)")
+
+    g = p.add_argument_group("outputs")
+    g.add_argument("--output-dir", default=None,
+                   help="where args.json, log.jsonl, checkpoints and summary.json go "
+                        "(default: runs/<script>-<time>, or the folder of --resume)")
+    g.add_argument("--resume", default=None, metavar="CKPT",
+                   help="continue the run saved in CKPT (a checkpoint_last.pt)")
+    g.add_argument("--eval", default=None, metavar="CKPT",
+                   help="evaluate a final.pt on the validation set and print its summary")
+    g.add_argument("--dry-run", action="store_true",
+                   help="the whole two-stage pipeline on a few generated images, to check an install")
+    return p
+
+
+def add_topk_args(p: ArgumentParser) -> None:
+    """Flags of the CNN scripts: the Top-K mask and the batch sizes."""
+    g = p.add_argument_group("Top-K sparsity")
+    g.add_argument("--topk", type=int_range(1, 9), default=1,
+                   help="taps kept per kernel (kernels with at most this many taps stay dense)")
+    g.add_argument("--exclude-layers", type=comma_list, default=[],
+                   help="comma-separated Conv2d names or prefixes kept dense, e.g. conv1")
+    g.add_argument("--dense-baseline", action="store_true",
+                   help="same pipeline with no mask and no regularizer (the paper's baseline)")
+    g = p.add_argument_group("batches")
+    g.add_argument("--batch-train", type=int_range(1), help="training batch per process (per micro-step)")
+    g.add_argument("--batch-val", type=int_range(1), help="validation batch per process")
+
+
+# ==== Processes, device, precision, seeds ================================================
+
+
+@dataclass
+class Dist:
+    """Where this process stands in a torchrun job (world 1 when run plainly)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device_arg: str) -> tuple[Dist, torch.device]:
+    """Read torchrun's environment; start NCCL (CUDA) or gloo (CPU). Returns (dist, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dist = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device_arg)
+    except RuntimeError:
+        raise TKPError(f"--device {device_arg!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise TKPError(f"--device {device_arg}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TKPError("--device cuda was asked for but torch sees no GPU; use --device cpu")
+        if dist.enabled or device.index is None:
+            device = torch.device("cuda", dist.local_rank if dist.enabled else torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise TKPError(f"there is no {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+        torch.cuda.set_device(device)
+    if dist.enabled and not torch_dist.is_initialized():
+        if device.type == "cuda":
+            torch_dist.init_process_group("nccl", device_id=device)
+        else:
+            torch_dist.init_process_group("gloo")
+    return dist, device
+
+
+@contextlib.contextmanager
+def main_process_first(dist: Dist):
+    """Rank 0 runs the block first (e.g. downloads a data set), then the others."""
+    if dist.enabled and not dist.is_main:
+        torch_dist.barrier()
+    yield
+    if dist.enabled and dist.is_main:
+        torch_dist.barrier()
+
+
+def resolve_amp(args, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. CPU autocast runs only when asked for."""
+    if args.no_amp:
+        return None
+    if device.type == "cpu":
+        return {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp_dtype]
+    if args.amp_dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp_dtype]
+
+
+def amp_name(dtype: torch.dtype | None) -> str:
+    return {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def derive_seed(seed: int, *parts: int) -> int:
+    """A seed for one phase of the run (e.g. stage 2, epoch 7), independent of the others."""
+    value = seed & 0xFFFFFFFF
+    for part in parts:
+        value = (value * 1_000_003 + part + 1) % (2**31 - 1)
+    return value
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch (every device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("torchvision", "timm"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def all_reduce_sum(x: torch.Tensor, dist: Dist) -> torch.Tensor:
+    if dist.enabled:
+        x = x.clone()
+        torch_dist.all_reduce(x)
+    return x
+
+
+def plain(obj):
+    """`obj` as plain Python values only (str for anything else), so that files holding it
+    load with torch.load(weights_only=True)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# ==== Files: checkpoints, weights, run outputs ===========================================
+
+
+def matches_prefix(name: str, prefixes) -> bool:
+    """Whether `name` is one of `prefixes` or lies under one ('features' matches 'features.0')."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def to_device(obj, device):
+    """`obj` with every tensor detached and moved to `device` (dicts, lists and tuples
+    walked through)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def to_cpu(obj):
+    """`obj` on the CPU, so saved files open on machines without the GPU they came from."""
+    return to_device(obj, "cpu")
+
+
+def clean_state_dict(state: dict) -> dict:
+    """Strip the '_orig_mod.' (torch.compile) and 'module.' (DDP) prefixes some tools save,
+    in either nesting order."""
+    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+    state = dict(state)
+    for prefix in ("_orig_mod.", "module.", "_orig_mod."):
+        consume_prefix_in_state_dict_if_present(state, prefix)
+    return state
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a crash mid-write
+    never leaves a half-written file under `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a saved run is for sharing
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def load_file(path: str, what: str) -> dict:
+    """torch.load(weights_only=True) with a one-line error for missing or unreadable files."""
+    if not Path(path).is_file():
+        raise TKPError(f"{what} {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TKPError(f"cannot read {what} {path}: it is corrupt, truncated or not a torch file "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})") from None
+    if not isinstance(obj, dict):
+        raise TKPError(f"{what} {path} holds a {type(obj).__name__}, not a dict")
+    return obj
+
+
+def read_state_dict(path: str, what: str = "weights file") -> dict:
+    """A model state_dict from a file: a raw state_dict, or a dict with 'model' /
+    'state_dict' (our final.pt and checkpoints, timm and most training scripts)."""
+    obj = load_file(path, what)
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise TKPError(f"{what} {path} does not hold a model state_dict")
+    return clean_state_dict(obj)
+
+
+def load_weights(module: nn.Module, state: dict, path: str, replaceable: tuple[str, ...] = ()) -> list[str]:
+    """Load `state` strictly, except that entries under the `replaceable` prefixes (a
+    classifier) whose shapes differ from the model's are left as initialised: ImageNet weights
+    load into a 100-class model, and weights that already have 100 classes load whole.
+    A mismatch elsewhere is one line that says what differs. Returns the skipped keys."""
+    own = module.state_dict()
+    skipped = [k for k in own if matches_prefix(k, replaceable) and k in state and state[k].shape != own[k].shape]
+    state = {k: v for k, v in state.items() if k not in skipped}
+    bad_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    missing, unexpected = [], []
+    if not bad_shape:
+        # torch's own key check: it accepts old files without BatchNorm's num_batches_tracked
+        result = module.load_state_dict(state, strict=False)
+        missing = sorted(set(result.missing_keys) - set(skipped))
+        unexpected = sorted(result.unexpected_keys)
+    if missing or unexpected or bad_shape:
+        detail = "; ".join(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                           for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                               ("wrong shape", bad_shape)) if keys)
+        raise TKPError(f"{path} does not fit this model ({detail})")
+    return skipped
+
+
+def pretrained_state(path: str | None, weights) -> tuple[dict, str]:
+    """(state_dict, where it came from): the local file `path` (--pretrain-path), else the
+    torchvision weights enum `weights`, downloaded or read from torch.hub's cache."""
+    if path:
+        return read_state_dict(path, "--pretrain-path"), path
+    return download_weights(weights), str(weights)
+
+
+def download_weights(weights) -> dict:
+    """The state_dict of a torchvision weights enum, through torch.hub's cache (no network
+    when the file is already there); offline, one line naming the alternatives."""
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as e:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+        raise TKPError(f"could not download the pretrained weights {weights} ({type(e).__name__}); "
+                       f"offline, pass --pretrain-path FILE (a copy of {weights.url}; a copy at {cached} "
+                       f"is found too) or train from scratch with --no-pretrain") from None
+
+
+class Output:
+    """Console lines and files of the main process; silent on other ranks."""
+
+    def __init__(self, folder: Path | None, dist: Dist):
+        self.folder, self.dist = folder, dist
+
+    def print(self, line: str) -> None:
+        if self.dist.is_main:
+            print(line, flush=True)
+
+    def write_json(self, name: str, obj) -> None:
+        if self.dist.is_main:
+            tmp = self.folder / f".{name}.tmp"
+            tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+            os.replace(tmp, self.folder / name)
+
+    def write_log(self, history: list[dict]) -> None:
+        if self.dist.is_main:
+            tmp = self.folder / ".log.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+            os.replace(tmp, self.folder / "log.jsonl")
+
+    def save(self, obj, name: str) -> None:
+        if self.dist.is_main:
+            save_atomic(obj, self.folder / name)
