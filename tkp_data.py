@@ -1,7 +1,8 @@
 """TKP data: images in, augmented batches out.
 
 Owns: CIFAR (read from torchvision's pickled batches) and ImageFolder data sets, the
-generated images of --dry-run, the training and validation transforms of each recipe, the
+generated images of --dry-run, the training and validation transforms of each recipe (with
+timm's posterize answering 0 bits as Pillow < 13 did: `restore_posterize_zero_bits`), the
 torch DataLoaders (seeded per epoch, sharded per process) and the device-resident loader
 that augments CIFAR batches on the GPU.
 May import: tkp_runtime (errors, process info). Never the driver (tkp_common).
@@ -158,6 +159,39 @@ def upscaled_cifar_transforms(img_size: int):
                        T.ColorJitter(0.2, 0.2, 0.2, 0.1), T.ToTensor(), norm])
     val = T.Compose([T.Resize(round(img_size * 256 / 224)), T.CenterCrop(img_size), T.ToTensor(), norm])
     return train, val
+
+
+def _posterize_old_pillow(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, with the answer Pillow < 13 gave for 0 bits kept: its lookup table
+    was `i & ~(2 ** (8 - bits) - 1)`, which is 0 for every value, so an L or RGB image came
+    back black (same mode and size). Pillow >= 13 raises ValueError instead."""
+    from timm.data.auto_augment import posterize
+    if bits_to_keep <= 0 and img.mode in ("L", "RGB"):
+        return img.point([0] * (256 * len(img.getbands())))
+    return posterize(img, bits_to_keep, **kwargs)
+
+
+def restore_posterize_zero_bits(transform) -> int:
+    """Give the posterize ops of timm's AutoAugment/RandAugment/AugMix inside `transform` the
+    behaviour of the environment the recipes were made in (Pillow < 13), in place; returns how
+    many ops carry it. timm's PosterizeIncreasing keeps 4 - 4 = 0 bits at magnitude 10, which
+    rand-m9-mstd0.5-inc1 draws for about one image in 660: Pillow >= 13 then raises and the epoch
+    dies. The policy is unchanged; only that call answers as older Pillow did (a black image).
+    Nothing global is patched: other transforms, timm and Pillow are untouched."""
+    from timm.data.auto_augment import AugmentOp, posterize
+    found, todo = 0, [transform]
+    while todo:
+        t = todo.pop()
+        if isinstance(t, (list, tuple)):
+            todo.extend(t)
+        elif isinstance(t, AugmentOp):
+            if t.aug_fn is posterize:
+                t.aug_fn = _posterize_old_pillow
+            found += t.aug_fn is _posterize_old_pillow
+        else:  # Compose.transforms, RandAugment.ops, AugMixAugment.ops, AutoAugment.policy
+            todo.extend(v for v in (getattr(t, a, None) for a in ("transforms", "ops", "policy"))
+                        if isinstance(v, (list, tuple)))
+    return found
 
 
 class DeviceImageLoader:

@@ -79,3 +79,64 @@ def plain_cpu_kernels():
     torch.backends.mkldnn.enabled = False
     yield
     torch.backends.mkldnn.enabled = before
+
+
+# ---- image files in the formats real ImageFolder trees hold -----------------------------
+
+# (mode, (width, height), format, extension): what ImageNet-like trees hold, including its
+# CMYK JPEGs and PNG data behind a .JPEG name; 1-pixel and extreme aspect ratios
+REAL_FORMAT_IMAGES = [
+    ("RGB", (48, 40), "JPEG", ".JPEG"), ("L", (33, 57), "JPEG", ".jpg"), ("CMYK", (64, 48), "JPEG", ".JPEG"),
+    ("RGB", (1, 1), "JPEG", ".jpg"), ("RGB", (1, 1), "PNG", ".png"), ("L", (1, 1), "PNG", ".png"),
+    ("RGBA", (40, 30), "PNG", ".png"), ("P", (50, 20), "PNG", ".png"), ("LA", (24, 36), "PNG", ".png"),
+    ("1", (17, 9), "PNG", ".png"), ("RGB", (300, 2), "PNG", ".png"), ("RGB", (3, 200), "JPEG", ".jpeg"),
+    ("RGB", (45, 52), "PNG", ".JPEG"), ("RGB", (96, 64), "JPEG", ".JPEG"),
+]
+LARGE_IMAGES = [("RGB", (4000, 3000), "JPEG", ".JPEG"), ("L", (2600, 1800), "PNG", ".png")]
+
+
+def make_image(mode: str, size, seed: int = 0):
+    """A PIL image of `mode` and (width, height) `size`: noise when small, a smooth pattern
+    when large (compresses fast)."""
+    from PIL import Image
+    w, h = size
+    if w * h > 1_000_000:
+        yy, xx = np.mgrid[0:h, 0:w]
+        pixels = np.stack([(xx * 255 // w), (yy * 255 // h), ((xx + yy) * 7 % 256)], -1).astype(np.uint8)
+    else:
+        pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    rgb = Image.fromarray(pixels)
+    if mode == "P":
+        return rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    if mode in ("RGBA", "LA"):
+        img = rgb.convert(mode[:-1])
+        img.putalpha(Image.fromarray(pixels[..., 0]))
+        return img
+    return rgb.convert(mode)
+
+
+def write_images(folder: Path, specs, prefix: str = "img", seed: int = 0) -> list:
+    """Write one file per (mode, size, format, extension) spec into `folder`; returns the paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, (mode, size, fmt, ext) in enumerate(specs):
+        path = folder / f"{prefix}_{k:02d}_{mode}_{size[0]}x{size[1]}{ext}"
+        make_image(mode, size, seed + k).save(path, format=fmt)
+        paths.append(path)
+    return paths
+
+
+def write_bad_images(folder: Path, prefix: str = "img") -> list:
+    """A truncated JPEG, a text file and a zero-byte file, all named as JPEGs; returns the paths."""
+    import io
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    make_image("RGB", (64, 48), seed=99).save(buf, format="JPEG")
+    bad = {"truncated": buf.getvalue()[: len(buf.getvalue()) // 2],
+           "not_an_image": b"<html><body>404 Not Found</body></html>\n", "empty": b""}
+    paths = []
+    for name, data in bad.items():
+        path = folder / f"{prefix}_{name}.JPEG"
+        path.write_bytes(data)
+        paths.append(path)
+    return paths
