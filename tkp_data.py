@@ -1,10 +1,11 @@
 """TKP data: images in, augmented batches out.
 
-Owns: CIFAR (read from torchvision's pickled batches) and ImageFolder data sets, the
-generated images of --dry-run, the training and validation transforms of each recipe (with
-timm's posterize answering 0 bits as Pillow < 13 did: `restore_posterize_zero_bits`), the
-torch DataLoaders (seeded per epoch, sharded per process) and the device-resident loader
-that augments CIFAR batches on the GPU.
+Owns: CIFAR (read from torchvision's pickled batches) and ImageFolder data sets (an unreadable
+file is skipped with a warning and counted: `skipped_images`), the generated images of
+--dry-run, the training and validation transforms of each recipe (in every data set made
+here, timm's posterize answers 0 bits as Pillow < 13 did: `restore_posterize_zero_bits`), the
+torch DataLoaders (seeded per epoch, sharded per process) and the device-resident loader that
+augments CIFAR batches on the GPU.
 May import: tkp_runtime (errors, process info). Never the driver (tkp_common).
 """
 
@@ -12,12 +13,13 @@ from __future__ import annotations
 
 import math
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -25,10 +27,12 @@ from tkp_runtime import Dist, TKPError
 
 
 class ImageArrayDataset(Dataset):
-    """Images held as one uint8 array (N, H, W, 3), served as PIL images through `transform`."""
+    """Images held as one uint8 array (N, H, W, 3), served as PIL images through `transform`
+    (timm's posterize in it answering 0 bits as Pillow < 13 did: restore_posterize_zero_bits)."""
 
     def __init__(self, images: np.ndarray, labels, transform=None):
         self.images, self.labels, self.transform = images, np.asarray(labels, dtype=np.int64), transform
+        restore_posterize_zero_bits(transform)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -117,10 +121,88 @@ def cifar_splits(args, train_transform, val_transform):
     return ImageArrayDataset(x_train, y_train, train_transform), ImageArrayDataset(x_test, y_test, val_transform)
 
 
-def image_folder(root: Path, split: str, transform):
-    """The ImageFolder of `root/split` (one folder of images per class), with one-line errors
-    for a missing folder, a flat folder (ImageNet's val/ as distributed) or no images."""
+def _make_skipping_image_folder():
+    import multiprocessing
+
     import torchvision.datasets as tvd
+
+    class SkippingImageFolder(tvd.ImageFolder):
+        """An ImageFolder that serves an unreadable file (truncated, not an image, empty) as the
+        next readable sample of the folder instead of raising, so that one bad file cannot end
+        a long run. Each bad file is named once, in one line on stderr, by whichever process
+        (main or DataLoader worker) meets it first; every substitution is counted. Both live in
+        shared memory made here, in the main process, which DataLoader workers inherit, forked
+        or spawned, started once or every epoch; `skipped_images` reads the count. Only loading
+        fails over: an error in the transform still raises. timm's posterize in the transform
+        answers 0 bits as Pillow < 13 did (restore_posterize_zero_bits)."""
+
+        def __init__(self, root: str, transform=None):
+            super().__init__(root, transform=transform)
+            restore_posterize_zero_bits(transform)
+            self.skip_count = multiprocessing.Value("q", 0)  # substitutions, summed over processes
+            self.named = multiprocessing.Array("b", len(self.samples))  # 1: this file was named
+
+        def name_bad_file(self, i: int, error: Exception) -> None:
+            with self.named.get_lock():
+                first, self.named[i] = not self.named[i], 1
+            if first:
+                reason = "not an image file Pillow can identify" if isinstance(error, UnidentifiedImageError) \
+                    else (str(error).splitlines() or [""])[0][:160]
+                print(f"warning: skipping unreadable image {self.samples[i][0]} ({type(error).__name__}: "
+                      f"{reason}); serving the next readable one instead", file=sys.stderr, flush=True)
+
+        def __getitem__(self, index: int):
+            n = len(self.samples)
+            for i in (j % n for j in range(index, index + n)):  # this file, then the ones after it
+                try:
+                    sample = self.loader(self.samples[i][0])
+                except Exception as e:  # noqa: BLE001 - any failure to read or decode: a bad file
+                    self.name_bad_file(i, e)
+                    continue
+                if i != index:
+                    with self.skip_count.get_lock():
+                        self.skip_count.value += 1
+                target = self.samples[i][1]
+                if self.transform is not None:
+                    sample = self.transform(sample)
+                if self.target_transform is not None:
+                    target = self.target_transform(target)
+                return sample, target
+            raise TKPError(f"{self.root}: none of its {n} images can be read (see the warnings above)")
+
+    SkippingImageFolder.__qualname__ = "SkippingImageFolder"  # pickled by name (spawned workers)
+    return SkippingImageFolder
+
+
+def _skipping_image_folder():
+    """The class SkippingImageFolder, made on first use and kept: torchvision takes seconds to
+    import, and a CIFAR run never needs it."""
+    if "SkippingImageFolder" not in globals():
+        globals()["SkippingImageFolder"] = _make_skipping_image_folder()
+    return globals()["SkippingImageFolder"]
+
+
+def __getattr__(name: str):
+    """tkp_data.SkippingImageFolder (PEP 562), for isinstance checks and for pickle."""
+    if name == "SkippingImageFolder":
+        return _skipping_image_folder()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def skipped_images(data) -> int:
+    """How many samples `data` (an image_folder, or a DataLoader, Subset or DeviceImageLoader
+    over one) has served from another file because their own could not be read, counted in
+    every process of this rank since the data set was made. Monotonic: an epoch's count is the
+    difference of two readings. 0 for data sets that never skip (CIFAR arrays)."""
+    while not hasattr(data, "skip_count") and hasattr(data, "dataset"):
+        data = data.dataset  # DataLoader, Subset, DeviceImageLoader
+    counter = getattr(data, "skip_count", None)
+    return int(counter.value) if counter is not None else 0
+
+
+def image_folder(root: Path, split: str, transform):
+    """The SkippingImageFolder of `root/split` (one folder of images per class), with one-line
+    errors for a missing folder, a flat folder (ImageNet's val/ as distributed) or no images."""
     folder = root / split
     if not folder.is_dir():
         raise TKPError(f"{folder} does not exist: --data-path must hold train/ and val/, "
@@ -130,7 +212,7 @@ def image_folder(root: Path, split: str, transform):
                            f"ImageNet's flat val/, e.g. with the valprep.sh script from the "
                            f"PyTorch ImageNet example) and run again")
     try:
-        return tvd.ImageFolder(str(folder), transform=transform)
+        return _skipping_image_folder()(str(folder), transform=transform)
     except (FileNotFoundError, RuntimeError) as e:
         raise TKPError(f"{folder}: {str(e).splitlines()[0]}") from None
 
@@ -177,7 +259,10 @@ def restore_posterize_zero_bits(transform) -> int:
     many ops carry it. timm's PosterizeIncreasing keeps 4 - 4 = 0 bits at magnitude 10, which
     rand-m9-mstd0.5-inc1 draws for about one image in 660: Pillow >= 13 then raises and the epoch
     dies. The policy is unchanged; only that call answers as older Pillow did (a black image).
-    Nothing global is patched: other transforms, timm and Pillow are untouched."""
+    Nothing global is patched: other transforms, timm and Pillow are untouched. The data sets
+    made here call it on their transform, so every recipe gets it."""
+    if "timm" not in sys.modules:  # no timm op can be in the transform; importing timm is slow
+        return 0
     from timm.data.auto_augment import AugmentOp, posterize
     found, todo = 0, [transform]
     while todo:

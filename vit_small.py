@@ -26,7 +26,6 @@ import torch.nn as nn
 from timm.data import create_transform, resolve_data_config
 
 import tkp_common as tkp
-from tkp_data import restore_posterize_zero_bits
 
 # --target-layers names -> the Linear modules of each timm ViT block
 TARGETS = {"qkv": ("attn.qkv",), "proj": ("attn.proj",), "mlp": ("mlp.fc1", "mlp.fc2")}
@@ -130,14 +129,14 @@ def build_plan(model, args) -> tkp.Plan:
 
 def build_data(args):
     """ImageNet in ImageFolder layout, with timm's transforms for the model's data config:
-    RandAugment rand-m9-mstd0.5-inc1 and random erasing 0.25 (pixel) for training, its
-    posterize at 0 bits giving a black image as under Pillow < 13 (newer Pillow raises); the
-    model's crop_pct and interpolation for validation."""
+    RandAugment rand-m9-mstd0.5-inc1 and random erasing 0.25 (pixel) for training; the
+    model's crop_pct and interpolation for validation. The data sets give RandAugment's
+    posterize at 0 bits the black image of Pillow < 13 (newer Pillow raises) and skip
+    unreadable files with a warning (tkp_data)."""
     config = resolve_data_config({"input_size": (3, args.img_size, args.img_size)},
                                  pretrained_cfg=timm.models.get_pretrained_cfg(args.model).to_dict())
     train_tf = create_transform(**config, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
                                 re_prob=0.25, re_mode="pixel")
-    restore_posterize_zero_bits(train_tf)
     val_tf = create_transform(**config, is_training=False)
     if args.dry_run:
         return tkp.fake_splits(args, args.img_size, args.num_classes, train_tf, val_tf)
