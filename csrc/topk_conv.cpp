@@ -1,0 +1,415 @@
+// Top-K convolution for CPUs: a Conv2d whose every kernel W[o, i] keeps at most K of its
+// kh*kw taps, computed from the kept taps alone (fp32, NCHW in and out, groups = 1).
+//
+// Built on first use by tkp_deploy.py through torch.utils.cpp_extension (-O3 -march=native)
+// and registered as the torch op tkp::topk_conv2d; it runs on torch's intra-op threads.
+//
+// How it is fast. The input is first copied into a zero-padded "flat" layout in which every
+// tap (dy, dx) of the kernel is one constant offset: stride 1 puts the images of the batch
+// one below the other with the padding rows and columns shared by neighbours, so that
+// output position q reads input q + dy*Wr + dx; stride s splits the padded input into its
+// s*s phases, and tap (dy, dx) reads phase (dy % s, dx % s) at offset (dy/s)*Wh + dx/s. The
+// output is then, per output channel o, a sum over the kept (input channel, offset, weight)
+// entries of weight * (input plane shifted by the offset): one vector multiply-add per 16
+// output positions and entry, with no index arithmetic in the loop. A register tile holds
+// M output channels x S vectors of 16 positions; each entry's weight is broadcast once and
+// feeds S multiply-adds whose input operand comes straight from L1 (input channels are
+// blocked so that the shifted windows stay there). Output positions that fall on padding
+// are computed and dropped when the result is copied out to NCHW. M and S are template
+// parameters; tkp_deploy.py picks the fastest pair per layer by measuring it.
+//
+// Weights arrive packed per tile of M output channels: values[t][i][k][m] (float) and
+// taps[t][i][k][m] (int32, dy*kw + dx), missing taps and padded channels with value 0.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#if !defined(__AVX512F__)
+#error "the Top-K kernel needs a CPU with AVX-512 (built with -march=native); this one has none"
+#endif
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// Scratch memory kept per calling thread and reused across calls: fresh pages cost a page
+// fault each (about 30 us per 256 KiB on the VMs measured), as much as a small layer's work.
+struct Scratch {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  ~Scratch() { std::free(ptr); }
+  template <typename T>
+  T* get(size_t n) {
+    const size_t want = (n * sizeof(T) + 63) / 64 * 64;
+    if (want > bytes) {
+      std::free(ptr);
+      ptr = std::aligned_alloc(64, want);
+      TORCH_CHECK(ptr != nullptr, "tkp::topk_conv2d: out of memory (", want, " bytes)");
+      bytes = want;
+    }
+    return static_cast<T*>(ptr);
+  }
+};
+thread_local Scratch scratch_input, scratch_output;
+
+constexpr int V = 16;  // floats per AVX-512 vector
+
+// ---- the register tile ------------------------------------------------------------------
+
+template <int M, int S>
+void tile(const float* x, int64_t plane, int64_t c0, int64_t c1, int64_t K, const float* w, const int32_t* off,
+          const float* bias, float* y, int64_t ystride) {
+  // y[m][0 .. V*S) (+)= sum over channels c in [c0, c1), k < K of w[c][k][m] * x[c][off[c][k][m] + ...]
+  __m512 acc[M][S];
+  if (bias) {
+    for (int m = 0; m < M; ++m)
+      for (int s = 0; s < S; ++s) acc[m][s] = _mm512_set1_ps(bias[m]);
+  } else {
+    for (int m = 0; m < M; ++m)
+      for (int s = 0; s < S; ++s) acc[m][s] = _mm512_loadu_ps(y + m * ystride + s * V);
+  }
+  w += c0 * K * M;
+  off += c0 * K * M;
+  const float* xc = x + c0 * plane;
+  for (int64_t c = c0; c < c1; ++c, xc += plane) {
+    for (int64_t k = 0; k < K; ++k, w += M, off += M) {
+#pragma GCC unroll 16
+      for (int m = 0; m < M; ++m) {
+        const __m512 wv = _mm512_set1_ps(w[m]);
+        const float* p = xc + off[m];
+#pragma GCC unroll 16
+        for (int s = 0; s < S; ++s) acc[m][s] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(p + s * V), acc[m][s]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int s = 0; s < S; ++s) _mm512_storeu_ps(y + m * ystride + s * V, acc[m][s]);
+}
+
+using TileFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*,
+                        const float*, float*, int64_t);
+
+struct TileKind {
+  int m, s;
+  TileFn fn;
+};
+
+// The (M, S) register tiles compiled in: M*S accumulators plus one broadcast weight fit the
+// 32 vector registers. Small S suits small planes (batch 1 at 8x8), large S large ones.
+const TileKind kTiles[] = {
+    {1, 8, tile<1, 8>},   {2, 4, tile<2, 4>},  {2, 8, tile<2, 8>},  {2, 12, tile<2, 12>}, {3, 8, tile<3, 8>},
+    {4, 2, tile<4, 2>},   {4, 4, tile<4, 4>},  {4, 6, tile<4, 6>},  {4, 7, tile<4, 7>},   {6, 4, tile<6, 4>},
+    {7, 4, tile<7, 4>},   {8, 1, tile<8, 1>},  {8, 2, tile<8, 2>},  {8, 3, tile<8, 3>},   {12, 2, tile<12, 2>},
+    {14, 2, tile<14, 2>}, {16, 1, tile<16, 1>}, {24, 1, tile<24, 1>},
+};
+
+TileFn find_tile(int64_t m, int64_t s) {
+  for (const auto& t : kTiles)
+    if (t.m == m && t.s == s) return t.fn;
+  return nullptr;
+}
+
+// ---- geometry of the flat layout ----------------------------------------------------------
+
+// The layout of one group of G images (the batch is processed G images at a time, so that a
+// group's input and output stay in L2).
+struct Geometry {
+  int64_t C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo, G;
+  int64_t phases;             // 1 for stride 1 (shared padding), else sh * sw
+  int64_t Hr, Wr;             // rows per image and row stride of one (phase) plane
+  int64_t phase_size;         // floats per phase (all G images)
+  int64_t tile_q, q_pad;      // output positions per tile; positions per output channel, rounded to tiles
+  int64_t plane;              // floats per input channel, slack included
+  std::vector<int64_t> tap_off;  // tap dy*kw + dx -> offset
+
+  int64_t image_size() const { return Hr * Wr; }
+  int64_t q_total(int64_t images) const { return images * Hr * Wr; }
+};
+
+Geometry make_geometry(int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                       int64_t pw, int64_t G, int64_t tile_q) {
+  Geometry g;
+  g.C = C, g.H = H, g.W = W, g.kh = kh, g.kw = kw, g.sh = sh, g.sw = sw, g.ph = ph, g.pw = pw, g.G = G;
+  g.Ho = (H + 2 * ph - kh) / sh + 1;
+  g.Wo = (W + 2 * pw - kw) / sw + 1;
+  g.tap_off.resize(kh * kw);
+  if (sh == 1 && sw == 1) {
+    // image n's row slot r holds padded row r: ph zero rows, then the data rows (each ph
+    // zeros, then W values, then zeros up to Wr); the zeros right of a row are the left
+    // padding of the next one, the zero rows below an image the top padding of the next.
+    g.phases = 1;
+    g.Hr = std::max(H + ph, g.Ho);
+    g.Wr = std::max(W + pw, g.Wo);
+    g.phase_size = G * g.Hr * g.Wr + ph * g.Wr;  // zero rows below the last image
+    for (int64_t dy = 0; dy < kh; ++dy)
+      for (int64_t dx = 0; dx < kw; ++dx) g.tap_off[dy * kw + dx] = dy * g.Wr + dx;
+  } else {
+    // phase (a, b) holds the padded input's rows a, a + sh, ... and columns b, b + sw, ...
+    g.phases = sh * sw;
+    g.Hr = (H + 2 * ph + sh - 1) / sh;
+    g.Wr = (W + 2 * pw + sw - 1) / sw;
+    g.phase_size = G * g.Hr * g.Wr;
+    for (int64_t dy = 0; dy < kh; ++dy)
+      for (int64_t dx = 0; dx < kw; ++dx)
+        g.tap_off[dy * kw + dx] = ((dy % sh) * sw + dx % sw) * g.phase_size + (dy / sh) * g.Wr + dx / sw;
+  }
+  int64_t max_off = 0;
+  for (auto o : g.tap_off) max_off = std::max(max_off, o);
+  g.tile_q = tile_q;
+  g.q_pad = (g.q_total(G) + tile_q - 1) / tile_q * tile_q;
+  // every read of every tile stays inside the channel's plane; an odd number of cache lines
+  // per plane spreads the channels' windows over the L1 sets
+  const int64_t lines = (std::max(g.phases * g.phase_size, g.q_pad + max_off) + V + 15) / 16;
+  g.plane = (lines | 1) * 16;
+  return g;
+}
+
+// images [n0, n0 + count) of x (N, C, H, W) -> buf (C, plane) in the flat layout, zeros around.
+void prepare_input(const float* x, int64_t n0, int64_t count, float* buf, const Geometry& g) {
+  at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      float* dst = buf + c * g.plane;
+      if (g.phases == 1) {
+        const int64_t Hr = g.Hr, Wr = g.Wr, W = g.W;
+        for (int64_t n = 0; n < count; ++n) {
+          const float* src = x + ((n0 + n) * g.C + c) * g.H * W;
+          float* img = dst + n * Hr * Wr;
+          std::memset(img, 0, sizeof(float) * (g.ph * Wr + g.pw));
+          float* row = img + g.ph * Wr + g.pw;
+          for (int64_t h = 0; h < g.H; ++h, row += Wr, src += W) {
+            std::memcpy(row, src, sizeof(float) * W);
+            std::memset(row + W, 0, sizeof(float) * (Wr - W));  // up to the next row's first value
+          }
+          float* end = img + Hr * Wr;
+          float* tail = row - g.pw;  // after the last data row's zeros
+          if (end > tail) std::memset(tail, 0, sizeof(float) * (end - tail));
+        }
+        float* tail = dst + count * Hr * Wr;
+        std::memset(tail, 0, sizeof(float) * (g.plane - count * Hr * Wr));
+      } else {
+        std::memset(dst, 0, sizeof(float) * g.plane);
+        for (int64_t n = 0; n < count; ++n) {
+          const float* src = x + ((n0 + n) * g.C + c) * g.H * g.W;
+          // padded (r, col) = (h + ph, w + pw) goes to phase (r % sh, col % sw) at (r / sh, col / sw)
+          for (int64_t h = 0; h < g.H; ++h) {
+            const int64_t r = h + g.ph;
+            const float* row = src + h * g.W;
+            for (int64_t b = 0; b < g.sw; ++b) {
+              float* prow = dst + ((r % g.sh) * g.sw + b) * g.phase_size + n * g.Hr * g.Wr + (r / g.sh) * g.Wr;
+              int64_t w = ((b - g.pw) % g.sw + g.sw) % g.sw;  // first column with (w + pw) % sw == b
+              for (; w < g.W; w += g.sw) prow[(w + g.pw) / g.sw] = row[w];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---- the epilogue: flat rows -> NCHW, + residual, ReLU, 2x2 max pool --------------------------
+
+__mmask16 first_lanes(int64_t n) { return n >= V ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(n, 0)) - 1); }
+
+// One output plane: src rows (stride Wr, Ho x Wo valid) -> dst (Ho x Wo, or Ho/2 x Wo/2 with
+// pool == 2), adding res (Ho x Wo) first and applying ReLU when asked.
+void epilogue(const float* src, int64_t Wr, int64_t Ho, int64_t Wo, const float* res, bool relu, int64_t pool,
+              float* dst) {
+  const __m512 zero = _mm512_setzero_ps();
+  auto value = [&](const float* row, const float* res_row, int64_t w, __mmask16 m) {
+    __m512 v = _mm512_maskz_loadu_ps(m, row + w);
+    if (res_row) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, res_row + w));
+    return v;
+  };
+  if (pool == 0) {
+    for (int64_t h = 0; h < Ho; ++h, src += Wr, dst += Wo) {
+      const float* res_row = res ? res + h * Wo : nullptr;
+      for (int64_t w = 0; w < Wo; w += V) {
+        const __mmask16 m = first_lanes(Wo - w);
+        __m512 v = value(src, res_row, w, m);
+        if (relu) v = _mm512_max_ps(v, zero);
+        _mm512_mask_storeu_ps(dst + w, m, v);
+      }
+    }
+    return;
+  }
+  // 2x2 max pool, stride 2: the max of two rows, then of each pair of neighbouring lanes
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const int64_t Hp = Ho / 2, Wp = Wo / 2;
+  for (int64_t ph = 0; ph < Hp; ++ph, dst += Wp) {
+    const float* r0 = src + 2 * ph * Wr;
+    const float* r1 = r0 + Wr;
+    const float* s0 = res ? res + 2 * ph * Wo : nullptr;
+    const float* s1 = res ? s0 + Wo : nullptr;
+    for (int64_t pw = 0; pw < Wp; pw += V) {
+      const int64_t c = 2 * pw;
+      const __mmask16 m0 = first_lanes(2 * Wp - c), m1 = first_lanes(2 * Wp - c - V);
+      const __m512 lo = _mm512_max_ps(value(r0, s0, c, m0), value(r1, s1, c, m0));
+      const __m512 hi = _mm512_max_ps(value(r0, s0, c + V, m1), value(r1, s1, c + V, m1));
+      __m512 v = _mm512_max_ps(_mm512_permutex2var_ps(lo, even, hi), _mm512_permutex2var_ps(lo, odd, hi));
+      if (relu) v = _mm512_max_ps(v, zero);
+      _mm512_mask_storeu_ps(dst + pw, first_lanes(Wp - pw), v);
+    }
+  }
+}
+
+// ---- the op ------------------------------------------------------------------------------
+
+at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& taps,
+                       const c10::optional<at::Tensor>& bias_in, int64_t out_channels, int64_t kh, int64_t kw,
+                       int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t tile_m,
+                       int64_t tile_s, int64_t channel_block, bool relu, const c10::optional<at::Tensor>& residual_in,
+                       int64_t pool) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 4,
+              "tkp::topk_conv2d: x must be a float32 CPU tensor (N, C, H, W)");
+  TORCH_CHECK(values.scalar_type() == at::kFloat && values.dim() == 4 && values.is_contiguous(),
+              "tkp::topk_conv2d: values must be contiguous float32 (tiles, C_in, K, M)");
+  TORCH_CHECK(taps.scalar_type() == at::kInt && taps.sizes() == values.sizes() && taps.is_contiguous(),
+              "tkp::topk_conv2d: taps must be contiguous int32 shaped like values");
+  const int64_t T = values.size(0), C = values.size(1), K = values.size(2), M = values.size(3);
+  TORCH_CHECK(M == tile_m && T * M >= out_channels && (T - 1) * M < out_channels,
+              "tkp::topk_conv2d: values do not match tile_m / out_channels");
+  TORCH_CHECK(x_in.size(1) == C, "tkp::topk_conv2d: x has ", x_in.size(1), " channels, the weights ", C);
+  TORCH_CHECK(stride_h >= 1 && stride_w >= 1 && pad_h >= 0 && pad_w >= 0 && kh >= 1 && kw >= 1,
+              "tkp::topk_conv2d: bad stride, padding or kernel size");
+  TORCH_CHECK(x_in.size(2) + 2 * pad_h >= kh && x_in.size(3) + 2 * pad_w >= kw,
+              "tkp::topk_conv2d: input smaller than the kernel");
+  TileFn fn = find_tile(tile_m, tile_s);
+  TORCH_CHECK(fn != nullptr, "tkp::topk_conv2d: no compiled register tile M=", tile_m, " S=", tile_s);
+  at::Tensor bias;
+  if (bias_in.has_value() && bias_in->defined()) {
+    bias = bias_in->contiguous();
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == out_channels, "tkp::topk_conv2d: bad bias");
+  }
+  const at::Tensor x = x_in.contiguous();
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), O = out_channels, OP = T * M;
+
+  // images per group: a group's input and output planes fit in about 1 MiB
+  const int64_t tile_q = V * tile_s;
+  const Geometry g1 = make_geometry(C, H, W, kh, kw, stride_h, stride_w, pad_h, pad_w, 1, tile_q);
+  const int64_t per_image = (C * g1.phases + OP) * g1.image_size() * int64_t(sizeof(float));
+  const int64_t G = std::max<int64_t>(1, std::min<int64_t>(N, (int64_t(1) << 20) / std::max<int64_t>(per_image, 1)));
+  const Geometry g = make_geometry(C, H, W, kh, kw, stride_h, stride_w, pad_h, pad_w, G, tile_q);
+  const int64_t groups = (N + G - 1) / G;
+  TORCH_CHECK(g.plane * C < (int64_t(1) << 40) && g.tap_off.back() < (int64_t(1) << 31),
+              "tkp::topk_conv2d: input too large");
+
+  // per-call tables: taps -> offsets (one entry per kept weight), bias padded to the tiles
+  std::vector<int32_t> offsets(taps.numel());
+  {
+    const int32_t* t = taps.data_ptr<int32_t>();
+    const int64_t ntaps = kh * kw;
+    for (size_t j = 0; j < offsets.size(); ++j) {
+      TORCH_CHECK(t[j] >= 0 && t[j] < ntaps, "tkp::topk_conv2d: tap index out of range");
+      offsets[j] = static_cast<int32_t>(g.tap_off[t[j]]);
+    }
+  }
+  std::vector<float> bias_pad(OP, 0.f);
+  if (bias.defined()) std::copy(bias.data_ptr<float>(), bias.data_ptr<float>() + O, bias_pad.begin());
+
+  // input channels per block: the shifted windows of one block stay in L1 (about 24 KiB)
+  const int64_t window = tile_q + g.tap_off.back() + V;
+  const int64_t cb = std::min(std::max<int64_t>(C, 1),
+                              channel_block > 0 ? channel_block : std::max<int64_t>(1, 6144 / window));
+
+  TORCH_CHECK(pool == 0 || pool == 2, "tkp::topk_conv2d: pool must be 0 or 2 (2x2 max pool, stride 2)");
+  at::Tensor residual;
+  if (residual_in.has_value() && residual_in->defined()) {
+    residual = residual_in->contiguous();
+    TORCH_CHECK(residual.scalar_type() == at::kFloat && residual.device().is_cpu() &&
+                    residual.sizes() == at::IntArrayRef({N, O, g.Ho, g.Wo}),
+                "tkp::topk_conv2d: residual must be a float32 CPU tensor shaped like the convolution's output");
+  }
+  const float* rp = residual.defined() ? residual.data_ptr<float>() : nullptr;
+  const int64_t out_h = pool ? g.Ho / 2 : g.Ho, out_w = pool ? g.Wo / 2 : g.Wo;
+  at::Tensor out = at::empty({N, O, out_h, out_w}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* outp = out.data_ptr<float>();
+  const float* wv = values.data_ptr<float>();
+  const int32_t* ov = offsets.data();
+  const float* bv = bias_pad.data();
+  const int64_t threads = at::get_num_threads();
+
+  auto run_group = [&](int64_t grp) {
+    const int64_t n0 = grp * G, count = std::min(G, N - n0);
+    float* xb = scratch_input.get<float>(C * g.plane);
+    float* yv = scratch_output.get<float>(OP * g.q_pad);
+    prepare_input(xp, n0, count, xb, g);
+    const int64_t QT = (g.q_total(count) + tile_q - 1) / tile_q;
+    // work units: q tiles, each split over ranges of output-channel tiles when the tiles alone
+    // are too few to keep the threads busy
+    const int64_t tsplit = at::in_parallel_region() || threads == 1 ? 1
+                           : std::min(T, std::max<int64_t>(1, (8 * threads + QT - 1) / QT));
+    at::parallel_for(0, QT * tsplit, 1, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t qt = u / tsplit, part = u % tsplit;
+        const int64_t t0 = T * part / tsplit, t1 = T * (part + 1) / tsplit;
+        const int64_t q0 = qt * tile_q;
+        if (K == 0) {
+          for (int64_t o = t0 * M; o < t1 * M; ++o) std::fill(yv + o * g.q_pad + q0, yv + o * g.q_pad + q0 + tile_q, bv[o]);
+          continue;
+        }
+        for (int64_t c0 = 0; c0 < C; c0 += cb) {
+          const int64_t c1 = std::min(C, c0 + cb);
+          for (int64_t t = t0; t < t1; ++t)
+            fn(xb + q0, g.plane, c0, c1, K, wv + t * C * K * M, ov + t * C * K * M, c0 == 0 ? bv + t * M : nullptr,
+               yv + t * M * g.q_pad + q0, g.q_pad);
+        }
+      }
+    });
+    // flat -> NCHW: output (n, o, oh, ow) is yv[o][n*Hr*Wr + oh*Wr + ow], then the epilogue
+    at::parallel_for(0, count * O, 1, [&](int64_t a, int64_t b) {
+      for (int64_t j = a; j < b; ++j) {
+        const int64_t n = j / O, o = j % O, plane = (n0 + n) * O + o;
+        epilogue(yv + o * g.q_pad + n * g.Hr * g.Wr, g.Wr, g.Ho, g.Wo, rp ? rp + plane * g.Ho * g.Wo : nullptr, relu,
+                 pool, outp + plane * out_h * out_w);
+      }
+    });
+  };
+
+  if (threads > 1 && groups >= threads) {
+    at::parallel_for(0, groups, 1, [&](int64_t a, int64_t b) {
+      for (int64_t grp = a; grp < b; ++grp) run_group(grp);  // nested parallel_for runs inline
+    });
+  } else {
+    for (int64_t grp = 0; grp < groups; ++grp) run_group(grp);
+  }
+  return out;
+}
+
+// Shapes only, for torch.compile / torch.export tracing (FakeTensor).
+at::Tensor topk_conv2d_meta(const at::Tensor& x, const at::Tensor& values, const at::Tensor& taps,
+                            const c10::optional<at::Tensor>& bias, int64_t out_channels, int64_t kh, int64_t kw,
+                            int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t tile_m,
+                            int64_t tile_s, int64_t channel_block, bool relu,
+                            const c10::optional<at::Tensor>& residual, int64_t pool) {
+  auto ho = (x.sym_size(2) + 2 * pad_h - kh) / stride_h + 1;
+  auto wo = (x.sym_size(3) + 2 * pad_w - kw) / stride_w + 1;
+  if (pool) ho = ho / 2, wo = wo / 2;
+  return at::empty_symint({x.sym_size(0), c10::SymInt(out_channels), ho, wo}, x.options());
+}
+
+std::vector<int64_t> tile_kinds() {
+  std::vector<int64_t> r;
+  for (const auto& t : kTiles) r.push_back(t.m), r.push_back(t.s);
+  return r;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tkp, m) {
+  m.def("topk_conv2d(Tensor x, Tensor values, Tensor taps, Tensor? bias, int out_channels, int kh, int kw, "
+        "int stride_h, int stride_w, int pad_h, int pad_w, int tile_m, int tile_s, int channel_block=0, "
+        "bool relu=False, Tensor? residual=None, int pool=0) -> Tensor");
+  m.def("tile_kinds() -> int[]", &tile_kinds);
+}
+
+TORCH_LIBRARY_IMPL(tkp, CPU, m) { m.impl("topk_conv2d", &topk_conv2d); }
+TORCH_LIBRARY_IMPL(tkp, Meta, m) { m.impl("topk_conv2d", &topk_conv2d_meta); }

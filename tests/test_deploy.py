@@ -1,0 +1,315 @@
+"""tkp_deploy: the Top-K kernel against F.conv2d, deployment of every CNN script's final.pt,
+the dense fallback without a kernel, and deploy.pt read back in a fresh process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tkp_deploy as D
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (script, extra dry-run flags): every CNN script, at 32 px
+CNN_SCRIPTS = {
+    "vgg8": [], "resnet56": [], "vgg19": [],
+    "googlenet": ["--img-size", "32", "--no-pretrain"], "densenet": ["--img-size", "32", "--no-pretrain"],
+}
+
+
+def topk_weight(c_out, c_in, kh, kw, k, gen, zero_kernels=0.0):
+    """A random weight keeping the k largest |w| of each kernel; a fraction of all-zero kernels."""
+    w = torch.randn(c_out, c_in, kh * kw, generator=gen)
+    keep = torch.zeros_like(w, dtype=torch.bool).scatter_(2, w.abs().topk(k, dim=2).indices, True)
+    w = w * keep * (torch.rand(c_out, c_in, 1, generator=gen) >= zero_kernels)
+    return w.reshape(c_out, c_in, kh, kw)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if not D.kernel_available():
+        pytest.skip(f"the Top-K kernel cannot be built here: {D.kernel_problem()}")
+    return D.tile_kinds()
+
+
+def relative_error(y, ref):
+    return float((y - ref).detach().abs().max() / ref.detach().abs().max().clamp_min(1e-12))
+
+
+# ---- the kernel -------------------------------------------------------------------------------
+
+def test_kernel_matches_conv2d_over_random_shapes(kernel):
+    gen = torch.Generator().manual_seed(0)
+    rng = torch.Generator().manual_seed(1)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=rng))]
+
+    cases = [  # (batch, c_in, c_out, kernel, stride, padding, K, H, W) fixed corners, then random ones
+        (1, 3, 64, (3, 3), 1, 1, 1, 32, 32), (3, 17, 5, (7, 7), 2, 3, 8, 23, 19), (1, 5, 17, (7, 7), 1, 0, 3, 9, 12),
+        (3, 64, 64, (3, 3), 1, 1, 2, 32, 32),  # more than one image group per call
+        (1, 1, 1, (3, 3), 2, 2, 1, 1, 1), (2, 5, 3, (1, 3), 1, 1, 2, 6, 7),
+    ]
+    for _ in range(60):
+        kh, kw = pick([(3, 3), (7, 7), (5, 5), (3, 1)])
+        p = pick([0, 1, 2, 3])
+        cases.append((pick([1, 3]), pick([3, 5, 17, 32]), pick([1, 5, 16, 17]), (kh, kw), pick([1, 2]), p,
+                      pick(list(range(1, min(8, kh * kw - 1) + 1))), pick([max(1, kh - 2 * p), 8, 13, 20]),
+                      pick([max(1, kw - 2 * p), 8, 15, 21])))
+    for n, c_in, c_out, (kh, kw), stride, pad, k, h, w in cases:
+        h, w = max(h, kh - 2 * pad), max(w, kw - 2 * pad)
+        weight = topk_weight(c_out, c_in, kh, kw, k, gen, zero_kernels=0.2)
+        conv = nn.Conv2d(c_in, c_out, (kh, kw), stride, pad, bias=bool(torch.rand(1, generator=rng) < 0.5))
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+        x = torch.randn(n, c_in, h, w, generator=gen)
+        ref = conv(x)
+        tile = pick(kernel)
+        m = D.TopKConv2d.from_conv(conv, tile)
+        assert m.k <= k
+        y = m(x)
+        assert y.shape == ref.shape
+        assert relative_error(y, ref) < 1e-5, (n, c_in, c_out, kh, kw, stride, pad, k, h, w, tile)
+
+
+def test_kernel_all_zero_weights_give_the_bias(kernel):
+    conv = nn.Conv2d(5, 7, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.zero_()
+    m = D.TopKConv2d.from_conv(conv)
+    assert m.k == 0
+    x = torch.randn(2, 5, 6, 6)
+    assert torch.allclose(m(x), conv(x))
+
+
+def test_kernel_epilogue_residual_relu_pool(kernel):
+    gen = torch.Generator().manual_seed(2)
+    for n, c, h, w in [(1, 16, 32, 32), (3, 5, 9, 7), (2, 17, 8, 8)]:
+        conv = nn.Conv2d(c, c, 3, padding=1)
+        with torch.no_grad():
+            conv.weight.copy_(topk_weight(c, c, 3, 3, 1, gen))
+        x, res = torch.randn(n, c, h, w, generator=gen), torch.randn(n, c, h, w, generator=gen)
+        m = D.TopKConv2d.from_conv(conv)
+        m.relu, m.pool = True, 2
+        assert relative_error(m(x, res), F.max_pool2d(F.relu(conv(x) + res), 2)) < 1e-5
+        m.relu, m.pool = False, 0
+        assert relative_error(m(x, res), conv(x) + res) < 1e-5
+
+
+def test_kernel_uses_torch_threads_and_stays_exact(kernel):
+    gen = torch.Generator().manual_seed(3)
+    conv = nn.Conv2d(32, 32, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(topk_weight(32, 32, 3, 3, 2, gen))
+    m = D.TopKConv2d.from_conv(conv)
+    x = torch.randn(4, 32, 16, 16, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = m(x)
+        torch.set_num_threads(2)
+        two = m(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)  # each output is summed in the same order whatever the split
+
+
+def test_dense_weight_rebuilds_the_conv_exactly():
+    gen = torch.Generator().manual_seed(4)
+    conv = nn.Conv2d(6, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(topk_weight(4, 6, 3, 3, 2, gen))
+    m = D.TopKConv2d.from_conv(conv)
+    assert m.values.shape == (4, 6, 2) and m.taps.dtype == torch.uint8
+    assert torch.equal(m.dense_weight(), conv.weight.detach())
+    assert D.kernel_takes(conv) is None
+    dense = nn.Conv2d(6, 4, 3, padding=1)
+    assert D.kernel_takes(dense) == "dense"
+    grouped = nn.Conv2d(6, 6, 3, groups=2)
+    assert "groups" in D.kernel_takes(grouped)
+
+
+# ---- deployment of every CNN script's final.pt --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finals(tmp_path_factory):
+    """Each CNN script's final.pt from a dry run (Top-1), two dry runs at a time."""
+    base = tmp_path_factory.mktemp("finals")
+    names, paths = list(CNN_SCRIPTS), {}
+    for i in range(0, len(names), 2):
+        procs = {}
+        for name in names[i:i + 2]:
+            cmd = [sys.executable, str(ROOT / f"{name}_optimized.py"), "--dry-run", "--output-dir", str(base / name),
+                   *CNN_SCRIPTS[name]]
+            procs[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        for name, proc in procs.items():
+            log, _ = proc.communicate(timeout=600)
+            assert proc.returncode == 0, f"{name} dry run failed:\n{log[-3000:]}"
+            paths[name] = base / name / "final.pt"
+    return paths
+
+
+@pytest.fixture
+def one_thread():
+    """Deployment runs with --threads 1 (on a busy machine two OpenMP threads can each wait
+    for the other for milliseconds per operation); torch's setting is restored after."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", list(CNN_SCRIPTS))
+def test_deploy_matches_the_masked_model(kernel, finals, name, tmp_path, one_thread):
+    out, report_path = tmp_path / "deploy.pt", tmp_path / "deploy.json"
+    report = D.main([str(finals[name]), "--output", str(out), "--threads", "1", "--batch-sizes", "1", "--repeats", "1",
+                     "--tiles", "4x4,2x8", "--verify-batch", "8", "--json", str(report_path)])
+    assert report["check"]["ok"] and report["check"]["max_rel_error"] <= 1e-4
+    assert json.loads(report_path.read_text())["layers"]
+    pruned = [r for r in report["layers"] if r["why"] not in ("dense",)]
+    assert pruned and all(r["k"] == 1 for r in pruned)  # dry runs are Top-1
+    decided = [r for r in report["layers"] if r["deploy"] == "topk"]
+    assert all(r["timings"][1]["kernel_ms"] < r["timings"][1]["dense_ms"] for r in decided)
+
+    model, input_shape, script = D.rebuild_model(str(finals[name]))
+    assert script == f"{name}_optimized.py"
+    deployed = D.load(out)
+    assert not deployed.training
+    x = torch.randn(8, *input_shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y, ref = deployed(x), model(x)
+    assert relative_error(y, ref) <= 1e-4
+    assert torch.equal(y.argmax(1), ref.argmax(1))
+    spec = torch.load(out, weights_only=True)
+    kinds = {m["type"] for m in spec["modules"].values()}
+    assert "BatchNorm2d" not in kinds or name == "densenet"  # DenseNet's BN-before-conv stays
+    assert ("TopKConv2d" in kinds) == bool(decided)
+
+
+def test_epilogues_fold_into_the_topk_layer(kernel):
+    class Block(nn.Module):  # conv-bn-add-relu (ResNet) and conv-bn-relu-pool (VGG)
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.pool = nn.MaxPool2d(2)
+
+        def forward(self, x):
+            y = F.relu(self.bn1(self.conv1(x)) + x)
+            return self.pool(torch.relu(self.bn2(self.conv2(y))))
+
+    gen = torch.Generator().manual_seed(6)
+    model = Block().eval()
+    with torch.no_grad():
+        for conv, bn in ((model.conv1, model.bn1), (model.conv2, model.bn2)):
+            conv.weight.copy_(topk_weight(8, 8, 3, 3, 1, gen))
+            bn.running_mean.normal_(generator=gen)
+            bn.running_var.uniform_(0.5, 2.0, generator=gen)
+            bn.weight.normal_(generator=gen)
+    gm = D.fold_batchnorm(model)
+    records = [{"name": n, "deploy": "topk", "tile": [4, 4]} for n in ("conv1", "conv2")]
+    deployed = D.apply_layers(gm, records, (8, 16, 16))
+    ops = [(n.op, n.target) for n in deployed.graph.nodes]
+    assert ops == [("placeholder", "x"), ("call_module", "conv1"), ("call_module", "conv2"), ("output", "output")]
+    assert (deployed.conv1.relu, deployed.conv1.pool, deployed.conv2.relu, deployed.conv2.pool) == (True, 0, True, 2)
+    x = torch.randn(2, 8, 16, 16, generator=gen)
+    with torch.no_grad():
+        assert relative_error(deployed(x), model(x)) < 1e-5
+
+
+# ---- without a kernel, and deploy.pt in a fresh process -----------------------------------------
+
+def run_python(code: str, env_extra: dict | None = None) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_without_a_compiler_deployment_falls_back_to_dense(finals, tmp_path):
+    out = tmp_path / "deploy.pt"
+    stdout = run_python(
+        "import sys, tkp_deploy as D; "
+        f"r = D.main([{str(finals['vgg8'])!r}, '--output', {str(out)!r}, '--threads', '1', '--batch-sizes', '1', "
+        "'--repeats', '1', "
+        "'--verify-batch', '4']); "
+        "assert all(l['deploy'] == 'dense' and l['why'] in ('kernel unavailable', 'dense') for l in r['layers']); "
+        "assert r['kernel'].startswith('unavailable')",
+        {"TKP_DEPLOY_NO_KERNEL": "1"})
+    reasons = [ln for ln in stdout.splitlines() if "kernel is unavailable" in ln]
+    assert reasons == ["tkp_deploy: the Top-K kernel is unavailable (TKP_DEPLOY_NO_KERNEL is set); Top-K layers "
+                       "run as dense convolutions"]
+    spec = torch.load(out, weights_only=True)
+    assert "TopKConv2d" not in {m["type"] for m in spec["modules"].values()}
+
+
+def test_a_failing_build_falls_back_with_one_line(monkeypatch, capsys):
+    from torch.utils import cpp_extension
+
+    def broken_build(**kwargs):
+        raise RuntimeError("Error building extension 'tkp_topk_conv':\n[1/2] c++ -MMD ...\n"
+                           "topk_conv.cpp:31:2: error: #error \"the Top-K kernel needs a CPU with AVX-512\"\n"
+                           "ninja: build stopped: subcommand failed.")
+
+    monkeypatch.setattr(D, "_kernel", {})
+    monkeypatch.setattr(torch.ops, "tkp", None, raising=False)  # as in a process that never built it
+    monkeypatch.setattr(cpp_extension, "load", broken_build)
+    assert not D.kernel_available()
+    assert not D.kernel_available()  # answered once, not retried
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "#error" in lines[0] and "AVX-512" in lines[0], lines
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(topk_weight(6, 4, 3, 3, 2, torch.Generator().manual_seed(7)))
+    m = D.TopKConv2d.from_conv(conv)
+    m.relu = True
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.allclose(m(x), F.relu(conv(x)), atol=1e-6)  # the dense path
+
+
+def test_deploy_pt_loads_in_a_fresh_process(kernel, finals, tmp_path, one_thread):
+    out = tmp_path / "deploy.pt"
+    D.main([str(finals["resnet56"]), "--output", str(out), "--threads", "1", "--batch-sizes", "1", "--repeats", "1",
+            "--tiles", "4x4", "--verify-batch", "4"])
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(D.load(out)(x), tmp_path / "y.pt")
+    check = (
+        "import sys, torch; "
+        f"spec = torch.load({str(out)!r}, weights_only=True); assert spec['format'] == 'tkp-deploy-1'; "
+        "import tkp_deploy; "
+        f"m = tkp_deploy.load({str(out)!r}); x = torch.load({str(tmp_path / 'x.pt')!r}); "
+        f"y = torch.load({str(tmp_path / 'y.pt')!r}); "
+        "z = m(x); "
+        "assert not m.training and z.shape == y.shape and float((z - y).abs().max()) <= 1e-5 * float(y.abs().max()); "
+        "loaded = [k for k in sys.modules if k.startswith('tkp_') or k.endswith('_optimized') "
+        "or 'tkp_deploy_' in k]; "
+        "assert loaded == ['tkp_deploy'], loaded; print('ok', tkp_deploy.kernel_available())")
+    assert run_python(check).split()[-2:] == ["ok", "True"]
+    # and where the kernel cannot be built, the same file runs its Top-K layers densely
+    stdout = run_python(check.replace("print('ok', tkp_deploy.kernel_available())", "print('ok')"),
+                        {"TKP_DEPLOY_NO_KERNEL": "1"})
+    assert stdout.strip().splitlines()[-1] == "ok" and "kernel is unavailable" in stdout
+
+
+def test_deploy_pt_refuses_functions_outside_its_allow_list(kernel, tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    gm = D.fold_batchnorm(model)
+    spec = {"format": D.FORMAT, **D.to_spec(gm), "input_shape": [3, 8, 8], "layers": [], "meta": {}}
+    D.from_spec(spec)  # as written: fine
+    for bad in ("builtins.eval", "os.system", "torch._C._nn.pad", "subprocess.run"):
+        node = dict(spec["graph"][1], op="call_function", target=bad)
+        broken = {**spec, "graph": [spec["graph"][0], node, *spec["graph"][2:]]}
+        with pytest.raises(D.DeployError, match="may not call"):
+            D.from_spec(broken)
+    method = dict(spec["graph"][1], op="call_method", target="__reduce__")
+    with pytest.raises(D.DeployError, match="may not call"):
+        D.from_spec({**spec, "graph": [spec["graph"][0], method, *spec["graph"][2:]]})
