@@ -1,7 +1,8 @@
 """timm's RandAugment under Pillow >= 13: rand-m9-mstd0.5-inc1 draws magnitude 10 for about
 one image in 44 of those that get PosterizeIncreasing, which then keeps 4 - 4 = 0 bits;
 Pillow >= 13 refuses 0 bits where older Pillow returned a black image (issue 12, point 1).
-tkp_data.restore_posterize_zero_bits gives the recipe's posterize ops the old answer."""
+tkp_data.restore_posterize_zero_bits gives the recipe's posterize ops the old answer; the data
+sets tkp_data makes (image_folder, the --dry-run images) apply it to their transforms."""
 
 import copy
 import random
@@ -39,7 +40,7 @@ def test_pillow_still_refuses_zero_bits():
     """timm's own posterize with 0 bits still raises under the installed Pillow, so the
     workaround is still needed. If this test FAILS, Pillow (or timm) accepts 0 bits again:
     check what it returns, and if it is the old black image, delete
-    tkp_data.restore_posterize_zero_bits, its call in vit_small.build_data and these tests."""
+    tkp_data.restore_posterize_zero_bits, its calls in tkp_data's data sets and these tests."""
     img = Image.new("RGB", (8, 8), (200, 100, 50))
     with pytest.raises(ValueError, match="bits"):
         auto_augment.posterize(img, 0)
