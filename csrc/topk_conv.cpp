@@ -122,14 +122,14 @@ TileFn find_tile(int64_t m, int64_t s) {
 // group's input and output stay in L2).
 struct Geometry {
   int64_t C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo, G;
-  int64_t phases;             // 1 for stride 1 (shared padding), else sh * sw
-  int64_t Hr, Wr;             // rows per image and row stride of one (phase) plane
-  int64_t phase_size;         // floats per phase (all G images)
-  int64_t tile_q, q_pad;      // output positions per tile; positions per output channel, rounded to tiles
-  int64_t plane;              // floats per input channel, slack included
-  std::vector<int64_t> tap_off;  // tap dy*kw + dx -> offset
+  int64_t phases;               // 1 for stride 1 (shared padding), else sh * sw
+  int64_t Hr, Wr;               // rows per image and row stride of one (phase) plane
+  int64_t phase_size;           // floats per phase (all G images)
+  int64_t tile_q, q_pad;        // output positions per tile; computed positions, rounded to tiles
+  int64_t plane;                // floats per input channel, slack included
+  std::vector<int64_t> tap_off;  // tap dy*kw + dx -> offset of its input from the output position
+  int64_t max_off = 0;
 
-  int64_t image_size() const { return Hr * Wr; }
   int64_t q_total(int64_t images) const { return images * Hr * Wr; }
 };
 
@@ -139,7 +139,6 @@ Geometry make_geometry(int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw, 
   g.C = C, g.H = H, g.W = W, g.kh = kh, g.kw = kw, g.sh = sh, g.sw = sw, g.ph = ph, g.pw = pw, g.G = G;
   g.Ho = (H + 2 * ph - kh) / sh + 1;
   g.Wo = (W + 2 * pw - kw) / sw + 1;
-  g.tap_off.resize(kh * kw);
   if (sh == 1 && sw == 1) {
     // image n's row slot r holds padded row r: ph zero rows, then the data rows (each ph
     // zeros, then W values, then zeros up to Wr); the zeros right of a row are the left
@@ -148,25 +147,23 @@ Geometry make_geometry(int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw, 
     g.Hr = std::max(H + ph, g.Ho);
     g.Wr = std::max(W + pw, g.Wo);
     g.phase_size = G * g.Hr * g.Wr + ph * g.Wr;  // zero rows below the last image
-    for (int64_t dy = 0; dy < kh; ++dy)
-      for (int64_t dx = 0; dx < kw; ++dx) g.tap_off[dy * kw + dx] = dy * g.Wr + dx;
   } else {
     // phase (a, b) holds the padded input's rows a, a + sh, ... and columns b, b + sw, ...
     g.phases = sh * sw;
     g.Hr = (H + 2 * ph + sh - 1) / sh;
     g.Wr = (W + 2 * pw + sw - 1) / sw;
     g.phase_size = G * g.Hr * g.Wr;
-    for (int64_t dy = 0; dy < kh; ++dy)
-      for (int64_t dx = 0; dx < kw; ++dx)
-        g.tap_off[dy * kw + dx] = ((dy % sh) * sw + dx % sw) * g.phase_size + (dy / sh) * g.Wr + dx / sw;
   }
-  int64_t max_off = 0;
-  for (auto o : g.tap_off) max_off = std::max(max_off, o);
+  for (int64_t dy = 0; dy < kh; ++dy)
+    for (int64_t dx = 0; dx < kw; ++dx) {
+      g.tap_off.push_back(((dy % sh) * sw + dx % sw) * g.phase_size + (dy / sh) * g.Wr + dx / sw);
+      g.max_off = std::max(g.max_off, g.tap_off.back());
+    }
   g.tile_q = tile_q;
   g.q_pad = (g.q_total(G) + tile_q - 1) / tile_q * tile_q;
   // every read of every tile stays inside the channel's plane; an odd number of cache lines
   // per plane spreads the channels' windows over the L1 sets
-  const int64_t lines = (std::max(g.phases * g.phase_size, g.q_pad + max_off) + V + 15) / 16;
+  const int64_t lines = (std::max(g.phases * g.phase_size, g.q_pad + g.max_off) + V + 15) / 16;
   g.plane = (lines | 1) * 16;
   return g;
 }
@@ -191,8 +188,7 @@ void prepare_input(const float* x, int64_t n0, int64_t count, float* buf, const 
           float* tail = row - g.pw;  // after the last data row's zeros
           if (end > tail) std::memset(tail, 0, sizeof(float) * (end - tail));
         }
-        float* tail = dst + count * Hr * Wr;
-        std::memset(tail, 0, sizeof(float) * (g.plane - count * Hr * Wr));
+        std::memset(dst + count * Hr * Wr, 0, sizeof(float) * (g.plane - count * Hr * Wr));
       } else {
         std::memset(dst, 0, sizeof(float) * g.plane);
         for (int64_t n = 0; n < count; ++n) {
@@ -262,13 +258,97 @@ void epilogue(const float* src, int64_t Wr, int64_t Ho, int64_t Wo, const float*
 
 // ---- the op ------------------------------------------------------------------------------
 
+// What every call shares, whichever kernel computes the sums.
+struct Call {
+  at::Tensor x, bias, residual, out;
+  int64_t N, C, H, W, O, kh, kw, sh, sw, ph, pw, pool, out_h, out_w;
+  bool relu;
+};
+
+Call check_call(const at::Tensor& x_in, int64_t c_in, const c10::optional<at::Tensor>& bias_in, int64_t out_channels,
+                int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, bool relu,
+                const c10::optional<at::Tensor>& residual_in, int64_t pool) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 4,
+              "tkp::topk_conv2d: x must be a float32 CPU tensor (N, C, H, W)");
+  TORCH_CHECK(x_in.size(1) == c_in, "tkp::topk_conv2d: x has ", x_in.size(1), " channels, the weights ", c_in);
+  TORCH_CHECK(sh >= 1 && sw >= 1 && ph >= 0 && pw >= 0 && kh >= 1 && kw >= 1 && kh * kw <= 256,
+              "tkp::topk_conv2d: bad stride, padding or kernel size");
+  TORCH_CHECK(x_in.size(2) + 2 * ph >= kh && x_in.size(3) + 2 * pw >= kw,
+              "tkp::topk_conv2d: input smaller than the kernel");
+  TORCH_CHECK(pool == 0 || pool == 2, "tkp::topk_conv2d: pool must be 0 or 2 (2x2 max pool, stride 2)");
+  Call c;
+  c.x = x_in.contiguous();
+  c.N = c.x.size(0), c.C = c_in, c.H = c.x.size(2), c.W = c.x.size(3), c.O = out_channels;
+  c.kh = kh, c.kw = kw, c.sh = sh, c.sw = sw, c.ph = ph, c.pw = pw, c.relu = relu, c.pool = pool;
+  if (bias_in.has_value() && bias_in->defined()) {
+    c.bias = bias_in->contiguous();
+    TORCH_CHECK(c.bias.scalar_type() == at::kFloat && c.bias.numel() == out_channels, "tkp::topk_conv2d: bad bias");
+  }
+  const int64_t Ho = (c.H + 2 * ph - kh) / sh + 1, Wo = (c.W + 2 * pw - kw) / sw + 1;
+  if (residual_in.has_value() && residual_in->defined()) {
+    c.residual = residual_in->contiguous();
+    TORCH_CHECK(c.residual.scalar_type() == at::kFloat && c.residual.device().is_cpu() &&
+                    c.residual.sizes() == at::IntArrayRef({c.N, c.O, Ho, Wo}),
+                "tkp::topk_conv2d: residual must be a float32 CPU tensor shaped like the convolution's output");
+  }
+  c.out_h = pool ? Ho / 2 : Ho, c.out_w = pool ? Wo / 2 : Wo;
+  c.out = at::empty({c.N, c.O, c.out_h, c.out_w}, c.x.options());
+  return c;
+}
+
+// Images per group: a group's input planes and sums fit in about 1 MiB of L2.
+int64_t images_per_group(const Call& c, int64_t sum_rows, int64_t tile_q) {
+  const Geometry g1 = make_geometry(c.C, c.H, c.W, c.kh, c.kw, c.sh, c.sw, c.ph, c.pw, 1, tile_q);
+  const int64_t per_image = (c.C * g1.phases + sum_rows) * g1.Hr * g1.Wr * int64_t(sizeof(float));
+  return std::max<int64_t>(1, std::min<int64_t>(c.N, (int64_t(1) << 20) / std::max<int64_t>(per_image, 1)));
+}
+
+// Runs the batch group by group: input -> flat layout, compute(xb, yv, images) fills the sums
+// (row o at yv + o * y_stride + y_margin, flat positions), then the epilogue writes NCHW.
+template <class Compute>
+void run_groups(const Call& c, const Geometry& g, int64_t y_rows, int64_t y_stride, int64_t y_margin,
+                Compute compute) {
+  const int64_t G = g.G, groups = (c.N + G - 1) / G, threads = at::get_num_threads(), O = c.O;
+  const float* xp = c.x.data_ptr<float>();
+  const float* rp = c.residual.defined() ? c.residual.data_ptr<float>() : nullptr;
+  float* outp = c.out.data_ptr<float>();
+  auto run_group = [&](int64_t grp) {
+    const int64_t n0 = grp * G, count = std::min(G, c.N - n0);
+    float* xb = scratch_input.get<float>(c.C * g.plane);
+    float* yv = scratch_output.get<float>(y_rows * y_stride);
+    prepare_input(xp, n0, count, xb, g);
+    compute(xb, yv, count);
+    // flat -> NCHW: output (n, o, oh, ow) is row o at n*Hr*Wr + oh*Wr + ow, then the epilogue
+    at::parallel_for(0, count * O, 1, [&](int64_t a, int64_t b) {
+      for (int64_t j = a; j < b; ++j) {
+        const int64_t n = j / O, o = j % O, plane = (n0 + n) * O + o;
+        epilogue(yv + o * y_stride + y_margin + n * g.Hr * g.Wr, g.Wr, g.Ho, g.Wo,
+                 rp ? rp + plane * g.Ho * g.Wo : nullptr, c.relu, c.pool, outp + plane * c.out_h * c.out_w);
+      }
+    });
+  };
+  if (threads > 1 && groups >= threads) {
+    at::parallel_for(0, groups, 1, [&](int64_t a, int64_t b) {
+      for (int64_t grp = a; grp < b; ++grp) run_group(grp);  // nested parallel_for runs inline
+    });
+  } else {
+    for (int64_t grp = 0; grp < groups; ++grp) run_group(grp);
+  }
+}
+
+std::vector<float> padded_bias(const Call& c, int64_t rows) {
+  std::vector<float> b(rows, 0.f);
+  if (c.bias.defined()) std::copy(c.bias.data_ptr<float>(), c.bias.data_ptr<float>() + c.O, b.begin());
+  return b;
+}
+
+// The register-tile kernel: values/taps packed per tile of M output channels,
+// values[t][i][k][m] (float) and taps[t][i][k][m] (int32, dy*kw + dx).
 at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& taps,
                        const c10::optional<at::Tensor>& bias_in, int64_t out_channels, int64_t kh, int64_t kw,
                        int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t tile_m,
                        int64_t tile_s, int64_t channel_block, bool relu, const c10::optional<at::Tensor>& residual_in,
                        int64_t pool) {
-  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 4,
-              "tkp::topk_conv2d: x must be a float32 CPU tensor (N, C, H, W)");
   TORCH_CHECK(values.scalar_type() == at::kFloat && values.dim() == 4 && values.is_contiguous(),
               "tkp::topk_conv2d: values must be contiguous float32 (tiles, C_in, K, M)");
   TORCH_CHECK(taps.scalar_type() == at::kInt && taps.sizes() == values.sizes() && taps.is_contiguous(),
@@ -276,82 +356,42 @@ at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const a
   const int64_t T = values.size(0), C = values.size(1), K = values.size(2), M = values.size(3);
   TORCH_CHECK(M == tile_m && T * M >= out_channels && (T - 1) * M < out_channels,
               "tkp::topk_conv2d: values do not match tile_m / out_channels");
-  TORCH_CHECK(x_in.size(1) == C, "tkp::topk_conv2d: x has ", x_in.size(1), " channels, the weights ", C);
-  TORCH_CHECK(stride_h >= 1 && stride_w >= 1 && pad_h >= 0 && pad_w >= 0 && kh >= 1 && kw >= 1,
-              "tkp::topk_conv2d: bad stride, padding or kernel size");
-  TORCH_CHECK(x_in.size(2) + 2 * pad_h >= kh && x_in.size(3) + 2 * pad_w >= kw,
-              "tkp::topk_conv2d: input smaller than the kernel");
   TileFn fn = find_tile(tile_m, tile_s);
   TORCH_CHECK(fn != nullptr, "tkp::topk_conv2d: no compiled register tile M=", tile_m, " S=", tile_s);
-  at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    bias = bias_in->contiguous();
-    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == out_channels, "tkp::topk_conv2d: bad bias");
-  }
-  const at::Tensor x = x_in.contiguous();
-  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), O = out_channels, OP = T * M;
-
-  // images per group: a group's input and output planes fit in about 1 MiB
-  const int64_t tile_q = V * tile_s;
-  const Geometry g1 = make_geometry(C, H, W, kh, kw, stride_h, stride_w, pad_h, pad_w, 1, tile_q);
-  const int64_t per_image = (C * g1.phases + OP) * g1.image_size() * int64_t(sizeof(float));
-  const int64_t G = std::max<int64_t>(1, std::min<int64_t>(N, (int64_t(1) << 20) / std::max<int64_t>(per_image, 1)));
-  const Geometry g = make_geometry(C, H, W, kh, kw, stride_h, stride_w, pad_h, pad_w, G, tile_q);
-  const int64_t groups = (N + G - 1) / G;
-  TORCH_CHECK(g.plane * C < (int64_t(1) << 40) && g.tap_off.back() < (int64_t(1) << 31),
-              "tkp::topk_conv2d: input too large");
+  const Call c = check_call(x_in, C, bias_in, out_channels, kh, kw, stride_h, stride_w, pad_h, pad_w, relu,
+                            residual_in, pool);
+  const int64_t OP = T * M, tile_q = V * tile_s;
+  const Geometry g = make_geometry(C, c.H, c.W, kh, kw, stride_h, stride_w, pad_h, pad_w,
+                                   images_per_group(c, OP, tile_q), tile_q);
+  TORCH_CHECK(g.plane * C < (int64_t(1) << 40) && g.max_off < (int64_t(1) << 31), "tkp::topk_conv2d: input too large");
 
   // per-call tables: taps -> offsets (one entry per kept weight), bias padded to the tiles
   std::vector<int32_t> offsets(taps.numel());
-  {
-    const int32_t* t = taps.data_ptr<int32_t>();
-    const int64_t ntaps = kh * kw;
-    for (size_t j = 0; j < offsets.size(); ++j) {
-      TORCH_CHECK(t[j] >= 0 && t[j] < ntaps, "tkp::topk_conv2d: tap index out of range");
-      offsets[j] = static_cast<int32_t>(g.tap_off[t[j]]);
-    }
+  const int32_t* tp = taps.data_ptr<int32_t>();
+  for (size_t j = 0; j < offsets.size(); ++j) {
+    TORCH_CHECK(tp[j] >= 0 && tp[j] < kh * kw, "tkp::topk_conv2d: tap index out of range");
+    offsets[j] = static_cast<int32_t>(g.tap_off[tp[j]]);
   }
-  std::vector<float> bias_pad(OP, 0.f);
-  if (bias.defined()) std::copy(bias.data_ptr<float>(), bias.data_ptr<float>() + O, bias_pad.begin());
-
+  const std::vector<float> bias = padded_bias(c, OP);
   // input channels per block: the shifted windows of one block stay in L1 (about 24 KiB)
-  const int64_t window = tile_q + g.tap_off.back() + V;
+  const int64_t window = tile_q + g.max_off + V;
   const int64_t cb = std::min(std::max<int64_t>(C, 1),
                               channel_block > 0 ? channel_block : std::max<int64_t>(1, 6144 / window));
-
-  TORCH_CHECK(pool == 0 || pool == 2, "tkp::topk_conv2d: pool must be 0 or 2 (2x2 max pool, stride 2)");
-  at::Tensor residual;
-  if (residual_in.has_value() && residual_in->defined()) {
-    residual = residual_in->contiguous();
-    TORCH_CHECK(residual.scalar_type() == at::kFloat && residual.device().is_cpu() &&
-                    residual.sizes() == at::IntArrayRef({N, O, g.Ho, g.Wo}),
-                "tkp::topk_conv2d: residual must be a float32 CPU tensor shaped like the convolution's output");
-  }
-  const float* rp = residual.defined() ? residual.data_ptr<float>() : nullptr;
-  const int64_t out_h = pool ? g.Ho / 2 : g.Ho, out_w = pool ? g.Wo / 2 : g.Wo;
-  at::Tensor out = at::empty({N, O, out_h, out_w}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* outp = out.data_ptr<float>();
   const float* wv = values.data_ptr<float>();
   const int32_t* ov = offsets.data();
-  const float* bv = bias_pad.data();
+  const float* bv = bias.data();
   const int64_t threads = at::get_num_threads();
 
-  auto run_group = [&](int64_t grp) {
-    const int64_t n0 = grp * G, count = std::min(G, N - n0);
-    float* xb = scratch_input.get<float>(C * g.plane);
-    float* yv = scratch_output.get<float>(OP * g.q_pad);
-    prepare_input(xp, n0, count, xb, g);
-    const int64_t QT = (g.q_total(count) + tile_q - 1) / tile_q;
+  run_groups(c, g, OP, g.q_pad, 0, [&](const float* xb, float* yv, int64_t images) {
+    const int64_t QT = (g.q_total(images) + tile_q - 1) / tile_q;
     // work units: q tiles, each split over ranges of output-channel tiles when the tiles alone
     // are too few to keep the threads busy
-    const int64_t tsplit = at::in_parallel_region() || threads == 1 ? 1
-                           : std::min(T, std::max<int64_t>(1, (8 * threads + QT - 1) / QT));
+    const int64_t tsplit = at::in_parallel_region() || threads == 1
+                               ? 1 : std::min(T, std::max<int64_t>(1, (8 * threads + QT - 1) / QT));
     at::parallel_for(0, QT * tsplit, 1, [&](int64_t u0, int64_t u1) {
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t qt = u / tsplit, part = u % tsplit;
-        const int64_t t0 = T * part / tsplit, t1 = T * (part + 1) / tsplit;
-        const int64_t q0 = qt * tile_q;
+        const int64_t t0 = T * part / tsplit, t1 = T * (part + 1) / tsplit, q0 = qt * tile_q;
         if (K == 0) {
           for (int64_t o = t0 * M; o < t1 * M; ++o) std::fill(yv + o * g.q_pad + q0, yv + o * g.q_pad + q0 + tile_q, bv[o]);
           continue;
@@ -364,36 +404,24 @@ at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const a
         }
       }
     });
-    // flat -> NCHW: output (n, o, oh, ow) is yv[o][n*Hr*Wr + oh*Wr + ow], then the epilogue
-    at::parallel_for(0, count * O, 1, [&](int64_t a, int64_t b) {
-      for (int64_t j = a; j < b; ++j) {
-        const int64_t n = j / O, o = j % O, plane = (n0 + n) * O + o;
-        epilogue(yv + o * g.q_pad + n * g.Hr * g.Wr, g.Wr, g.Ho, g.Wo, rp ? rp + plane * g.Ho * g.Wo : nullptr, relu,
-                 pool, outp + plane * out_h * out_w);
-      }
-    });
-  };
-
-  if (threads > 1 && groups >= threads) {
-    at::parallel_for(0, groups, 1, [&](int64_t a, int64_t b) {
-      for (int64_t grp = a; grp < b; ++grp) run_group(grp);  // nested parallel_for runs inline
-    });
-  } else {
-    for (int64_t grp = 0; grp < groups; ++grp) run_group(grp);
-  }
-  return out;
+  });
+  return c.out;
 }
 
 // Shapes only, for torch.compile / torch.export tracing (FakeTensor).
-at::Tensor topk_conv2d_meta(const at::Tensor& x, const at::Tensor& values, const at::Tensor& taps,
-                            const c10::optional<at::Tensor>& bias, int64_t out_channels, int64_t kh, int64_t kw,
-                            int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t tile_m,
-                            int64_t tile_s, int64_t channel_block, bool relu,
-                            const c10::optional<at::Tensor>& residual, int64_t pool) {
+at::Tensor output_like(const at::Tensor& x, int64_t out_channels, int64_t kh, int64_t kw, int64_t stride_h,
+                       int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t pool) {
   auto ho = (x.sym_size(2) + 2 * pad_h - kh) / stride_h + 1;
   auto wo = (x.sym_size(3) + 2 * pad_w - kw) / stride_w + 1;
   if (pool) ho = ho / 2, wo = wo / 2;
   return at::empty_symint({x.sym_size(0), c10::SymInt(out_channels), ho, wo}, x.options());
+}
+
+at::Tensor topk_conv2d_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                            int64_t out_channels, int64_t kh, int64_t kw, int64_t stride_h, int64_t stride_w,
+                            int64_t pad_h, int64_t pad_w, int64_t, int64_t, int64_t, bool,
+                            const c10::optional<at::Tensor>&, int64_t pool) {
+  return output_like(x, out_channels, kh, kw, stride_h, stride_w, pad_h, pad_w, pool);
 }
 
 std::vector<int64_t> tile_kinds() {
@@ -411,5 +439,10 @@ TORCH_LIBRARY(tkp, m) {
   m.def("tile_kinds() -> int[]", &tile_kinds);
 }
 
-TORCH_LIBRARY_IMPL(tkp, CPU, m) { m.impl("topk_conv2d", &topk_conv2d); }
-TORCH_LIBRARY_IMPL(tkp, Meta, m) { m.impl("topk_conv2d", &topk_conv2d_meta); }
+TORCH_LIBRARY_IMPL(tkp, CPU, m) {
+  m.impl("topk_conv2d", &topk_conv2d);
+}
+
+TORCH_LIBRARY_IMPL(tkp, Meta, m) {
+  m.impl("topk_conv2d", &topk_conv2d_meta);
+}
