@@ -95,7 +95,7 @@ class DeployError(Exception):
 
 # ==== The kernel: compiled on first use ====================================================
 
-_kernel: dict = {}  # {"ok": bool, "why": str}: the outcome of the one build attempt
+_kernel: dict = {}  # {"ok": bool, "why": str, "module": the built extension}: the one build attempt
 
 
 def kernel_available(announce: bool = True) -> bool:
@@ -122,11 +122,9 @@ def kernel_problem() -> str:
 def _build_kernel() -> None:
     if os.environ.get("TKP_DEPLOY_NO_KERNEL", "") not in ("", "0"):
         raise RuntimeError("TKP_DEPLOY_NO_KERNEL is set")
-    if hasattr(torch.ops, "tkp") and hasattr(torch.ops.tkp, "topk_conv2d"):
-        return  # registered already (e.g. by an earlier import in this process)
     from torch.utils import cpp_extension
-    cpp_extension.load(name="tkp_topk_conv", sources=[str(KERNEL_SOURCE)],
-                       extra_cflags=["-O3", "-march=native"], is_python_module=False, verbose=False)
+    _kernel["module"] = cpp_extension.load(name="tkp_topk_conv", sources=[str(KERNEL_SOURCE)],
+                                           extra_cflags=["-O3", "-march=native"], verbose=False)
 
 
 def _one_line(e: BaseException) -> str:
@@ -233,9 +231,11 @@ class TopKConv2d(nn.Module):
         if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and kernel_available()
                 and (residual is None or residual.dtype == torch.float32)):
             values, taps = self.packed()
-            return torch.ops.tkp.topk_conv2d(x, values, taps, self.bias, self.out_channels, *self.kernel_size,
-                                             *self.stride, *self.padding, self.tile[0], self.tile[1], 0, self.relu,
-                                             residual, self.pool)
+            args = (values, taps, self.bias, self.out_channels, *self.kernel_size, *self.stride, *self.padding,
+                    self.tile[0], self.tile[1], 0, self.relu, residual, self.pool)
+            if torch.compiler.is_compiling():  # the registered op, which torch.compile can trace
+                return torch.ops.tkp.topk_conv2d(x, *args)
+            return _kernel["module"].topk_conv2d(x, *args)  # the same function without torch.ops' parsing
         y = F.conv2d(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
                      self.stride, self.padding)
         if residual is not None:

@@ -2,7 +2,8 @@
 // kh*kw taps, computed from the kept taps alone (fp32, NCHW in and out, groups = 1).
 //
 // Built on first use by tkp_deploy.py through torch.utils.cpp_extension (-O3 -march=native)
-// and registered as the torch op tkp::topk_conv2d; it runs on torch's intra-op threads.
+// and registered as the torch op tkp::topk_conv2d (with a shape function for torch.compile
+// and torch.export); it runs on torch's intra-op threads.
 //
 // How it is fast. The input is first copied into a zero-padded "flat" layout in which every
 // tap (dy, dx) of the kernel is one constant offset: stride 1 puts the images of the batch
@@ -443,6 +444,14 @@ TORCH_LIBRARY_IMPL(tkp, CPU, m) {
   m.impl("topk_conv2d", &topk_conv2d);
 }
 
-TORCH_LIBRARY_IMPL(tkp, Meta, m) {
-  m.impl("topk_conv2d", &topk_conv2d_meta);
+TORCH_LIBRARY_IMPL(tkp, Meta, m) { m.impl("topk_conv2d", &topk_conv2d_meta); }
+
+#ifdef TORCH_EXTENSION_NAME
+// The same function as a plain Python binding: eager calls skip torch.ops' argument parsing
+// (about 10 us a call, as much as a small layer's work); torch.compile uses the op.
+#include <torch/csrc/utils/pybind.h>
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("topk_conv2d", &topk_conv2d, "tkp::topk_conv2d without the dispatcher");
 }
+#endif
