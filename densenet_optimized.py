@@ -4,7 +4,7 @@ Fine-tunes torchvision's DenseNet-121, its classifier replaced for 100 classes, 
 stages: cross-entropy plus beta * L_aux, then a hard Top-K mask on every Conv2d (the 7x7
 stem too, unless --exclude-layers features.conv0 keeps it dense; the 1x1 convolutions are
 never pruned), BatchNorm recalibration and masked fine-tuning. Method, flags and outputs:
-README.md; the contract: SPEC.md.
+README.md; the method's fine print: DESIGN.md.
 
     pip install -r requirements.txt
     python densenet_optimized.py                      # Top-1, the paper's defaults (100+100 epochs)

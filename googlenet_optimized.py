@@ -3,7 +3,7 @@
 Fine-tunes torchvision's GoogLeNet, its classifiers replaced for 100 classes, in two stages:
 cross-entropy plus beta * L_aux, then a hard Top-K mask on every Conv2d (the 7x7 stem too,
 unless --exclude-layers conv1 keeps it dense), BatchNorm recalibration and masked
-fine-tuning. Method, flags and outputs: README.md; the contract: SPEC.md.
+fine-tuning. Method, flags and outputs: README.md; the method's fine print: DESIGN.md.
 
     pip install -r requirements.txt
     python googlenet_optimized.py                     # Top-1, the paper's defaults (100+100 epochs)

@@ -30,6 +30,7 @@ import json
 import math
 import random
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -44,14 +45,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tkp_data import (CIFAR_CLASSES, DeviceImageLoader, ImageArrayDataset, cifar32_transforms, image_folder,  # noqa: F401,E501
-                      cifar_splits, fake_splits, load_cifar, make_loader, make_loaders, set_loader_epoch,
+                      cifar_splits, fake_splits, load_cifar, make_loader, make_loaders, set_loader_epoch, skipped_images,
                       upscaled_cifar_transforms)
 from tkp_qat import (export_int8, freeze_qat, freeze_to_int8, int8_size_bytes, load_int8,  # noqa: F401
                      prepare_qat, qat_layers, strip_qat)
 from tkp_report import check_sparsity, format_summary, sparsity_report, tap_frequencies  # noqa: F401
 from tkp_runtime import (ArgumentParser, Dist, HelpFormatter, Output, TKPError, add_topk_args,  # noqa: F401
                          all_reduce_sum, amp_name, base_parser, clean_state_dict, cli, comma_list, derive_seed,
-                         device_name, format_duration, fraction, init_distributed, int_range, load_file,
+                         device_name, format_duration, fraction, gpu_has_bf16, init_distributed, int_range, load_file,
                          load_weights, main_process_first, matches_prefix, nonneg_float, plain, positive_float,
                          pretrained_state, read_state_dict, resolve_amp, save_atomic, seed_all, to_cpu, to_device,
                          versions)
@@ -74,7 +75,7 @@ class Target:
 
 @dataclass
 class Plan:
-    """What gets pruned. `num_groups` normalises L_aux (SPEC §2)."""
+    """What gets pruned. `num_groups` normalises L_aux (DESIGN.md §2)."""
     pattern: str                      # "top-1", "2:4", "dense"
     targets: list[Target] = field(default_factory=list)
     num_groups: int = 0
@@ -82,13 +83,17 @@ class Plan:
 
 
 def topk_plan(model: nn.Module, topk: int, exclude: list[str] = (), dense: bool = False) -> Plan:
-    """Top-K over every Conv2d kernel (SPEC §1). Kernels with kh*kw <= topk stay dense but still
+    """Top-K over every Conv2d kernel (DESIGN.md §1). Kernels with kh*kw <= topk stay dense but still
     count towards num_groups, as in the reference; layers in `exclude` are neither."""
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     unknown = [p for p in exclude if not any(matches_prefix(n, [p]) for n in convs)]
     if unknown:
         raise TKPError(f"--exclude-layers: no Conv2d named {', '.join(unknown)}; "
                        f"Conv2d layers are: {', '.join(list(convs)[:12])}{' ...' if len(convs) > 12 else ''}")
+    largest = max((m.kernel_size[0] * m.kernel_size[1] for m in convs.values()), default=9)
+    if topk > max(9, largest - 1):
+        raise TKPError(f"--topk {topk} keeps every tap of the largest kernel ({largest} taps); choose "
+                       f"1..{max(9, largest - 1)}")
     if dense:
         return Plan("dense")
     plan = Plan(f"top-{topk}")
@@ -104,7 +109,7 @@ def topk_plan(model: nn.Module, topk: int, exclude: list[str] = (), dense: bool 
 
 
 def nm_plan(model: nn.Module, n: int, m: int, module_names: list[str]) -> Plan:
-    """N:M over the input dimension of the named Linear modules (SPEC §1). A Linear whose
+    """N:M over the input dimension of the named Linear modules (DESIGN.md §1). A Linear whose
     input width is not a multiple of M is skipped and reported, never padded."""
     plan = Plan(f"{n}:{m}")
     modules = dict(model.named_modules())
@@ -199,7 +204,7 @@ def aux_coefficients(reg_type: str, group: int, keep: int, alpha: float) -> torc
 
 class AuxRegularizer:
     """L_aux = (1/num_groups) * sum_groups sum_r c[r] * s_r, s = squared weights sorted
-    descending (SPEC §2).
+    descending (DESIGN.md §2).
 
     Because sorting only permutes entries, dL_aux/dw = 2 * c[rank(w)] * w / num_groups: the
     same gradient autograd gives through torch.sort. We compute the ranks of all layers'
@@ -433,10 +438,17 @@ def recalibrate_bn(module: nn.Module, loader, batches: int, device: torch.device
 
 # ==== The two-stage driver ===============================================================
 
-# Flags that change the science of a run: a resumed run must use the same values.
+# Flags that do not change the science of a run: a resumed run may give them other values
+# (every other flag given on the command line must equal the checkpoint's).
 OPERATIONAL_FLAGS = {"output_dir", "resume", "eval", "num_workers", "data_loader", "compile", "device", "channels_last",
                      "progress_every", "batch_val", "val_freq", "data_root", "data_path",
-                     "checkpoint_dir", "pretrain_path", "pretrained_path"}
+                     "checkpoint_dir", "pretrain_path", "pretrained_path", "explicit_flags"}
+# Flags a resumed run does not take from its checkpoint (every other flag that the command
+# line does not give does, so that `--resume CKPT` alone continues the run exactly; the
+# workers count too, as they draw the augmentations).
+MACHINE_FLAGS = {"output_dir", "resume", "eval", "explicit_flags", "device", "progress_every"}
+# Precision flags: a resume is checked on the precision they resolve to on this machine.
+PRECISION_FLAGS = {"amp_dtype", "no_amp"}
 
 
 @dataclass
@@ -498,13 +510,15 @@ class Run:
                         self.dist, self.script.topk_metrics, self.memory_format)
 
 
-def _prepare_output_dir(args, script: Script, dist: Dist) -> Path:
-    """Resolve --output-dir and create it; never adopt a folder that holds another run."""
+def _prepare_output_dir(args, script: Script, dist: Dist) -> tuple[Path, bool]:
+    """Resolve --output-dir and create it; never adopt a folder that holds another run.
+    Returns the folder and whether this call created it."""
+    temporary = False
     if args.output_dir is None:
         if args.resume:
             args.output_dir = str(Path(args.resume).parent)
         elif args.dry_run:
-            args.output_dir = tempfile.mkdtemp(prefix=f"tkp-dry-run-{script.name}-")
+            args.output_dir, temporary = tempfile.mkdtemp(prefix=f"tkp-dry-run-{script.name}-"), True
         else:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             args.output_dir = str(Path("runs") / f"{script.name}-{stamp}")
@@ -513,12 +527,31 @@ def _prepare_output_dir(args, script: Script, dist: Dist) -> Path:
     if existing.exists() and not (args.resume and existing.resolve() == Path(args.resume).resolve()):
         raise TKPError(f"{folder} already holds a run; continue it with --resume {existing} "
                        f"or choose another --output-dir")
+    created = temporary or not folder.exists()
     if dist.is_main:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise TKPError(f"cannot create --output-dir {folder}: {e.strerror}") from None
-    return folder
+    return folder, created
+
+
+def _clean_up(folder: Path, created: bool, temporary: bool, out: Output) -> None:
+    """After a run: remove a --dry-run's temporary folder; after a failure, remove the folder
+    this run created if no epoch was saved in it (only the files the run writes first)."""
+    if not out.dist.is_main or not created or not folder.is_dir():
+        return
+    if temporary:
+        shutil.rmtree(folder, ignore_errors=True)
+        out.print(f"dry run: removed {folder} (pass --output-dir to keep the outputs)")
+        return
+    if (folder / "checkpoint_last.pt").exists():
+        return
+    for name in ("args.json", "log.jsonl"):
+        with contextlib.suppress(FileNotFoundError):
+            (folder / name).unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only if nothing else is in it
 
 
 def _apply_dry_run(args) -> None:
@@ -530,24 +563,36 @@ def _apply_dry_run(args) -> None:
     args.num_workers = 0
 
 
-def _load_resume(args, amp: str) -> dict:
-    """Read --resume and check that it continues this run: a TKP checkpoint, made with the
-    same science flags and the same precision."""
+def _load_resume(args) -> dict:
+    """Read --resume and continue its run: every flag the command line did not give comes
+    from the checkpoint (except the machine's own: device, workers, compile, ...); a science
+    flag given with another value than the checkpoint's is refused."""
     ckpt = load_file(args.resume, "--resume checkpoint")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise TKPError(f"{args.resume} is not a TKP checkpoint_last.pt (to start from weights, use "
                        f"the script's pretrained-weights flag)")
     saved, current = ckpt["args"], plain(vars(args))
-    diffs = [k for k, v in saved.items() if k not in OPERATIONAL_FLAGS and k in current and current[k] != v]
+    given = set(getattr(args, "explicit_flags", current))
+    compared = given - OPERATIONAL_FLAGS - PRECISION_FLAGS
+    diffs = [k for k in sorted(compared) if k in saved and k in current and current[k] != saved[k]]
     if diffs:
         shown = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {current[k]!r})" for k in diffs[:3])
-        raise TKPError(f"the checkpoint was made with {shown}; resume with the same flags, "
-                       f"or start a new run in another --output-dir")
+        raise TKPError(f"the checkpoint was made with {shown}; resume with the same flags (or leave them "
+                       f"out: a resumed run takes them from its checkpoint), or start a new run in another "
+                       f"--output-dir")
+    for k, v in saved.items():
+        if k in current and k not in given and k not in MACHINE_FLAGS:
+            setattr(args, k, v)
+    return ckpt
+
+
+def _check_precision(ckpt: dict, amp: str) -> None:
+    """The precision the checkpoint trained in must be the one this machine resolves (flags
+    such as --amp-dtype auto resolve differently on a CPU and on GPUs of other generations)."""
     if ckpt["amp"] != amp:
         raise TKPError(f"the checkpoint was trained with amp {ckpt['amp']} and this machine resolves "
                        f"amp {amp}; pass --amp-dtype {ckpt['amp']}" if ckpt["amp"] != "off" else
-                       "the checkpoint was trained in fp32; pass --no-amp")
-    return ckpt
+                       f"the checkpoint was trained in fp32 and this machine resolves amp {amp}; pass --no-amp")
 
 
 def _rng_state(device) -> dict:
@@ -565,7 +610,7 @@ def _restore_rng(state: dict, device) -> None:
 
 
 def run(args, script: Script) -> dict:
-    """Run the two-stage pipeline of SPEC §3 (or --eval) for one script. Returns the summary."""
+    """Run the two-stage pipeline of DESIGN.md §3 (or --eval) for one script. Returns the summary."""
     if args.eval:
         return evaluate_checkpoint(args, script)
     dist, device = init_distributed(args.device)
@@ -578,18 +623,25 @@ def run(args, script: Script) -> dict:
     if args.dry_run and device.type == "cpu":
         torch.backends.mkldnn.enabled = False
         torch.set_num_threads(1)
+    temporary = args.dry_run and args.output_dir is None and not args.resume
+    folder, created = _prepare_output_dir(args, script, dist)
+    finished = False
     try:
-        return _run(args, script, dist, device)
+        summary = _run(args, script, dist, device, folder)
+        finished = True
+        return summary
     finally:
+        if temporary or not finished:
+            _clean_up(folder, created, temporary, Output(folder, dist))
         torch.backends.mkldnn.enabled = onednn
         torch.set_num_threads(threads)
         if dist.enabled and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
 
 
-def _run(args, script: Script, dist: Dist, device: torch.device) -> dict:
+def _run(args, script: Script, dist: Dist, device: torch.device, folder: Path) -> dict:
     """The method, step by step: stage 1, mask, recalibrate, stage 2, QAT, reports."""
-    r = _start(args, script, dist, device)
+    r = _start(args, script, dist, device, folder)
     try:
         if r.stage == 1:
             train_stage1(r)
@@ -606,18 +658,20 @@ def _run(args, script: Script, dist: Dist, device: torch.device) -> dict:
     return finish_qat(r) if args.qat else summary
 
 
-def _start(args, script: Script, dist: Dist, device: torch.device) -> Run:
+def _start(args, script: Script, dist: Dist, device: torch.device, folder: Path) -> Run:
     """Check --resume, build model, data, plan and loaders, write args.json; then restore the
     checkpoint, or evaluate the starting weights of a pretrained model."""
-    amp_dtype = resolve_amp(args, device)
     wall_start = time.time()
-    resume = _load_resume(args, amp_name(amp_dtype)) if args.resume else None
-    folder = _prepare_output_dir(args, script, dist)
+    resume = _load_resume(args) if args.resume else None
+    amp_dtype = resolve_amp(args, device)
+    if resume is not None:
+        _check_precision(resume, amp_name(amp_dtype))
     seed_all(derive_seed(args.seed, 0))
     with main_process_first(dist):  # rank 0 downloads weights and data; the others then read them
         module = script.build_model(args).to(device)
+    plan = script.build_plan(module, args)  # before the data: a bad sparsity flag fails at once
+    with main_process_first(dist):
         train_set, val_set = script.build_data(args)
-    plan = script.build_plan(module, args)
     if len(train_set) == 0 or len(val_set) == 0:
         raise TKPError("the training or validation set is empty; check the data folder")
     loaders = make_loaders(args, train_set, val_set, device, dist)
@@ -695,12 +749,40 @@ def _trainer(r: Run, stage: int, lr: float | None = None, min_lr: float | None =
                             **parts)
     if r.resume is not None:
         trainer.optimizer.load_state_dict(r.resume["optimizer"])
+        match_state_layout(trainer.optimizer)
         trainer.scheduler.load_state_dict(r.resume["scheduler"])
         trainer.scaler.load_state_dict(r.resume["scaler"])
         trainer.step = r.resume["step"]
+        if trainer.scheduler.T_max != max(steps_per_epoch * r.epochs[stage], 1):
+            # saved by a run with another number of steps per epoch (another world size)
+            continue_schedule(trainer, steps_per_epoch * r.epochs[stage], steps_per_epoch * r.epoch)
         _restore_rng(r.resume["rng"], r.device)
         r.resume = None
     return trainer
+
+
+def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every loaded optimizer state tensor its parameter's memory layout. A resume may
+    change --channels-last (or the device, whose default differs), and AdamW's fused kernel
+    walks storage in order: moments in another layout would update other weights."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+def continue_schedule(trainer: Trainer, total_steps: int, steps_done: int) -> None:
+    """Continue a per-step cosine over `total_steps` from `steps_done`: the stage's remaining
+    epochs follow the same curve (lr by fraction of the stage done) whatever the steps per
+    epoch were before the resume."""
+    sched = trainer.scheduler
+    sched.T_max, sched.last_epoch = max(total_steps, 1), steps_done
+    for group, base in zip(trainer.optimizer.param_groups, sched.base_lrs):
+        group["lr"] = sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * steps_done / sched.T_max)) / 2
+    sched._last_lr = [group["lr"] for group in trainer.optimizer.param_groups]
+    trainer.step = steps_done
 
 
 def _checkpoint(r: Run, trainer: Trainer) -> dict:
@@ -725,8 +807,12 @@ def train_epochs(r: Run, trainer: Trainer) -> None:
         set_loader_epoch(r.train_loader, seed, rank_seed)
         label = f"stage {stage} epoch {r.epoch + 1}/{r.epochs[stage]}"
         tic = time.perf_counter()
+        skipped_before = skipped_images(r.train_loader)
         stats = train_one_epoch(trainer, r.train_loader, progress=r.out.print,
                                 progress_every=args.progress_every, label=label)
+        # unreadable training images served by the next readable one (tkp_data), all ranks
+        stats["skipped_images"] = int(all_reduce_sum(torch.tensor(
+            [skipped_images(r.train_loader) - skipped_before], device=r.device), r.dist).item())
         last = r.epoch + 1 == r.epochs[stage]
         val = r.evaluate() if (r.epoch + 1) % args.val_freq == 0 or last else None
         if val is not None:
@@ -757,17 +843,43 @@ def _epoch_line(r: Run, label: str, stats: dict, val: dict | None) -> str:
 
 
 def train_stage1(r: Run) -> None:
-    """Stage 1 (SPEC §3.2): cross-entropy + beta * L_aux, no mask yet."""
+    """Stage 1 (DESIGN.md §3.2): cross-entropy + beta * L_aux, no mask yet."""
     regularize = r.args.reg_type != "none" and bool(r.plan.targets)
     regularizer = AuxRegularizer(r.module, r.plan, r.args.reg_type, r.args.alpha) if regularize else None
+    if regularize and r.resume is None and r.epoch == 0 and r.epochs[1] > 0:
+        _report_aux_start(r, regularizer)
     trainer = _trainer(r, 1, regularizer=regularizer, beta=r.args.beta if regularize else 0.0)
     train_epochs(r, trainer)
     if r.epochs[1] == 0:
         r.metrics["stage1_top1"] = r.metrics["init_top1"]
 
 
+@torch.no_grad()
+def _report_aux_start(r: Run, regularizer: AuxRegularizer) -> None:
+    """Print beta * L_aux next to the cross-entropy of the starting model (on one validation
+    batch): the guide to --beta for a new model (README, "Choosing --beta")."""
+    aux = float(regularizer.add_grad_(0.0)) * r.args.beta
+    x, y = _to_device(next(iter(r.val_loader)), r.device, r.memory_format)
+    # BatchNorm on the batch's statistics, as in training (a model trained from scratch has
+    # no running statistics yet), and left as it was; dropout off
+    bns = [m for m in r.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: v.clone() for k, v in bn.state_dict().items()} for bn in bns]
+    r.module.eval()
+    for bn in bns:
+        bn.train()
+    with torch.autocast(r.device.type, dtype=r.amp_dtype or torch.float32, enabled=r.amp_dtype is not None):
+        ce = F.cross_entropy(r.module(x).float(), y).item()
+    for bn, state in zip(bns, saved):
+        bn.load_state_dict(state)
+    r.metrics["aux_start"] = {"beta_aux": aux, "ce": ce}
+    r.out.print(f"stage 1 starts at beta * L_aux = {aux:.3g} next to cross-entropy {ce:.3g} (ratio {aux / ce:.2g}; "
+                f"the defaults were tuned at about 5 for VGG-8: README, 'Choosing --beta')")
+
+
 def apply_masks(r: Run) -> None:
-    """Mask (SPEC §3.3), BatchNorm recalibration (§3.4) and the post-mask evaluation."""
+    """Mask (DESIGN.md §3.3), BatchNorm recalibration (§3.4) and the post-mask evaluation. A dense
+    run (no targets) goes through the same steps without a mask: its evaluation between the
+    stages is reported as such, and its best top-1 comes from stage 2 alone."""
     r.masks = broadcast_masks(compute_masks(r.module, r.plan), r.dist, r.device)
     Masker(r.module, r.masks).apply_()
     seed_all(derive_seed(r.args.seed, 3))
@@ -775,15 +887,19 @@ def apply_masks(r: Run) -> None:
     used = recalibrate_bn(r.module, r.recal_loader, r.args.bn_recal_batches, r.device, r.amp_dtype,
                           r.memory_format)
     ev = r.evaluate()
-    r.metrics["post_mask_top1"] = r.metrics["best_top1"] = ev["top1"]
     r.metrics["val_images"] = ev["images"]
-    r.out.print(f"masked {len(r.masks)} layers ({r.plan.pattern}); BatchNorm recalibrated on {used} "
-                f"batches; post-mask top-1 {ev['top1']:.2f}%")
+    recal = f"BatchNorm recalibrated on {used} batches" if used else "no BatchNorm recalibration"
+    if r.plan.targets:
+        r.metrics["post_mask_top1"] = r.metrics["best_top1"] = ev["top1"]
+        r.out.print(f"masked {len(r.masks)} layers ({r.plan.pattern}); {recal}; post-mask top-1 {ev['top1']:.2f}%")
+    else:
+        r.metrics["between_stages_top1"] = ev["top1"]
+        r.out.print(f"between the stages ({r.plan.pattern}): {recal}; top-1 {ev['top1']:.2f}%")
     r.stage, r.epoch = 2, 0
 
 
 def train_stage2(r: Run) -> dict:
-    """Stage 2 (SPEC §3.5): masked fine-tuning with a fresh optimizer, schedule and scaler;
+    """Stage 2 (DESIGN.md §3.5): masked fine-tuning with a fresh optimizer, schedule and scaler;
     then the reports of the float model. Returns the summary."""
     masker = Masker(r.module, r.masks)
     masker.apply_()  # also re-zeroes the weights after a resume
@@ -793,7 +909,8 @@ def train_stage2(r: Run) -> dict:
         r.out.save(_checkpoint(r, trainer), "checkpoint_last.pt")
     train_epochs(r, trainer)
     if r.epochs[2] == 0:
-        r.metrics["final_top1"] = r.metrics["post_mask_top1"]
+        r.metrics["final_top1"] = r.metrics["post_mask_top1"] or r.metrics.get("between_stages_top1")
+        r.metrics["best_top1"] = r.metrics["best_top1"] or r.metrics["final_top1"]
     summary = write_reports(r)
     r.stage, r.epoch = 3, 0
     return summary
@@ -827,11 +944,13 @@ def finish_qat(r: Run) -> dict:
     r.out.print(f"QAT: top-1 {ev['top1']:.2f}% with int8 weights and inputs (float {r.metrics['final_top1']:.2f}%); "
                 f"{r.metrics['size_bytes_sparse_int8'] / 2**20:.2f} MiB sparse int8 vs "
                 f"{r.metrics['size_bytes_dense_fp32'] / 2**20:.2f} MiB dense fp32")
-    return write_reports(r, write_final=False)
+    return write_reports(r, write_final=False, quiet=True)
 
 
-def write_reports(r: Run, write_final: bool = True) -> dict:
-    """Check the sparsity, count, and write final.pt (the float model) and summary.json."""
+def write_reports(r: Run, write_final: bool = True, quiet: bool = False) -> dict:
+    """Check the sparsity, count (from the masks: int8 rounding to zero is not pruning), and
+    write final.pt (the float model) and summary.json (after QAT: the same figures, plus the
+    int8 model's under their own keys, qat_*, size_bytes_*)."""
     check_sparsity(r.module, r.plan, r.masks)
     report = sparsity_report(r.module, r.plan, r.masks, r.script.input_shape(r.args), r.device)
     summary = {"model": r.script.name, "dataset": r.script.dataset_name(r.args), "sparsity": r.plan.pattern,
@@ -845,6 +964,8 @@ def write_reports(r: Run, write_final: bool = True) -> dict:
                     "metrics": plain({k: v for k, v in summary.items() if k not in ("layers", "tap_frequencies")})},
                    "final.pt")
     r.out.write_json("summary.json", summary)
+    if quiet:
+        return summary
     r.out.print(format_summary(summary))
     if r.dist.is_main:
         import tkp_figures  # PNG figures when matplotlib is installed; otherwise one line says so
@@ -1031,7 +1152,7 @@ def cnn_script(name: str, build_model: Callable, *, upscaled: bool = False,
                pretrained: Callable = loads_pretrain_path) -> Script:
     """The Script of a Top-K CNN on CIFAR: Top-K plan over every Conv2d (--topk,
     --exclude-layers, --dense-baseline) and the CIFAR recipe: 32 px from scratch, or
-    `upscaled` to --img-size for ImageNet-pretrained models (SPEC §5)."""
+    `upscaled` to --img-size for ImageNet-pretrained models (DESIGN.md §5)."""
     def build_data(args):
         transforms = upscaled_cifar_transforms(args.img_size) if upscaled else cifar32_transforms(args.dataset)
         return cifar_splits(args, *transforms)

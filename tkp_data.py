@@ -222,7 +222,7 @@ CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0
 
 
 def cifar32_transforms(dataset: str):
-    """The from-scratch CIFAR recipe (SPEC §5, VGG-8): RandomCrop(32, padding 4), flip,
+    """The from-scratch CIFAR recipe (DESIGN.md §5, VGG-8): RandomCrop(32, padding 4), flip,
     ColorJitter(brightness 0.2, contrast 0.2), the data set's mean/std; validation normalises."""
     import torchvision.transforms as T
     norm = T.Normalize(CIFAR_MEAN[dataset], CIFAR_STD[dataset])
@@ -232,7 +232,7 @@ def cifar32_transforms(dataset: str):
 
 
 def upscaled_cifar_transforms(img_size: int):
-    """The pretrained-CNN recipe for CIFAR (SPEC §5): RandomResizedCrop(scale 0.2-1), flip,
+    """The pretrained-CNN recipe for CIFAR (DESIGN.md §5): RandomResizedCrop(scale 0.2-1), flip,
     ColorJitter(0.2, 0.2, 0.2, 0.1), ImageNet mean/std; validation resizes to 256/224 of the
     crop size and center-crops."""
     import torchvision.transforms as T

@@ -33,15 +33,17 @@ def layer_macs(module: nn.Module, input_shape: tuple[int, ...], device: torch.de
 
 
 def sparsity_report(module: nn.Module, plan, masks: dict, input_shape, device) -> dict:
-    """Parameter and MAC counts, dense and non-zero, and the theoretical speed-up
-    (dense MACs / MACs of non-zero weights: the paper's Speed-Up column)."""
+    """Parameter and MAC counts, dense and kept, and the theoretical speed-up (dense MACs /
+    MACs of the kept weights: the paper's Speed-Up column). Counted from the masks, not from
+    the weights' zeros: a kept weight that happens to be 0 (e.g. rounded to 0 in int8) is
+    not pruning, and an unmasked layer counts as dense."""
     # frozen parameters (GoogLeNet's auxiliary heads: training-only, not in the loss, never
     # run at inference) are not counted
     params = {n: p for n, p in module.named_parameters() if p.requires_grad or n in masks}
     total = sum(p.numel() for p in params.values())
-    nonzero = sum(int(torch.count_nonzero(p)) for p in params.values())
     pruned_numel = sum(params[n].numel() for n in masks)
-    pruned_nonzero = sum(int(torch.count_nonzero(params[n])) for n in masks)
+    pruned_nonzero = sum(int(masks[n].sum()) for n in masks)
+    nonzero = total - pruned_numel + pruned_nonzero
     per_layer, macs_dense = layer_macs(module, input_shape, device)
     uncounted = [n for n in masks if n.removesuffix(".weight") not in per_layer]
     if uncounted:  # the speed-up would silently read too low
@@ -51,14 +53,13 @@ def sparsity_report(module: nn.Module, plan, masks: dict, input_shape, device) -
     layers = []
     for name, macs in per_layer.items():
         weight = getattr(modules[name], "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.numel() == 0:
+        if f"{name}.weight" not in masks or weight.numel() == 0:
             continue
-        density = int(torch.count_nonzero(weight)) / weight.numel()
+        density = int(masks[f"{name}.weight"].sum()) / weight.numel()
         nz = round(macs * density)
         macs_nonzero -= macs - nz
-        if f"{name}.weight" in masks:
-            layers.append({"layer": name, "shape": list(weight.shape), "density": density,
-                           "macs_dense": macs, "macs_nonzero": nz})
+        layers.append({"layer": name, "shape": list(weight.shape), "density": density,
+                       "macs_dense": macs, "macs_nonzero": nz})
     pruned_dense = sum(layer["macs_dense"] for layer in layers)
     pruned_nonzero_macs = sum(layer["macs_nonzero"] for layer in layers)
     return {
@@ -99,8 +100,10 @@ def format_summary(s: dict) -> str:
     """summary.json as one console line."""
     def pct(v):
         return "-" if v is None else f"{v:.2f}%"
+    masked = s["sparsity"] != "dense"
+    between = f"post-mask {pct(s.get('post_mask_top1'))}" if masked else f"between stages {pct(s.get('between_stages_top1'))}"
     return (f"{s['model']} {s['dataset']} {s['sparsity']}: init {pct(s.get('init_top1'))}, "
-            f"stage 1 {pct(s.get('stage1_top1'))}, post-mask {pct(s.get('post_mask_top1'))}, "
+            f"stage 1 {pct(s.get('stage1_top1'))}, {between}, "
             f"final {pct(s.get('final_top1'))} (best {pct(s.get('best_top1'))}) | "
             f"params {s['params_nonzero']:,}/{s['params_total']:,} non-zero | "
             f"MACs {s['macs_nonzero'] / 1e6:,.1f}M/{s['macs_dense'] / 1e6:,.1f}M | "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -35,10 +36,27 @@ class TKPError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error message."""
+    """argparse with a one-line error message. It also records which flags the command line
+    gave explicitly (`args.explicit_flags`): a resumed run takes every other setting from
+    its checkpoint, and compares only these."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        if not getattr(self, "_probe", False):
+            parsed.explicit_flags = sorted(self._given(args))
+        return parsed, rest
+
+    def _given(self, args) -> set[str]:
+        """The destinations the command line set: parse again with every default suppressed."""
+        probe = copy.deepcopy(self)
+        probe._probe = True
+        probe._defaults = {}
+        for action in probe._actions:
+            action.default = argparse.SUPPRESS
+        return set(vars(probe.parse_known_args(args)[0]))
 
 
 def cli(main: Callable[[], object]) -> None:
@@ -113,6 +131,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def default_workers() -> int:
+    """4 DataLoader workers, or as many as this process may use cores if that is fewer."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cores)
+
+
 def base_parser(description: str) -> ArgumentParser:
     """The flags every script shares. Each script adds its model, data, batch and sparsity
     flags and sets its own defaults (the paper's table row) with set_defaults()."""
@@ -138,7 +162,7 @@ def base_parser(description: str) -> ArgumentParser:
                    help="clip the gradient norm to this value (default: no clipping)")
     g.add_argument("--bn-recal-batches", type=int_range(0), default=100,
                    help="training batches used to re-estimate BatchNorm statistics after masking")
-    g.add_argument("--val-freq", type=int_range(1), default=1,
+    g.add_argument("--val-freq", type=int_range(1), default=5,
                    help="validate every N epochs (and always on each stage's last epoch)")
 
     g = p.add_argument_group("quantization-aware training (stage 3)")
@@ -157,8 +181,9 @@ def base_parser(description: str) -> ArgumentParser:
     g.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="torch.compile the model (default: on with CUDA, off on CPU)")
     g.add_argument("--no-compile", dest="compile", action="store_false", default=None, help="do not compile")
-    g.add_argument("--seed", type=int_range(0, 2**31 - 1), default=0, help="seed of every random draw")
-    g.add_argument("--num-workers", type=int_range(0), default=4, help="DataLoader worker processes")
+    g.add_argument("--seed", type=int_range(0, 2**31 - 1), default=42, help="seed of every random draw")
+    g.add_argument("--num-workers", type=int_range(0), default=default_workers(),
+                   help="DataLoader worker processes (default: 4, or the machine's cores if fewer)")
     g.add_argument("--data-loader", choices=["auto", "device", "torch"], default="auto",
                    help="device: the whole data set on the GPU, augmented there in batches (CIFAR); "
                         "torch: a DataLoader with workers; auto: device on CUDA where possible")
@@ -185,8 +210,9 @@ def base_parser(description: str) -> ArgumentParser:
 def add_topk_args(p: ArgumentParser) -> None:
     """Flags of the CNN scripts: the Top-K mask and the batch sizes."""
     g = p.add_argument_group("Top-K sparsity")
-    g.add_argument("--topk", type=int_range(1, 9), default=1,
-                   help="taps kept per kernel (kernels with at most this many taps stay dense)")
+    g.add_argument("--topk", type=int_range(1), default=1,
+                   help="taps kept per kernel, 1..9 for 3x3 networks, up to the largest kernel's taps minus "
+                        "one (kernels with at most this many taps stay dense)")
     g.add_argument("--exclude-layers", type=comma_list, default=[],
                    help="comma-separated Conv2d names or prefixes kept dense, e.g. conv1")
     g.add_argument("--dense-baseline", action="store_true",
@@ -260,8 +286,18 @@ def resolve_amp(args, device: torch.device) -> torch.dtype | None:
     if device.type == "cpu":
         return {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp_dtype]
     if args.amp_dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if gpu_has_bf16(device) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp_dtype]
+
+
+def gpu_has_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes bf16 in hardware (Ampere, compute capability 8.0, and newer).
+    torch.cuda.is_bf16_supported() alone also counts emulation, which pre-Ampere GPUs (V100,
+    T4) offer for some ops but cuDNN's convolutions do not."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before the argument existed
+        return torch.cuda.get_device_capability(device) >= (8, 0) and torch.cuda.is_bf16_supported()
 
 
 def amp_name(dtype: torch.dtype | None) -> str:

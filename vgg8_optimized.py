@@ -3,7 +3,7 @@
 Trains the reference's VGG-8 from scratch in two stages: `--epochs-stage1` epochs of
 cross-entropy plus beta * L_aux (which pushes each 3x3 kernel's energy into its K largest
 taps), then a hard Top-K mask, BatchNorm recalibration and `--epochs-stage2` epochs of
-masked fine-tuning. Method, flags and outputs: README.md; the contract: SPEC.md.
+masked fine-tuning. Method, flags and outputs: README.md; the method's fine print: DESIGN.md.
 
     pip install -r requirements.txt
     python vgg8_optimized.py                       # Top-1, the paper's defaults (100+100 epochs)

@@ -3,7 +3,7 @@
 Fine-tunes a pretrained timm Vision Transformer in two stages: cross-entropy plus
 beta * L_aux over every block of M consecutive weights of the attention (qkv, proj) and MLP
 (fc1, fc2) Linears, then a hard N:M mask and masked fine-tuning. The patch embedding and
-the classifier head are never pruned. Method, flags and outputs: README.md; contract: SPEC.md.
+the classifier head are never pruned. Method, flags and outputs: README.md; the method's fine print: DESIGN.md.
 
     pip install -r requirements.txt
     python vit_small.py --data-path /data/imagenet                 # ViT-S/16, 2:4, 30+30 epochs

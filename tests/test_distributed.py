@@ -1,13 +1,15 @@
 """Multi-process training on CPU (gloo, 2 processes through torchrun): outputs written once,
-masks identical on every rank, the SPEC §4 invariants, validation over the whole set exactly
+masks identical on every rank, the DESIGN.md §4 invariants, validation over the whole set exactly
 once, and a resume on another world size."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -78,7 +80,9 @@ def test_two_process_vgg8(tmp_path):
     assert not list(out.glob(".*tmp"))
 
 
-def test_two_process_crash_then_resume_in_one_process(tmp_path):
+def test_two_process_crash_mid_stage_then_resume_in_one_process(tmp_path):
+    """A 2-process run dies in the middle of stage 1 and goes on in one process: twice the
+    steps per epoch now, and the cosine must continue by the fraction of the stage done."""
     data = write_cifar(tmp_path / "data", "cifar10", n_train=40, n_test=10)
     out = tmp_path / "run"
     crashing = tmp_path / "crash_after_two_saves.py"
@@ -89,21 +93,24 @@ def test_two_process_crash_then_resume_in_one_process(tmp_path):
             real(obj, path)
             calls.append(path)
             if len(calls) == 2:
-                raise SystemExit(3)   # rank 0 dies after stage 1 epoch 2 was saved
+                raise SystemExit(3)   # rank 0 dies after stage 1 epoch 2 (of 4) was saved
         tkp_runtime.save_atomic = save
         tkp.cli(vgg8.main)
     """))
-    common = ["--device", "cpu", "--data-root", str(data), "--epochs-stage1", "2", "--epochs-stage2", "2",
+    common = ["--device", "cpu", "--data-root", str(data), "--epochs-stage1", "4", "--epochs-stage2", "1",
               "--batch-train", "8", "--batch-val", "8", "--num-workers", "0", "--bn-recal-batches", "2",
               "--progress-every", "0"]
     r = torchrun(crashing, *common, "--output-dir", str(out))
     assert r.returncode != 0
     ckpt = torch.load(out / "checkpoint_last.pt", weights_only=True)
     assert (ckpt["stage"], ckpt["epoch"]) == (1, 2)
-    summary = vgg8.main([*common, "--resume", str(out / "checkpoint_last.pt")])  # world size 1 now
+    summary = vgg8.main(["--resume", str(out / "checkpoint_last.pt")])  # world size 1 now; flags from the checkpoint
     assert summary["world_size"] == 1 and summary["final_top1"] is not None
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [(e["stage"], e["epoch"]) for e in log] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert [(e["stage"], e["epoch"]) for e in log] == [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1)]
+    for e in log[:4]:  # each epoch starts where the cosine over the stage puts it, before and after
+        expected = 1e-3 * (1 + math.cos(math.pi * (e["epoch"] - 1) / 4)) / 2
+        assert e["lr"] == pytest.approx(expected, rel=1e-6), e
 
 
 def test_two_process_vit(tmp_path):

@@ -1,4 +1,4 @@
-"""SPEC §4: from masking to the end of the run, pruned weights stay exactly zero, their
+"""DESIGN.md §4: from masking to the end of the run, pruned weights stay exactly zero, their
 gradients are zero when the optimizer steps, and no group exceeds K non-zeros; in fp32,
 bf16, fp16 with GradScaler (skipped steps included), gradient accumulation with a partial
 tail, and torch.compile."""

@@ -1,4 +1,4 @@
-"""Masks (SPEC §1) and the auxiliary regularizer (SPEC §2) against hand computations."""
+"""Masks (DESIGN.md §1) and the auxiliary regularizer (§2) against hand computations."""
 
 import math
 
@@ -74,7 +74,7 @@ def test_nm_mask_pattern(n, m):
 
 
 def reference_aux(model, plan, reg_type, alpha):
-    """L_aux by SPEC §2, through torch.sort with autograd (the reference's way)."""
+    """L_aux by DESIGN.md §2, through torch.sort with autograd (the reference's way)."""
     params = dict(model.named_parameters())
     total = 0.0
     for t in plan.targets:

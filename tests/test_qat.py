@@ -159,3 +159,23 @@ def test_qat_resume_is_exact(cifar10_root, tmp_path, monkeypatch):
     for name in a["int8"]:
         assert torch.equal(a["int8"][name]["weight_int8"], b["int8"][name]["weight_int8"])
         assert torch.equal(a["int8"][name]["input_scale"], b["int8"][name]["input_scale"])
+
+
+def test_qat_summary_keeps_the_float_figures(cifar10_root, tmp_path, capsys):
+    """int8 rounding can make a kept weight 0: that is not pruning. summary.json after QAT has
+    the float model's counts (from the masks) and the int8 model's figures under their own
+    keys; one summary line is printed."""
+    out = tmp_path / "q"
+    s = vgg8.main(["--data-root", str(cifar10_root), "--output-dir", str(out), "--topk", "1", *QAT])
+    printed = capsys.readouterr().out
+    float_metrics = torch.load(out / "final.pt", weights_only=True)["metrics"]
+    for key in ("params_nonzero", "macs_nonzero", "speedup_theoretical", "pruned_layer_density", "final_top1"):
+        assert s[key] == float_metrics[key], key
+    assert s["speedup_theoretical"] == pytest.approx(98.2e6 / 12.8e6, rel=0.01)  # VGG-8 Top-1: 7.69x
+    assert {"qat_top1", "size_bytes_sparse_int8", "size_bytes_dense_fp32"} <= set(s)
+    assert sum(line.startswith("vgg8 cifar10 top-1:") for line in printed.splitlines()) == 1
+    # the int8 weights do have extra zeros: the counts above did not take them as pruning
+    qat = torch.load(out / "final_qat.pt", weights_only=True)
+    int8_zeros = sum(int((q["weight_int8"] == 0).sum()) for q in qat["int8"].values())
+    masked_out = sum(int((~m).sum()) for m in qat["masks"].values())
+    assert int8_zeros > masked_out

@@ -157,8 +157,8 @@ def test_dry_run_cli(tmp_path):
 
 
 @pytest.mark.parametrize("flags,expected", [
-    (["--topk", "0"], "--topk: must be 1..9"),
-    (["--topk", "10"], "--topk: must be 1..9"),
+    (["--topk", "0"], "--topk: must be >= 1"),
+    (["--topk", "10"], "--topk 10 keeps every tap of the largest kernel (9 taps); choose 1..9"),
     (["--lr", "-1"], "--lr: must be a finite number"),
     (["--exclude-layers", "nope", "--dry-run"], "no Conv2d named nope"),
 ])

@@ -170,3 +170,15 @@ def test_checkpoint_dir_alias_and_dense_baseline(imagenet_root, tmp_path):
                     "--sparsity-type", "dense", "--epochs-stage2", "0"])
     summary = json.loads((tmp_path / "ck" / "summary.json").read_text())
     assert summary["sparsity"] == "dense" and summary["pruned_layers"] == 0
+
+
+def test_unreadable_images_are_skipped_and_counted_in_the_log(imagenet_root, tmp_path, capsys):
+    from conftest import write_bad_images
+    bad = write_bad_images(imagenet_root / "train" / "n00000001", prefix="zz")
+    out = tmp_path / "run"
+    run_vit(imagenet_root, out, "--epochs-stage1", "2")
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["skipped_images"] for e in log] == [len(bad)] * 3  # every epoch meets each bad file once
+    err = capsys.readouterr().err
+    for path in bad:
+        assert err.count(str(path)) == 1  # named once per run, not once per epoch
