@@ -6,18 +6,28 @@
 // and torch.export); it runs on torch's intra-op threads.
 //
 // How it is fast. The input is first copied into a zero-padded "flat" layout in which every
-// tap (dy, dx) of the kernel is one constant offset: stride 1 puts the images of the batch
-// one below the other with the padding rows and columns shared by neighbours, so that
-// output position q reads input q + dy*Wr + dx; stride s splits the padded input into its
-// s*s phases, and tap (dy, dx) reads phase (dy % s, dx % s) at offset (dy/s)*Wh + dx/s. The
+// tap (dy, dx) of the kernel is one constant offset: stride 1 puts the images of a group one
+// below the other with the padding rows and columns shared by neighbours, so that output
+// position q reads input q + dy*Wr + dx; stride s splits the padded input into its s*s
+// phases, and tap (dy, dx) reads phase (dy % s, dx % s) at offset (dy/s)*Wr + dx/s. The
 // output is then, per output channel o, a sum over the kept (input channel, offset, weight)
 // entries of weight * (input plane shifted by the offset): one vector multiply-add per 16
 // output positions and entry, with no index arithmetic in the loop. A register tile holds
 // M output channels x S vectors of 16 positions; each entry's weight is broadcast once and
-// feeds S multiply-adds whose input operand comes straight from L1 (input channels are
-// blocked so that the shifted windows stay there). Output positions that fall on padding
-// are computed and dropped when the result is copied out to NCHW. M and S are template
-// parameters; tkp_deploy.py picks the fastest pair per layer by measuring it.
+// feeds S multiply-adds whose input operand comes straight from L1: input channels are
+// blocked so that their shifted windows stay there while every tile of output channels
+// passes over them, and the next windows are prefetched meanwhile. Output positions that
+// fall on padding are computed and dropped when the sums are copied out to NCHW, where the
+// epilogue also adds a residual, applies ReLU and a 2x2 max pool when asked. M and S are
+// template parameters; tkp_deploy.py picks the fastest pair per layer by measuring it. The
+// batch goes through in groups of images whose planes fit in L2.
+//
+// What bounds it: each multiply-add loads one unaligned 64-byte vector, which mostly spans
+// two cache lines, so the loop runs at about one multiply-add per cycle, where a dense
+// kernel reuses every loaded vector many times. Two variants that make the loads aligned
+// were measured and dropped: shifted copies of the input per offset residue (the windows no
+// longer fit L1) and sums grouped by tap at aligned positions, shifted once per tap (the
+// extra read-modify-write per tap cost what the aligned loads saved).
 //
 // Weights arrive packed per tile of M output channels: values[t][i][k][m] (float) and
 // taps[t][i][k][m] (int32, dy*kw + dx), missing taps and padded channels with value 0.
@@ -66,8 +76,9 @@ constexpr int V = 16;  // floats per AVX-512 vector
 
 template <int M, int S>
 void tile(const float* x, int64_t plane, int64_t c0, int64_t c1, int64_t K, const float* w, const int32_t* off,
-          const float* bias, float* y, int64_t ystride) {
-  // y[m][0 .. V*S) (+)= sum over channels c in [c0, c1), k < K of w[c][k][m] * x[c][off[c][k][m] + ...]
+          const float* bias, float* y, int64_t ystride, int64_t prefetch_lines) {
+  // y[m][0 .. V*S) (+)= sum over channels c in [c0, c1), k < K of w[c][k][m] * x[c][off[c][k][m] + ...];
+  // with prefetch_lines, each channel's next tile (x + V*S ...) is fetched into L1 meanwhile
   __m512 acc[M][S];
   if (bias) {
     for (int m = 0; m < M; ++m)
@@ -80,6 +91,7 @@ void tile(const float* x, int64_t plane, int64_t c0, int64_t c1, int64_t K, cons
   off += c0 * K * M;
   const float* xc = x + c0 * plane;
   for (int64_t c = c0; c < c1; ++c, xc += plane) {
+    for (int64_t j = 0; j < prefetch_lines; ++j) _mm_prefetch(reinterpret_cast<const char*>(xc + V * S + V * j), _MM_HINT_T0);
     for (int64_t k = 0; k < K; ++k, w += M, off += M) {
 #pragma GCC unroll 16
       for (int m = 0; m < M; ++m) {
@@ -95,7 +107,7 @@ void tile(const float* x, int64_t plane, int64_t c0, int64_t c1, int64_t K, cons
 }
 
 using TileFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*,
-                        const float*, float*, int64_t);
+                        const float*, float*, int64_t, int64_t);
 
 struct TileKind {
   int m, s;
@@ -378,6 +390,8 @@ at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const a
   const int64_t window = tile_q + g.max_off + V;
   const int64_t cb = std::min(std::max<int64_t>(C, 1),
                               channel_block > 0 ? channel_block : std::max<int64_t>(1, 6144 / window));
+  // while the first tile of a (q tile, channel block) runs, the next q tile's windows are fetched
+  const int64_t prefetch_lines = (window + V - 1) / V;
   const float* wv = values.data_ptr<float>();
   const int32_t* ov = offsets.data();
   const float* bv = bias.data();
@@ -401,7 +415,7 @@ at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const a
           const int64_t c1 = std::min(C, c0 + cb);
           for (int64_t t = t0; t < t1; ++t)
             fn(xb + q0, g.plane, c0, c1, K, wv + t * C * K * M, ov + t * C * K * M, c0 == 0 ? bv + t * M : nullptr,
-               yv + t * M * g.q_pad + q0, g.q_pad);
+               yv + t * M * g.q_pad + q0, g.q_pad, t == t0 && qt + 1 < QT ? prefetch_lines : 0);
         }
       }
     });
