@@ -67,10 +67,14 @@ ROOT = Path(__file__).resolve().parent  # the folder of the model scripts
 @dataclass(frozen=True)
 class Target:
     """One masked weight: its groups are `weight.reshape(-1, group)` (a conv kernel's taps,
-    or M consecutive inputs of a Linear row); each keeps its `keep` largest |w|."""
+    or M consecutive inputs of a Linear row); each keeps its `keep` largest |w|. With
+    `share` > 1 (--tap-group), the kernels of `share` consecutive output channels keep the
+    same tap positions for each input channel: the `keep` positions of largest squared
+    weight summed over those channels (a smaller last group where the count does not divide)."""
     name: str
     group: int
     keep: int
+    share: int = 1
 
 
 @dataclass
@@ -82,9 +86,12 @@ class Plan:
     skipped: list[str] = field(default_factory=list)  # targeted but left dense, with the reason
 
 
-def topk_plan(model: nn.Module, topk: int, exclude: list[str] = (), dense: bool = False) -> Plan:
+def topk_plan(model: nn.Module, topk: int, exclude: list[str] = (), dense: bool = False,
+              tap_group: int = 1) -> Plan:
     """Top-K over every Conv2d kernel (DESIGN.md §1). Kernels with kh*kw <= topk stay dense but still
-    count towards num_groups, as in the reference; layers in `exclude` are neither."""
+    count towards num_groups, as in the reference; layers in `exclude` are neither. With
+    `tap_group` G > 1, each G consecutive output channels share their kept taps per input
+    channel (--tap-group; DESIGN.md §1)."""
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     unknown = [p for p in exclude if not any(matches_prefix(n, [p]) for n in convs)]
     if unknown:
@@ -96,7 +103,7 @@ def topk_plan(model: nn.Module, topk: int, exclude: list[str] = (), dense: bool 
                        f"1..{max(9, largest - 1)}")
     if dense:
         return Plan("dense")
-    plan = Plan(f"top-{topk}")
+    plan = Plan(f"top-{topk}" if tap_group == 1 else f"top-{topk}-g{tap_group}")
     for name, conv in convs.items():
         if matches_prefix(name, exclude):
             plan.skipped.append(f"{name} (--exclude-layers)")
@@ -104,7 +111,7 @@ def topk_plan(model: nn.Module, topk: int, exclude: list[str] = (), dense: bool 
         kh, kw = conv.kernel_size
         plan.num_groups += conv.weight.shape[0] * conv.weight.shape[1]
         if kh * kw > topk:
-            plan.targets.append(Target(f"{name}.weight", kh * kw, topk))
+            plan.targets.append(Target(f"{name}.weight", kh * kw, topk, tap_group))
     return plan
 
 
@@ -134,14 +141,28 @@ def group_ranks(values: torch.Tensor) -> torch.Tensor:
     return ranks.scatter_(1, order, torch.arange(values.shape[1], device=values.device).expand_as(order))
 
 
+def rank_scores(w: torch.Tensor, t: Target) -> torch.Tensor:
+    """What the entries of each group are ranked by, as (groups, t.group): |w|; or, for taps
+    shared by `t.share` output channels, the squared weight summed over those channels (the
+    same score at the same tap of every kernel of an output group)."""
+    if t.share == 1:
+        return w.reshape(-1, t.group).abs()
+    out = w.shape[0]
+    energy = w.reshape(out, -1, t.group).square()                   # (O, I, taps)
+    energy = F.pad(energy, (0, 0, 0, 0, 0, -out % t.share))         # zero rows: a smaller last group
+    summed = energy.reshape(-1, t.share, *energy.shape[1:]).sum(1)  # (groups of outputs, I, taps)
+    return summed.repeat_interleave(t.share, dim=0)[:out].reshape(-1, t.group)
+
+
 def compute_masks(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
-    """{parameter name: bool mask}, True = kept: the `keep` largest |w| of every group."""
+    """{parameter name: bool mask}, True = kept: the `keep` best-ranked entries of every
+    group (largest |w|; with shared taps, largest summed squared weight)."""
     params = dict(model.named_parameters())
     masks = {}
     with torch.no_grad():
         for t in plan.targets:
             w = params[t.name]
-            keep = group_ranks(w.detach().reshape(-1, t.group).abs()) < t.keep
+            keep = group_ranks(rank_scores(w.detach(), t)) < t.keep
             masks[t.name] = keep.reshape(w.shape)
     return masks
 
@@ -204,7 +225,9 @@ def aux_coefficients(reg_type: str, group: int, keep: int, alpha: float) -> torc
 
 class AuxRegularizer:
     """L_aux = (1/num_groups) * sum_groups sum_r c[r] * s_r, s = squared weights sorted
-    descending (DESIGN.md §2).
+    descending (DESIGN.md §2). With shared taps (--tap-group), each kernel's taps are ranked
+    by the energy of their position summed over the output group, and every kernel of the
+    group is penalised at the positions its group excludes.
 
     Because sorting only permutes entries, dL_aux/dw = 2 * c[rank(w)] * w / num_groups: the
     same gradient autograd gives through torch.sort. We compute the ranks of all layers'
@@ -214,20 +237,22 @@ class AuxRegularizer:
     def __init__(self, model: nn.Module, plan: Plan, reg_type: str, alpha: float):
         params = dict(model.named_parameters())
         self.num_groups = plan.num_groups
-        self.buckets = []  # (params, group, coefficients) per distinct (group, keep)
+        self.buckets = []  # (params, targets, group, coefficients) per distinct (group, keep)
         shapes = sorted({(t.group, t.keep) for t in plan.targets})
         for group, keep in shapes:
-            ps = [params[t.name] for t in plan.targets if (t.group, t.keep) == (group, keep)]
+            targets = [t for t in plan.targets if (t.group, t.keep) == (group, keep)]
+            ps = [params[t.name] for t in targets]
             coef = aux_coefficients(reg_type, group, keep, alpha).to(ps[0].device)
-            self.buckets.append((ps, group, coef))
+            self.buckets.append((ps, targets, group, coef))
 
     @torch.no_grad()
     def add_grad_(self, beta: float) -> torch.Tensor:
         """Add beta * dL_aux/dw to every target's .grad; return L_aux (a 0-dim tensor)."""
         total = None
-        for ps, group, coef in self.buckets:
+        for ps, targets, group, coef in self.buckets:
             w = torch.cat([p.reshape(-1, group) for p in ps])
-            c = coef[group_ranks(w.abs())]                       # c[rank] at each entry
+            scores = torch.cat([rank_scores(p, t) for p, t in zip(ps, targets)])
+            c = coef[group_ranks(scores)]                        # c[rank] at each entry
             cw = c * w
             value = (cw * w).sum()
             total = value if total is None else total + value
@@ -1158,7 +1183,8 @@ def cnn_script(name: str, build_model: Callable, *, upscaled: bool = False,
         return cifar_splits(args, *transforms)
 
     def build_plan(model, args) -> Plan:
-        return topk_plan(model, args.topk, args.exclude_layers, dense=args.dense_baseline)
+        return topk_plan(model, args.topk, args.exclude_layers, dense=args.dense_baseline,
+                         tap_group=getattr(args, "tap_group", 1))
 
     return Script(name=name, build_model=build_model, build_data=build_data, build_plan=build_plan,
                   input_shape=(lambda args: (3, args.img_size, args.img_size)) if upscaled else (lambda args: (3, 32, 32)),

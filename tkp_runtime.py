@@ -215,6 +215,9 @@ def add_topk_args(p: ArgumentParser) -> None:
                         "one (kernels with at most this many taps stay dense)")
     g.add_argument("--exclude-layers", type=comma_list, default=[],
                    help="comma-separated Conv2d names or prefixes kept dense, e.g. conv1")
+    g.add_argument("--tap-group", type=int_range(1), default=1,
+                   help="G consecutive output channels share their kept tap positions for each input channel "
+                        "(1: every kernel chooses its own, the paper's TKP; e.g. 32 for dense-GEMM-speed deployment)")
     g.add_argument("--dense-baseline", action="store_true",
                    help="same pipeline with no mask and no regularizer (the paper's baseline)")
     g = p.add_argument_group("batches")
