@@ -21,3 +21,19 @@ def test_train_throughput_on_cpu(tmp_path):
     assert saved["tkp_seconds_per_step"]["regularizer"] > 0
     assert set(saved["loader_images_per_s"]) == {"torch", "device"}
     assert r["epoch_images"] == 8
+
+
+def test_tap_group_sweep_trains_reads_back_and_tabulates(tmp_path):
+    import tap_group_accuracy
+    from conftest import write_cifar
+    root = write_cifar(tmp_path / "data", "cifar10", n_train=40, n_test=20)
+    argv = ["--data-root", str(root), "--groups", "1,8", "--seeds", "0", "--epochs", "1",
+            "--output-dir", str(tmp_path / "sweep"), "--json", str(tmp_path / "t.json"), "--",
+            "--batch-train", "20", "--batch-val", "20", "--num-workers", "0", "--progress-every", "0"]
+    r = tap_group_accuracy.main(argv)
+    assert [row["tap_group"] for row in r["rows"]] == [1, 8]
+    assert json.loads((tmp_path / "t.json").read_text())["rows"][1]["final_top1"] == r["rows"][1]["final_top1"]
+    summary = json.loads((tmp_path / "sweep" / "g8-s0" / "summary.json").read_text())
+    assert summary["sparsity"] == "top-1-g8"
+    again = tap_group_accuracy.main(argv)  # finished runs are read back, not trained again
+    assert again["rows"] == r["rows"]
