@@ -123,8 +123,21 @@ def _build_kernel() -> None:
     if os.environ.get("TKP_DEPLOY_NO_KERNEL", "") not in ("", "0"):
         raise RuntimeError("TKP_DEPLOY_NO_KERNEL is set")
     from torch.utils import cpp_extension
-    _kernel["module"] = cpp_extension.load(name="tkp_topk_conv", sources=[str(KERNEL_SOURCE)],
+    # -march=native: one build per kind of CPU, should the extension folder be shared by several
+    _kernel["module"] = cpp_extension.load(name=f"tkp_topk_conv_{_cpu_tag()}", sources=[str(KERNEL_SOURCE)],
                                            extra_cflags=["-O3", "-march=native"], verbose=False)
+
+
+def _cpu_tag() -> str:
+    """A short name for this CPU's model and instruction set (from /proc/cpuinfo on Linux)."""
+    import hashlib
+    import platform
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = [platform.processor()]
+    return f"{platform.machine()}_{hashlib.sha1(chr(10).join(lines).encode()).hexdigest()[:8]}"
 
 
 def _one_line(e: BaseException) -> str:
@@ -176,6 +189,7 @@ class TopKConv2d(nn.Module):
         self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
         self.tile = tuple(tile)
         self._packed = None  # (values, taps) in the kernel's tile order, built on first use
+        self._dense = None   # the dense weight, built on first use where the kernel cannot run
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, tile=(4, 4)) -> "TopKConv2d":
@@ -202,7 +216,7 @@ class TopKConv2d(nn.Module):
         self.tile, self._packed = tuple(tile), None
 
     def _apply(self, fn, recurse=True):  # .to() / .float() etc.: repack from the new buffers
-        self._packed = None
+        self._packed = self._dense = None
         return super()._apply(fn, recurse)
 
     def dense_weight(self) -> torch.Tensor:
@@ -233,11 +247,12 @@ class TopKConv2d(nn.Module):
             values, taps = self.packed()
             args = (values, taps, self.bias, self.out_channels, *self.kernel_size, *self.stride, *self.padding,
                     self.tile[0], self.tile[1], 0, self.relu, residual, self.pool)
-            if torch.compiler.is_compiling():  # the registered op, which torch.compile can trace
-                return torch.ops.tkp.topk_conv2d(x, *args)
+            if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+                return torch.ops.tkp.topk_conv2d(x, *args)  # the registered op, which they can trace
             return _kernel["module"].topk_conv2d(x, *args)  # the same function without torch.ops' parsing
-        y = F.conv2d(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
-                     self.stride, self.padding)
+        if self._dense is None or self._dense.dtype != x.dtype:
+            self._dense = self.dense_weight().to(x.dtype)
+        y = F.conv2d(x, self._dense, None if self.bias is None else self.bias.to(x.dtype), self.stride, self.padding)
         if residual is not None:
             y = y + residual
         if self.relu:

@@ -10,7 +10,8 @@ then, fp32, at every batch size, with every variant timed interleaved in one run
 `--repeats` rounds, each round at least `--min-round-ms`):
 
   per pruned layer  the Top-K kernel against the same convolution dense (BatchNorm folded),
-                    eager and torch.compile'd; speed-up = the faster dense / Top-K;
+                    eager (NCHW and channels_last) and torch.compile'd; speed-up = the
+                    fastest dense / Top-K;
   whole model       dense eager (NCHW), dense channels_last, dense torch.compile'd (inductor,
                     freezing), against the deployed model eager and torch.compile'd;
                     speed-up = fastest dense / fastest deployed.
@@ -123,10 +124,13 @@ def time_layers(folded, records: list[dict], input_shape: tuple, batches: list[i
                shapes[rec["name"]][1:], rec["k"], tuple(rec["tile"]))
         if key not in done:
             topk = D.TopKConv2d.from_conv(conv, rec["tile"])
+            conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
             per_batch = {}
             for b in batches:
                 x = torch.randn(b, *shapes[rec["name"]][1:])
-                fns = {"dense_eager": lambda: conv(x), "topk": lambda: topk(x)}
+                x_cl = x.contiguous(memory_format=torch.channels_last)
+                fns = {"dense_eager": lambda: conv(x), "dense_channels_last": lambda: conv_cl(x_cl),
+                       "topk": lambda: topk(x)}
                 why = "--no-compile"
                 if use_compile:
                     fn, why = compiled(conv, x)
@@ -176,15 +180,15 @@ def time_whole(dense: nn.Module, deployed: nn.Module, input_shape: tuple, batche
 def format_threads(r: dict, batches: list[int]) -> str:
     lines = [f"threads {r['threads']}"]
     head = f"  {'layer':<26} {'shape':<20} {'K':>2} {'theory':>7} " + " ".join(
-        f"| b{b}: {'dense':>7} {'comp.':>7} {'Top-K':>7} {'speed-up':>8} " for b in batches) + "| tile  kept"
+        f"| b{b}: {'NCHW':>7} {'NHWC':>7} {'comp.':>7} {'Top-K':>7} {'speed-up':>8} " for b in batches) + "| tile  kept"
     lines += [head, "  " + "-" * (len(head) - 2)]
     for row in r["layers"]:
         cells = []
         for b in batches:
             t = row["batches"][b]
             comp = f"{t['dense_compiled_ms']:7.3f}" if "dense_compiled_ms" in t else f"{'-':>7}"
-            cells.append(f"| {'':>{len(str(b)) + 3}}{t['dense_eager_ms']:7.3f} {comp} {t['topk_ms']:7.3f} "
-                         f"{t['speedup']:7.2f}x ")
+            cells.append(f"| {'':>{len(str(b)) + 3}}{t['dense_eager_ms']:7.3f} {t['dense_channels_last_ms']:7.3f} "
+                         f"{comp} {t['topk_ms']:7.3f} {t['speedup']:7.2f}x ")
         lines.append(f"  {row['name']:<26} {row['shape']:<20} {row['k']:>2} {row['theoretical']:6.2f}x "
                      + "".join(cells) + f"| {row['tile'][0]}x{row['tile'][1]}  {row['kept']}")
     for b in batches:

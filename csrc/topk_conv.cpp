@@ -76,9 +76,9 @@ constexpr int V = 16;  // floats per AVX-512 vector
 
 template <int M, int S>
 void tile(const float* x, int64_t plane, int64_t c0, int64_t c1, int64_t K, const float* w, const int32_t* off,
-          const float* bias, float* y, int64_t ystride, int64_t prefetch_lines) {
+          const float* bias, float* y, int64_t ystride, const int64_t* prefetch, int64_t n_prefetch) {
   // y[m][0 .. V*S) (+)= sum over channels c in [c0, c1), k < K of w[c][k][m] * x[c][off[c][k][m] + ...];
-  // with prefetch_lines, each channel's next tile (x + V*S ...) is fetched into L1 meanwhile
+  // and the n_prefetch lines at xc + prefetch[j] of each channel (its next tile) into L1 meanwhile
   __m512 acc[M][S];
   if (bias) {
     for (int m = 0; m < M; ++m)
@@ -91,7 +91,7 @@ void tile(const float* x, int64_t plane, int64_t c0, int64_t c1, int64_t K, cons
   off += c0 * K * M;
   const float* xc = x + c0 * plane;
   for (int64_t c = c0; c < c1; ++c, xc += plane) {
-    for (int64_t j = 0; j < prefetch_lines; ++j) _mm_prefetch(reinterpret_cast<const char*>(xc + V * S + V * j), _MM_HINT_T0);
+    for (int64_t j = 0; j < n_prefetch; ++j) _mm_prefetch(reinterpret_cast<const char*>(xc + prefetch[j]), _MM_HINT_T0);
     for (int64_t k = 0; k < K; ++k, w += M, off += M) {
 #pragma GCC unroll 16
       for (int m = 0; m < M; ++m) {
@@ -107,7 +107,7 @@ void tile(const float* x, int64_t plane, int64_t c0, int64_t c1, int64_t K, cons
 }
 
 using TileFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*,
-                        const float*, float*, int64_t, int64_t);
+                        const float*, float*, int64_t, const int64_t*, int64_t);
 
 struct TileKind {
   int m, s;
@@ -129,6 +129,8 @@ TileFn find_tile(int64_t m, int64_t s) {
   return nullptr;
 }
 
+__mmask16 first_lanes(int64_t n) { return n >= V ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(n, 0)) - 1); }
+
 // ---- geometry of the flat layout ----------------------------------------------------------
 
 // The layout of one group of G images (the batch is processed G images at a time, so that a
@@ -141,7 +143,8 @@ struct Geometry {
   int64_t tile_q, q_pad;        // output positions per tile; computed positions, rounded to tiles
   int64_t plane;                // floats per input channel, slack included
   std::vector<int64_t> tap_off;  // tap dy*kw + dx -> offset of its input from the output position
-  int64_t max_off = 0;
+  int64_t max_off = 0;           // the largest offset
+  int64_t max_shift = 0;         // the largest offset within a phase
 
   int64_t q_total(int64_t images) const { return images * Hr * Wr; }
 };
@@ -169,8 +172,10 @@ Geometry make_geometry(int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw, 
   }
   for (int64_t dy = 0; dy < kh; ++dy)
     for (int64_t dx = 0; dx < kw; ++dx) {
-      g.tap_off.push_back(((dy % sh) * sw + dx % sw) * g.phase_size + (dy / sh) * g.Wr + dx / sw);
+      const int64_t shift = (dy / sh) * g.Wr + dx / sw;
+      g.tap_off.push_back(((dy % sh) * sw + dx % sw) * g.phase_size + shift);
       g.max_off = std::max(g.max_off, g.tap_off.back());
+      g.max_shift = std::max(g.max_shift, shift);
     }
   g.tile_q = tile_q;
   g.q_pad = (g.q_total(G) + tile_q - 1) / tile_q * tile_q;
@@ -210,8 +215,25 @@ void prepare_input(const float* x, int64_t n0, int64_t count, float* buf, const 
           for (int64_t h = 0; h < g.H; ++h) {
             const int64_t r = h + g.ph;
             const float* row = src + h * g.W;
+            float* prow0 = dst + (r % g.sh) * g.sw * g.phase_size + n * g.Hr * g.Wr + (r / g.sh) * g.Wr;
+            if (g.sw == 2) {  // 32 columns at a time: the even ones to one phase, the odd ones to the other
+              const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+              const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+              for (int64_t w0 = 0; w0 < g.W; w0 += 2 * V) {
+                const int64_t n_all = std::min<int64_t>(2 * V, g.W - w0);
+                const __m512 a = _mm512_maskz_loadu_ps(first_lanes(n_all), row + w0);
+                const __m512 b = _mm512_maskz_loadu_ps(first_lanes(n_all - V), row + w0 + V);
+                for (int64_t parity = 0; parity < 2; ++parity) {  // columns w0 + parity + 2i
+                  const int64_t w = w0 + parity;
+                  float* d = prow0 + ((w + g.pw) % 2) * g.phase_size + (w + g.pw) / 2;
+                  _mm512_mask_storeu_ps(d, first_lanes((n_all - parity + 1) / 2),
+                                        _mm512_permutex2var_ps(a, parity ? odd : even, b));
+                }
+              }
+              continue;
+            }
             for (int64_t b = 0; b < g.sw; ++b) {
-              float* prow = dst + ((r % g.sh) * g.sw + b) * g.phase_size + n * g.Hr * g.Wr + (r / g.sh) * g.Wr;
+              float* prow = prow0 + b * g.phase_size;
               int64_t w = ((b - g.pw) % g.sw + g.sw) % g.sw;  // first column with (w + pw) % sw == b
               for (; w < g.W; w += g.sw) prow[(w + g.pw) / g.sw] = row[w];
             }
@@ -223,8 +245,6 @@ void prepare_input(const float* x, int64_t n0, int64_t count, float* buf, const 
 }
 
 // ---- the epilogue: flat rows -> NCHW, + residual, ReLU, 2x2 max pool --------------------------
-
-__mmask16 first_lanes(int64_t n) { return n >= V ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(n, 0)) - 1); }
 
 // One output plane: src rows (stride Wr, Ho x Wo valid) -> dst (Ho x Wo, or Ho/2 x Wo/2 with
 // pool == 2), adding res (Ho x Wo) first and applying ReLU when asked.
@@ -386,12 +406,15 @@ at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const a
     offsets[j] = static_cast<int32_t>(g.tap_off[tp[j]]);
   }
   const std::vector<float> bias = padded_bias(c, OP);
-  // input channels per block: the shifted windows of one block stay in L1 (about 24 KiB)
-  const int64_t window = tile_q + g.max_off + V;
+  // input channels per block: the shifted windows of one block (one per phase) stay in L1
+  // (about 24 KiB); while the first tile of a (q tile, channel block) runs, the next q tile's
+  // windows are fetched
+  const int64_t window = g.phases * (tile_q + g.max_shift + V);
   const int64_t cb = std::min(std::max<int64_t>(C, 1),
                               channel_block > 0 ? channel_block : std::max<int64_t>(1, 6144 / window));
-  // while the first tile of a (q tile, channel block) runs, the next q tile's windows are fetched
-  const int64_t prefetch_lines = (window + V - 1) / V;
+  std::vector<int64_t> prefetch;
+  for (int64_t p = 0; p < g.phases; ++p)
+    for (int64_t j = 0; j < (tile_q + g.max_shift + 2 * V - 1) / V; ++j) prefetch.push_back(p * g.phase_size + tile_q + V * j);
   const float* wv = values.data_ptr<float>();
   const int32_t* ov = offsets.data();
   const float* bv = bias.data();
@@ -415,7 +438,8 @@ at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const a
           const int64_t c1 = std::min(C, c0 + cb);
           for (int64_t t = t0; t < t1; ++t)
             fn(xb + q0, g.plane, c0, c1, K, wv + t * C * K * M, ov + t * C * K * M, c0 == 0 ? bv + t * M : nullptr,
-               yv + t * M * g.q_pad + q0, g.q_pad, t == t0 && qt + 1 < QT ? prefetch_lines : 0);
+               yv + t * M * g.q_pad + q0, g.q_pad, prefetch.data(),
+               t == t0 && qt + 1 < QT ? int64_t(prefetch.size()) : 0);
         }
       }
     });

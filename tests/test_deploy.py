@@ -223,6 +223,35 @@ def test_epilogues_fold_into_the_topk_layer(kernel):
         assert relative_error(deployed(x), model(x)) < 1e-5
 
 
+def test_the_op_has_a_shape_function_for_torch_export(kernel):
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(topk_weight(6, 4, 3, 3, 1, torch.Generator().manual_seed(9)))
+    m = D.TopKConv2d.from_conv(conv)
+    m.relu, m.pool = True, 2
+    x = torch.randn(2, 4, 16, 16)
+    exported = torch.export.export(m, (x,))
+    assert any("topk_conv2d" in str(n.target) for n in exported.graph.nodes)
+    assert torch.allclose(exported.module()(x), m(x))
+
+
+def test_benchmark_runs_end_to_end(kernel, one_thread, tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import deploy_latency
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    out = tmp_path / "latency.json"
+    result = deploy_latency.main(["--script", "vgg8", "--topk", "2", "--threads", "1", "--batch-sizes", "1,2",
+                                  "--repeats", "1", "--min-round-ms", "0.5", "--tiles", "4x4", "--no-compile",
+                                  "--json", str(out)])
+    run, = result["runs"]
+    assert run["check"]["ok"] and [r["k"] for r in run["layers"]] == [2, 2, 2, 2]
+    assert set(run["layers"][0]["batches"]) == {1, 2} and set(run["whole"]) == {1, 2}
+    assert {"dense_eager_ms", "dense_channels_last_ms", "deploy_eager_ms", "speedup"} <= set(run["whole"][1])
+    assert json.loads(out.read_text())["runs"][0]["whole"]["2"]["best_deploy"] == "deploy_eager"
+
+
 # ---- without a kernel, and deploy.pt in a fresh process -----------------------------------------
 
 def run_python(code: str, env_extra: dict | None = None) -> str:
@@ -258,8 +287,7 @@ def test_a_failing_build_falls_back_with_one_line(monkeypatch, capsys):
                            "topk_conv.cpp:31:2: error: #error \"the Top-K kernel needs a CPU with AVX-512\"\n"
                            "ninja: build stopped: subcommand failed.")
 
-    monkeypatch.setattr(D, "_kernel", {})
-    monkeypatch.setattr(torch.ops, "tkp", None, raising=False)  # as in a process that never built it
+    monkeypatch.setattr(D, "_kernel", {})  # as in a process that has not tried yet
     monkeypatch.setattr(cpp_extension, "load", broken_build)
     assert not D.kernel_available()
     assert not D.kernel_available()  # answered once, not retried
