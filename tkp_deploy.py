@@ -524,7 +524,8 @@ def _time_layer(conv: nn.Conv2d, in_shape: tuple, batch_sizes: list[int], repeat
 def _timing_line(measured) -> str:
     tile, timings = measured
     return f"tile {tile[0]}x{tile[1]}, " + ", ".join(
-        f"batch {b}: {t['dense_ms']:.3f} ms dense, {t['kernel_ms']:.3f} ms Top-K ({t['dense_ms'] / t['kernel_ms']:.2f}x)"
+        f"batch {b}: {t['dense_ms']:.3f} ms dense, {t['kernel_ms']:.3f} ms Top-K "
+        f"({t['dense_ms'] / t['kernel_ms']:.2f}x)"
         for b, t in timings.items())
 
 
@@ -673,7 +674,8 @@ def _module_from_spec(spec: dict) -> nn.Module:
         m = TopKConv2d(**config)
     elif kind in _MODULE_CONFIG:
         if set(config) - set(_MODULE_CONFIG[kind]):
-            raise DeployError(f"deploy.pt: unexpected {kind} arguments {sorted(set(config) - set(_MODULE_CONFIG[kind]))}")
+            unexpected = sorted(set(config) - set(_MODULE_CONFIG[kind]))
+            raise DeployError(f"deploy.pt: unexpected {kind} arguments {unexpected}")
         m = getattr(nn, kind)(**config)
     else:
         raise DeployError(f"deploy.pt holds an unknown module type {kind!r}")

@@ -414,7 +414,8 @@ at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const a
                               channel_block > 0 ? channel_block : std::max<int64_t>(1, 6144 / window));
   std::vector<int64_t> prefetch;
   for (int64_t p = 0; p < g.phases; ++p)
-    for (int64_t j = 0; j < (tile_q + g.max_shift + 2 * V - 1) / V; ++j) prefetch.push_back(p * g.phase_size + tile_q + V * j);
+    for (int64_t j = 0; j < (tile_q + g.max_shift + 2 * V - 1) / V; ++j)
+      prefetch.push_back(p * g.phase_size + tile_q + V * j);
   const float* wv = values.data_ptr<float>();
   const int32_t* ov = offsets.data();
   const float* bv = bias.data();
@@ -431,7 +432,8 @@ at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const a
         const int64_t qt = u / tsplit, part = u % tsplit;
         const int64_t t0 = T * part / tsplit, t1 = T * (part + 1) / tsplit, q0 = qt * tile_q;
         if (K == 0) {
-          for (int64_t o = t0 * M; o < t1 * M; ++o) std::fill(yv + o * g.q_pad + q0, yv + o * g.q_pad + q0 + tile_q, bv[o]);
+          for (int64_t o = t0 * M; o < t1 * M; ++o)
+            std::fill(yv + o * g.q_pad + q0, yv + o * g.q_pad + q0 + tile_q, bv[o]);
           continue;
         }
         for (int64_t c0 = 0; c0 < C; c0 += cb) {
