@@ -118,18 +118,29 @@ def topk_plan(model: nn.Module, topk: int, exclude: list[str] = (), dense: bool 
 def nm_plan(model: nn.Module, n: int, m: int, module_names: list[str]) -> Plan:
     """N:M over the input dimension of the named Linear modules (DESIGN.md §1). A Linear whose
     input width is not a multiple of M is skipped and reported, never padded."""
-    plan = Plan(f"{n}:{m}")
     modules = dict(model.named_modules())
     for name in module_names:
-        linear = modules[name]
-        if not isinstance(linear, nn.Linear):
-            raise TKPError(f"{name} is a {type(linear).__name__}, not a Linear; it cannot be N:M pruned")
-        out_f, in_f = linear.weight.shape
+        if not isinstance(modules[name], nn.Linear):
+            raise TKPError(f"{name} is a {type(modules[name]).__name__}, not a Linear; it cannot be N:M pruned")
+    return nm_param_plan(model, n, m, [f"{name}.weight" for name in module_names])
+
+
+def nm_param_plan(model: nn.Module, n: int, m: int, param_names: list[str]) -> Plan:
+    """N:M over the last (input) dimension of the named 2-D weight parameters, whichever
+    module reads them: a Linear's `weight`, or a weight used directly, such as
+    nn.MultiheadAttention's packed `in_proj_weight` (DESIGN.md §1). A weight whose input
+    width is not a multiple of M is skipped and reported (as its name without `.weight`)."""
+    plan = Plan(f"{n}:{m}")
+    params = dict(model.named_parameters())
+    for name in param_names:
+        if params[name].dim() != 2:
+            raise TKPError(f"{name} has shape {tuple(params[name].shape)}; N:M needs a 2-D (out, in) weight")
+        out_f, in_f = params[name].shape
         if in_f % m:
-            plan.skipped.append(f"{name} (input width {in_f} is not a multiple of {m})")
+            plan.skipped.append(f"{name.removesuffix('.weight')} (input width {in_f} is not a multiple of {m})")
             continue
         plan.num_groups += out_f * in_f // m
-        plan.targets.append(Target(f"{name}.weight", m, n))
+        plan.targets.append(Target(name, m, n))
     return plan
 
 
@@ -294,6 +305,7 @@ class Trainer:
     dist: Dist = field(default_factory=Dist)
     memory_format: torch.memory_format = torch.preserve_format
     step: int = 0  # optimizer steps taken in this stage
+    loss_fn: Callable | None = None  # (model, x, y) -> (loss, logits, targets); None: criterion(model(x), y)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -301,7 +313,8 @@ class Trainer:
 
 
 def build_trainer(model, module, *, args, device, amp_dtype, min_lr, total_steps, dist, lr=None,
-                  masker=None, regularizer=None, beta=0.0, memory_format=torch.preserve_format) -> Trainer:
+                  masker=None, regularizer=None, beta=0.0, memory_format=torch.preserve_format,
+                  loss_fn=None) -> Trainer:
     """A fresh AdamW, per-step cosine schedule (lr -> min_lr) and grad scaler for one stage."""
     params = [p for p in module.parameters() if p.requires_grad]
     # the fused kernel: one pass over all parameters (CPU and CUDA), and it works with the
@@ -314,7 +327,8 @@ def build_trainer(model, module, *, args, device, amp_dtype, min_lr, total_steps
     return Trainer(model, module, optimizer, scheduler, scaler, device, amp_dtype,
                    nn.CrossEntropyLoss(label_smoothing=args.label_smooth), masker, regularizer,
                    beta=beta, aux_every=args.aux_loss_freq,
-                   grad_accum=args.grad_accum, clip_grad=args.clip_grad, dist=dist, memory_format=memory_format)
+                   grad_accum=args.grad_accum, clip_grad=args.clip_grad, dist=dist, memory_format=memory_format,
+                   loss_fn=loss_fn)
 
 
 def optimizer_step(t: Trainer) -> torch.Tensor | None:
@@ -373,12 +387,15 @@ def train_one_epoch(t: Trainer, loader, *, progress: Callable[[str], None] | Non
         sync = contextlib.nullcontext() if last_in_group or not t.dist.enabled else t.model.no_sync()
         with sync:
             with t.autocast():
-                out = t.model(x)
-                ce = t.criterion(out, y)
+                if t.loss_fn is None:
+                    out, target = t.model(x), y
+                    ce = t.criterion(out, y)
+                else:  # the script's own training loss (Script.train_loss)
+                    ce, out, target = t.loss_fn(t.model, x, y)
             t.scaler.scale(ce / group_size).backward()
         with torch.no_grad():
             sums[0] += ce.detach().double() * len(y)
-            sums[1] += (out.argmax(1) == y).sum()
+            sums[1] += (out.argmax(1) == target).sum()
         count += len(y)
         if last_in_group:
             aux = optimizer_step(t)
@@ -478,7 +495,16 @@ PRECISION_FLAGS = {"amp_dtype", "no_amp"}
 
 @dataclass
 class Script:
-    """What a model script tells the driver."""
+    """What a model script tells the driver.
+
+    Three optional hooks serve a model whose loss or evaluation is not "cross-entropy of
+    model(x) against y" (clip_vit.py); left at None, the driver does just that:
+    `train_loss(model, x, y) -> (loss, logits, targets)` is the training forward and loss
+    (run under autocast; `model` may be DDP-wrapped or compiled; train accuracy counts
+    `logits.argmax(1) == targets`); `before_eval(module)` runs before every evaluation, under
+    the run's autocast and without gradients (e.g. to rebuild a zero-shot classifier from the
+    current weights); `mac_parts(args) -> {part: fn(model)}` counts MACs per part of the model,
+    each fn running one sample through its part (default: one image of `input_shape`)."""
     name: str                                   # e.g. "vgg8"
     build_model: Callable                       # args -> nn.Module (weights loaded)
     build_data: Callable                        # args -> (train_set, val_set)
@@ -489,6 +515,9 @@ class Script:
     min_lr_ratio: float = 0.0                   # cosine floor as a fraction of --lr
     topk_metrics: tuple[int, ...] = (1,)        # (1,) or (1, 5)
     conv_net: bool = True                       # channels_last by default on CUDA
+    train_loss: Callable | None = None          # (model, x, y) -> (loss, logits, targets)
+    before_eval: Callable | None = None         # module -> None, before every evaluation
+    mac_parts: Callable | None = None           # args -> {part: fn(model)} for the MAC count
 
     @property
     def file(self) -> str:
@@ -531,8 +560,22 @@ class Run:
         return self.wall_before + time.time() - self.wall_start
 
     def evaluate(self, amp_dtype="run") -> dict:
-        return evaluate(self.model, self.val_loader, self.device, self.amp_dtype if amp_dtype == "run" else amp_dtype,
+        amp_dtype = self.amp_dtype if amp_dtype == "run" else amp_dtype
+        run_before_eval(self.script, self.module, self.device, amp_dtype)
+        return evaluate(self.model, self.val_loader, self.device, amp_dtype,
                         self.dist, self.script.topk_metrics, self.memory_format)
+
+
+@torch.no_grad()
+def run_before_eval(script: Script, module: nn.Module, device: torch.device, amp_dtype) -> None:
+    """The script's `before_eval(module)` hook, if it has one, under the run's autocast."""
+    if script.before_eval is not None:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            script.before_eval(module)
+
+
+def _mac_parts(script: Script, args) -> dict | None:
+    return script.mac_parts(args) if script.mac_parts is not None else None
 
 
 def _prepare_output_dir(args, script: Script, dist: Dist) -> tuple[Path, bool]:
@@ -771,7 +814,7 @@ def _trainer(r: Run, stage: int, lr: float | None = None, min_lr: float | None =
     trainer = build_trainer(r.model, r.module, args=r.args, device=r.device, amp_dtype=r.amp_dtype, lr=lr,
                             min_lr=r.script.min_lr_ratio * lr if min_lr is None else min_lr, dist=r.dist,
                             total_steps=steps_per_epoch * r.epochs[stage], memory_format=r.memory_format,
-                            **parts)
+                            loss_fn=r.script.train_loss, **parts)
     if r.resume is not None:
         trainer.optimizer.load_state_dict(r.resume["optimizer"])
         match_state_layout(trainer.optimizer)
@@ -893,7 +936,10 @@ def _report_aux_start(r: Run, regularizer: AuxRegularizer) -> None:
     for bn in bns:
         bn.train()
     with torch.autocast(r.device.type, dtype=r.amp_dtype or torch.float32, enabled=r.amp_dtype is not None):
-        ce = F.cross_entropy(r.module(x).float(), y).item()
+        if r.script.train_loss is None:
+            ce = F.cross_entropy(r.module(x).float(), y).item()
+        else:  # the script's own training loss (e.g. CLIP's contrastive loss)
+            ce = r.script.train_loss(r.module, x, y)[0].float().item()
     for bn, state in zip(bns, saved):
         bn.load_state_dict(state)
     r.metrics["aux_start"] = {"beta_aux": aux, "ce": ce}
@@ -977,7 +1023,8 @@ def write_reports(r: Run, write_final: bool = True, quiet: bool = False) -> dict
     write final.pt (the float model) and summary.json (after QAT: the same figures, plus the
     int8 model's under their own keys, qat_*, size_bytes_*)."""
     check_sparsity(r.module, r.plan, r.masks)
-    report = sparsity_report(r.module, r.plan, r.masks, r.script.input_shape(r.args), r.device)
+    report = sparsity_report(r.module, r.plan, r.masks, r.script.input_shape(r.args), r.device,
+                             parts=_mac_parts(r.script, r.args))
     summary = {"model": r.script.name, "dataset": r.script.dataset_name(r.args), "sparsity": r.plan.pattern,
                **r.metrics, **{k: v for k, v in report.items() if k != "layers"}, "sparsity_exact": True,
                "epochs_stage1": r.epochs[1], "epochs_stage2": r.epochs[2], "epochs_qat": r.epochs[3],
@@ -1029,13 +1076,14 @@ def _evaluate_checkpoint(args, script: Script, ckpt: dict, dist: Dist, device: t
     _, val_set = script.build_data(saved)
     loader = make_loader(val_set, args.batch_val, train=False, num_workers=args.num_workers,
                          device=device, dist=dist)
-    report = sparsity_report(module, plan, masks, script.input_shape(saved), device)
+    report = sparsity_report(module, plan, masks, script.input_shape(saved), device, parts=_mac_parts(script, saved))
     quantized = "int8" in ckpt
     if quantized:
         load_int8(module, {k: to_device(v, device) for k, v in ckpt["int8"].items()})
     # the precision the checkpoint was trained with (fp32 for the int8 model: bf16/fp16
     # would round its de-quantized weights again)
     amp_dtype = None if quantized else resolve_amp(saved, device)
+    run_before_eval(script, module, device, amp_dtype)
     ev = evaluate(module, loader, device, amp_dtype, dist, script.topk_metrics)
     name = "qat" if quantized else "final"
     summary = {"model": script.name, "dataset": script.dataset_name(saved), "sparsity": plan.pattern,

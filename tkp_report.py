@@ -9,67 +9,105 @@ May import: tkp_runtime. Never the driver (tkp_common): plans and masks arrive a
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class _OperandMacs(TorchDispatchMode):
+    """Adds the MACs of every operation torch.utils.flop_counter counts (matrix products,
+    convolutions, attention) to each watched parameter among its operands, found as itself or
+    as a view of it (a Linear's weight reaches the product transposed)."""
+
+    def __init__(self, watched: dict[int, str]):
+        super().__init__()
+        self.watched, self.macs = watched, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils.flop_counter import flop_registry
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(getattr(func, "overloadpacket", func))
+        if formula is not None:
+            owners = {self.watched.get(id(a if a._base is None else a._base))
+                      for a in args if isinstance(a, torch.Tensor)} - {None}
+            for name in owners:
+                self.macs[name] = self.macs.get(name, 0) + formula(*args, **kwargs, out_val=out) // 2
+        return out
 
 
 @torch.no_grad()
-def layer_macs(module: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> tuple[dict, int]:
-    """Dense multiply-accumulates of one image through `module`, counted by
-    torch.utils.flop_counter (MACs = FLOPs / 2). Returns ({leaf module name: MACs}, total),
-    the total including work that no leaf owns (e.g. attention's q@k and attn@v)."""
+def weight_macs(module: nn.Module, run: Callable[[nn.Module], object], names: list[str]) -> tuple[dict, int]:
+    """Dense multiply-accumulates of `run(copy)` (one sample through the model, or through a
+    part of it) on a meta-device copy of `module` (shapes only: no arithmetic is done), counted
+    by torch.utils.flop_counter (MACs = FLOPs / 2). Returns ({name: MACs of the products it is
+    an operand of} for the parameters `names`, total); the total includes work no parameter
+    takes part in (attention's q@k and attn@v). A parameter is found among the operands as
+    itself or as a view, so a weight that no leaf module owns counts too (MultiheadAttention's
+    packed in_proj_weight); one the products do not see as such (a fake-quantized weight) gets
+    the MACs of its module when that is a leaf."""
     from torch.utils.flop_counter import FlopCounterMode
-    shadow = copy.deepcopy(module).to("meta").eval()  # shapes only: no arithmetic is done
-    with FlopCounterMode(display=False) as counter:
-        shadow(torch.zeros(1, *input_shape, device="meta"))
-    counts = counter.get_flop_counts()
-    root = type(module).__name__ + "."
-    per_layer = {}
-    for name, sub in module.named_modules():
-        if name and not any(True for _ in sub.children()) and (root + name) in counts:
-            per_layer[name] = sum(counts[root + name].values()) // 2
-    return per_layer, counter.get_total_flops() // 2
+    shadow = copy.deepcopy(module).to("meta").eval()
+    params = dict(shadow.named_parameters())
+    with FlopCounterMode(display=False) as counter, _OperandMacs({id(params[n]): n for n in names}) as seen:
+        run(shadow)
+    macs, counts, root = dict(seen.macs), counter.get_flop_counts(), type(module).__name__ + "."
+    leaves = {n for n, sub in shadow.named_modules() if n and next(sub.children(), None) is None}
+    for name in names:
+        leaf = name.rpartition(".")[0]
+        if name not in macs and leaf in leaves and root + leaf in counts:
+            macs[name] = sum(counts[root + leaf].values()) // 2
+    return macs, counter.get_total_flops() // 2
 
 
-def sparsity_report(module: nn.Module, plan, masks: dict, input_shape, device) -> dict:
+def _mac_totals(macs_dense: int, layers: list[dict]) -> dict:
+    """Dense and non-zero MACs and the theoretical speed-ups, from the pruned layers' rows."""
+    pruned_dense = sum(layer["macs_dense"] for layer in layers)
+    pruned_nonzero = sum(layer["macs_nonzero"] for layer in layers)
+    macs_nonzero = macs_dense - pruned_dense + pruned_nonzero
+    return {"macs_dense": macs_dense, "macs_nonzero": macs_nonzero,
+            "speedup_theoretical": macs_dense / macs_nonzero if macs_nonzero else float("inf"),
+            "speedup_pruned_layers": pruned_dense / pruned_nonzero if pruned_nonzero else 1.0}
+
+
+def sparsity_report(module: nn.Module, plan, masks: dict, input_shape, device, parts: dict | None = None) -> dict:
     """Parameter and MAC counts, dense and kept, and the theoretical speed-up (dense MACs /
     MACs of the kept weights: the paper's Speed-Up column). Counted from the masks, not from
     the weights' zeros: a kept weight that happens to be 0 (e.g. rounded to 0 in int8) is
-    not pruning, and an unmasked layer counts as dense."""
+    not pruning, and an unmasked layer counts as dense. MACs are those of one image of
+    `input_shape` through the model; with `parts` ({name: fn(model)}, each running one sample
+    through a part of the model, e.g. a CLIP's image and text encoders) they are counted per
+    part (`macs_parts`), and the totals are the sums over the parts."""
     # frozen parameters (GoogLeNet's auxiliary heads: training-only, not in the loss, never
     # run at inference) are not counted
     params = {n: p for n, p in module.named_parameters() if p.requires_grad or n in masks}
     total = sum(p.numel() for p in params.values())
     pruned_numel = sum(params[n].numel() for n in masks)
     pruned_nonzero = sum(int(masks[n].sum()) for n in masks)
-    nonzero = total - pruned_numel + pruned_nonzero
-    per_layer, macs_dense = layer_macs(module, input_shape, device)
-    uncounted = [n for n in masks if n.removesuffix(".weight") not in per_layer]
+    runs = parts or {"model": lambda m: m(torch.zeros(1, *input_shape, device="meta"))}
+    layers, by_part, counted = [], {}, set()
+    for part, run in runs.items():
+        macs, part_dense = weight_macs(module, run, list(masks))
+        rows = []
+        for name in (n for n in masks if n in macs and params[n].numel()):
+            density = int(masks[name].sum()) / params[name].numel()
+            rows.append({"layer": name.removesuffix(".weight"), **({"part": part} if parts else {}),
+                         "shape": list(params[name].shape), "density": density,
+                         "macs_dense": macs[name], "macs_nonzero": round(macs[name] * density)})
+        counted |= set(macs)
+        layers += rows
+        by_part[part] = _mac_totals(part_dense, rows)
+    uncounted = [n for n in masks if n not in counted]
     if uncounted:  # the speed-up would silently read too low
         raise RuntimeError(f"the MAC counter saw no work for pruned layers {uncounted[:3]} (a TKP bug)")
-    macs_nonzero = macs_dense
-    modules = dict(module.named_modules())
-    layers = []
-    for name, macs in per_layer.items():
-        weight = getattr(modules[name], "weight", None)
-        if f"{name}.weight" not in masks or weight.numel() == 0:
-            continue
-        density = int(masks[f"{name}.weight"].sum()) / weight.numel()
-        nz = round(macs * density)
-        macs_nonzero -= macs - nz
-        layers.append({"layer": name, "shape": list(weight.shape), "density": density,
-                       "macs_dense": macs, "macs_nonzero": nz})
-    pruned_dense = sum(layer["macs_dense"] for layer in layers)
-    pruned_nonzero_macs = sum(layer["macs_nonzero"] for layer in layers)
-    return {
-        "params_total": total, "params_nonzero": nonzero,
-        "speedup_pruned_layers": pruned_dense / pruned_nonzero_macs if pruned_nonzero_macs else 1.0,
-        "pruned_layers": len(masks), "pruned_layer_density": pruned_nonzero / pruned_numel if pruned_numel else 1.0,
-        "macs_dense": macs_dense, "macs_nonzero": macs_nonzero,
-        "speedup_theoretical": macs_dense / macs_nonzero if macs_nonzero else float("inf"),
-        "layers": layers,
-    }
+    report = {"params_total": total, "params_nonzero": total - pruned_numel + pruned_nonzero,
+              "pruned_layers": len(masks), "pruned_layer_density": pruned_nonzero / pruned_numel if pruned_numel else 1.0,
+              **_mac_totals(sum(p["macs_dense"] for p in by_part.values()), layers)}
+    if parts:
+        report["macs_parts"] = by_part
+    return {**report, "layers": layers}
 
 
 def check_sparsity(module: nn.Module, plan, masks: dict) -> None:
@@ -100,11 +138,14 @@ def format_summary(s: dict) -> str:
     """summary.json as one console line."""
     def pct(v):
         return "-" if v is None else f"{v:.2f}%"
+    parts = "".join(f", {name} {p['macs_nonzero'] / 1e6:,.1f}M/{p['macs_dense'] / 1e6:,.1f}M "
+                    f"({p['speedup_theoretical']:.2f}x)" for name, p in s.get("macs_parts", {}).items())
+    parts = f" ({parts[2:]})" if parts else ""
     masked = s["sparsity"] != "dense"
     between = f"post-mask {pct(s.get('post_mask_top1'))}" if masked else f"between stages {pct(s.get('between_stages_top1'))}"
     return (f"{s['model']} {s['dataset']} {s['sparsity']}: init {pct(s.get('init_top1'))}, "
             f"stage 1 {pct(s.get('stage1_top1'))}, {between}, "
             f"final {pct(s.get('final_top1'))} (best {pct(s.get('best_top1'))}) | "
             f"params {s['params_nonzero']:,}/{s['params_total']:,} non-zero | "
-            f"MACs {s['macs_nonzero'] / 1e6:,.1f}M/{s['macs_dense'] / 1e6:,.1f}M | "
+            f"MACs {s['macs_nonzero'] / 1e6:,.1f}M/{s['macs_dense'] / 1e6:,.1f}M{parts} | "
             f"theoretical speed-up {s['speedup_theoretical']:.2f}x")
