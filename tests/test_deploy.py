@@ -59,7 +59,7 @@ def test_kernel_matches_conv2d_over_random_shapes(kernel):
     for _ in range(60):
         kh, kw = pick([(3, 3), (7, 7), (5, 5), (3, 1)])
         p = pick([0, 1, 2, 3])
-        cases.append((pick([1, 3]), pick([3, 5, 17, 32]), pick([1, 5, 16, 17]), (kh, kw), pick([1, 2]), p,
+        cases.append((pick([1, 3]), pick([3, 5, 17, 32]), pick([1, 5, 16, 17]), (kh, kw), pick([1, 2, 2, 3]), p,
                       pick(list(range(1, min(8, kh * kw - 1) + 1))), pick([max(1, kh - 2 * p), 8, 13, 20]),
                       pick([max(1, kw - 2 * p), 8, 15, 21])))
     for n, c_in, c_out, (kh, kw), stride, pad, k, h, w in cases:
@@ -102,13 +102,14 @@ def test_kernel_epilogue_residual_relu_pool(kernel):
         assert relative_error(m(x, res), conv(x) + res) < 1e-5
 
 
-def test_kernel_uses_torch_threads_and_stays_exact(kernel):
+@pytest.mark.parametrize("c, hw", [(32, 16), (64, 32)])  # one group of images split; four groups in parallel
+def test_kernel_uses_torch_threads_and_stays_exact(kernel, c, hw):
     gen = torch.Generator().manual_seed(3)
-    conv = nn.Conv2d(32, 32, 3, padding=1, bias=False)
+    conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
     with torch.no_grad():
-        conv.weight.copy_(topk_weight(32, 32, 3, 3, 2, gen))
+        conv.weight.copy_(topk_weight(c, c, 3, 3, 2, gen))
     m = D.TopKConv2d.from_conv(conv)
-    x = torch.randn(4, 32, 16, 16, generator=gen)
+    x = torch.randn(4, c, hw, hw, generator=gen)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -118,6 +119,7 @@ def test_kernel_uses_torch_threads_and_stays_exact(kernel):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)  # each output is summed in the same order whatever the split
+    assert relative_error(one, conv(x)) < 1e-5
 
 
 def test_dense_weight_rebuilds_the_conv_exactly():
