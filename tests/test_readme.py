@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
-SCRIPTS = sorted(p.stem for p in ROOT.glob("*_optimized.py")) + ["vit_small"]
+SCRIPTS = sorted(p.stem for p in ROOT.glob("*_optimized.py")) + ["vit_small", "clip_vit"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
