@@ -521,7 +521,7 @@ class Script:
 
     @property
     def file(self) -> str:
-        """The file name of the script that defines the model (recorded in final.pt)."""
+        """The file name of the script that defines the model (recorded in args.json)."""
         module = sys.modules.get(self.build_model.__module__)
         return Path(getattr(module, "__file__", None) or f"{self.name}.py").name
 
@@ -633,8 +633,8 @@ def _apply_dry_run(args) -> None:
 
 def _load_resume(args) -> dict:
     """Read --resume and continue its run: every flag the command line did not give comes
-    from the checkpoint (except the machine's own: device, workers, compile, ...); a science
-    flag given with another value than the checkpoint's is refused."""
+    from the checkpoint (except --device, --output-dir and --progress-every); a science flag
+    given with another value than the checkpoint's is refused."""
     ckpt = load_file(args.resume, "--resume checkpoint")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise TKPError(f"{args.resume} is not a TKP checkpoint_last.pt (to start from weights, use "
