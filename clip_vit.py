@@ -47,19 +47,6 @@ DRY_RUN_CLASSES = 4
 
 # ---- arguments ---------------------------------------------------------------------------
 
-def sparsity_type(text: str) -> str:
-    """'dense' or 'N:M' with 1 <= N < M."""
-    if text == "dense":
-        return text
-    try:
-        n, m = (int(v) for v in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'N:M' (e.g. 2:4) or 'dense', got {text!r}") from None
-    if not 1 <= n < m:
-        raise argparse.ArgumentTypeError(f"N:M needs 1 <= N < M, got {text}")
-    return f"{n}:{m}"
-
-
 def target_layers(text: str) -> list[str]:
     names = tkp.comma_list(text)
     unknown = [n for n in names if n not in (*KINDS, *TOWERS)]
@@ -71,7 +58,7 @@ def target_layers(text: str) -> list[str]:
 def get_args_parser() -> tkp.ArgumentParser:
     p = tkp.base_parser("TKP: an open_clip CLIP model with N:M sparsity in both towers, zero-shot on ImageNet")
     g = p.add_argument_group("N:M sparsity")
-    g.add_argument("--sparsity-type", type=sparsity_type, default="2:4",
+    g.add_argument("--sparsity-type", type=tkp.nm_pattern, default="2:4",
                    help="keep N of every M consecutive weights ('2:4', '1:4', '4:8', ...) or 'dense'")
     g.add_argument("--target-layers", type=target_layers, default="attn,mlp,vision,text",
                    help="comma-separated: attn and/or mlp (the weights of each block), vision and/or text (the "

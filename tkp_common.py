@@ -53,7 +53,7 @@ from tkp_report import check_sparsity, format_summary, sparsity_report, tap_freq
 from tkp_runtime import (ArgumentParser, Dist, HelpFormatter, Output, TKPError, add_topk_args,  # noqa: F401
                          all_reduce_sum, amp_name, base_parser, clean_state_dict, cli, comma_list, derive_seed,
                          device_name, format_duration, fraction, gpu_has_bf16, init_distributed, int_range, load_file,
-                         load_weights, main_process_first, matches_prefix, nonneg_float, plain, positive_float,
+                         load_weights, main_process_first, matches_prefix, nm_pattern, nonneg_float, plain, positive_float,
                          pretrained_state, read_state_dict, resolve_amp, save_atomic, seed_all, to_cpu, to_device,
                          versions)
 

@@ -117,6 +117,19 @@ def fraction(text: str) -> float:
     return value
 
 
+def nm_pattern(text: str) -> str:
+    """argparse type of --sparsity-type: 'dense' or 'N:M' with 1 <= N < M."""
+    if text == "dense":
+        return text
+    try:
+        n, m = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'N:M' (e.g. 2:4) or 'dense', got {text!r}") from None
+    if not 1 <= n < m:
+        raise argparse.ArgumentTypeError(f"N:M needs 1 <= N < M, got {text}")
+    return f"{n}:{m}"
+
+
 def comma_list(text: str) -> list[str]:
     """argparse type: 'a,b,c' -> ['a', 'b', 'c'] (empty items dropped)."""
     return [item.strip() for item in text.split(",") if item.strip()]
