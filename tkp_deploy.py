@@ -274,6 +274,8 @@ def kernel_takes(conv: nn.Module) -> str | None:
     k = int((conv.weight.detach().reshape(conv.out_channels, conv.in_channels, -1) != 0).sum(-1).max())
     if k >= kh * kw:
         return "dense"
+    if kh * kw > 256:
+        return "more than 256 taps per kernel"
     if k > MAX_K:
         return f"K={k} > {MAX_K}"
     return None
@@ -486,6 +488,8 @@ def choose_layers(gm: torch.fx.GraphModule, input_shape: tuple, batch_sizes: lis
                "deploy": "dense", "why": None, "tile": None, "timings": {}}
         records.append(rec)
         rec["why"] = kernel_takes(conv)
+        if _tapgroup().choose(conv, rec, in_shape, batch_sizes, repeats, measured, log):
+            continue  # a tap-group mask, computed faster by TapGroupConv2d (tkp_tapgroup.py)
         if rec["why"] is None and not use_kernel:
             rec["why"] = "kernel unavailable"
         if rec["why"] is not None:
@@ -535,8 +539,17 @@ def apply_layers(gm: torch.fx.GraphModule, records: list[dict], input_shape: tup
     for rec in records:
         if rec["deploy"] == "topk":
             _set_module(gm, rec["name"], TopKConv2d.from_conv(gm.get_submodule(rec["name"]), rec["tile"]))
+        elif rec["deploy"] == "tapgroup":
+            _set_module(gm, rec["name"], _tapgroup().TapGroupConv2d.from_conv(
+                gm.get_submodule(rec["name"]), rec["group"], rec["group_k"], rec["tile"]))
     fuse_epilogues(gm, torch.zeros(1, *input_shape))
     return gm
+
+
+def _tapgroup():
+    """tkp_tapgroup (TapGroupConv2d for tap-group masks), imported on first use."""
+    import tkp_tapgroup
+    return tkp_tapgroup
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -657,7 +670,7 @@ _BUILTINS = {"getattr", "len", "int", "float", "min", "max", "abs"}
 
 def _module_spec(m: nn.Module) -> dict:
     kind = type(m).__name__
-    if isinstance(m, TopKConv2d):
+    if isinstance(m, (TopKConv2d, _tapgroup().TapGroupConv2d)):
         config = m.config()
     elif kind in _MODULE_CONFIG and type(m) is getattr(nn, kind):
         config = {a: _plain(getattr(m, a)) for a in _MODULE_CONFIG[kind]}
@@ -672,6 +685,8 @@ def _module_from_spec(spec: dict) -> nn.Module:
     kind, config = spec["type"], dict(spec["config"])
     if kind == "TopKConv2d":
         m = TopKConv2d(**config)
+    elif kind == "TapGroupConv2d":
+        m = _tapgroup().TapGroupConv2d(**config)
     elif kind in _MODULE_CONFIG:
         if set(config) - set(_MODULE_CONFIG[kind]):
             unexpected = sorted(set(config) - set(_MODULE_CONFIG[kind]))
@@ -890,11 +905,13 @@ def format_report(report: dict) -> str:
         for b in batches:
             t = r["timings"].get(b) or r["timings"].get(str(b))
             if t:
-                ms = t["kernel_ms"] if r["deploy"] == "topk" else t["dense_ms"]
+                ms = t["kernel_ms"] if r["deploy"] in ("topk", "tapgroup") else t["dense_ms"]
                 cells.append(f"{t['dense_ms']:>10.3f} {ms:>8.3f} {t['dense_ms'] / ms:>7.2f}x")
             else:
                 cells.append(f"{'-':>10} {'-':>8} {'-':>8}")
         decision = f"Top-K tile {r['tile'][0]}x{r['tile'][1]}" if r["deploy"] == "topk" else f"dense ({r['why']})"
+        if r["deploy"] == "tapgroup":
+            decision = f"tap group {r['group']}, tile {r['tile'][0]}x{r['tile'][1]}"
         lines.append(f"{r['name']:<28} {shape:<22} {r['k']:>2} {r['theoretical']:>6.2f}x  " + "  ".join(cells)
                      + f"  {decision}")
     w = report["whole_model"]

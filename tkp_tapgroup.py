@@ -196,3 +196,27 @@ def time_layer(conv: nn.Conv2d, group: int, k: int, in_shape: tuple, batch_sizes
                                            repeats=repeats)
         timings[b] = {"dense_ms": r["dense"], "kernel_ms": r["kernel"]}
     return best, timings
+
+
+def choose(conv: nn.Module, rec: dict, in_shape: tuple, batch_sizes: list[int], repeats: int, measured: dict,
+           log) -> bool:
+    """For tkp_deploy.choose_layers: if `conv` has a tap-group mask and TapGroupConv2d (the
+    fastest tile) beats dense at every batch size, mark `rec` "tapgroup" and return True.
+    Layers of one shape, K and G share one measurement (kept in `measured`)."""
+    gk = tap_group_of(conv)
+    if gk is None or not kernel_available():
+        return False
+    group, k = gk
+    key = ("tapgroup", conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+           tuple(in_shape[1:]), k, group)
+    if key not in measured:
+        measured[key] = time_layer(conv, group, k, in_shape, batch_sizes, repeats)
+        tile, timings = measured[key]
+        log(f"  timed {rec['name']} (tap group {group}): tile {tile[0]}x{tile[1]}, " + ", ".join(
+            f"batch {b}: {t['dense_ms']:.3f} ms dense, {t['kernel_ms']:.3f} ms tap-group "
+            f"({t['dense_ms'] / t['kernel_ms']:.2f}x)" for b, t in timings.items()))
+    tile, timings = measured[key]
+    if not all(t["kernel_ms"] < t["dense_ms"] for t in timings.values()):
+        return False
+    rec.update(deploy="tapgroup", why=None, tile=list(tile), timings=timings, group=group, group_k=k)
+    return True

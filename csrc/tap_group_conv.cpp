@@ -67,7 +67,7 @@ void build_phases(const float* x, float* buf, const Geo& g) {
 }
 
 // sums of one tile of M outputs over all positions into out[m][q] (q < Lpad)
-template <int M, int S>
+template <int M, int S, int PF = 2>
 void tile_sums(const float* buf, const int32_t* offs, const float* w, const float* bias, int64_t nout,
                float* out, const Geo& g) {
   for (int64_t q = 0; q < g.Lpad; q += 16 * S) {
@@ -81,6 +81,7 @@ void tile_sums(const float* buf, const int32_t* offs, const float* w, const floa
       const float* src = base + offs[p];
       __m512 xv[S];
       for (int v = 0; v < S; ++v) xv[v] = _mm512_loadu_ps(src + 16 * v);
+      if (PF) for (int v = 0; v < S; ++v) _mm_prefetch((const char*)(src + PF * 16 * S + 16 * v), _MM_HINT_T0);
       const float* wp = w + p * M;
       for (int m = 0; m < M; ++m) {
         __m512 wb = _mm512_set1_ps(wp[m]);
@@ -138,38 +139,48 @@ at::Tensor tap_group_conv2d(const at::Tensor& x_in, const at::Tensor& weights, c
   at::Tensor w = weights.contiguous(), tg = tile_group.to(at::kInt).contiguous(),
              ts = tile_start.to(at::kInt).contiguous(), tc = tile_count.to(at::kInt).contiguous();
   at::Tensor bias_t = bias_in.has_value() && bias_in->defined() ? bias_in->contiguous() : at::Tensor();
-  at::Tensor bufs = at::empty({N, g.C * g.s * g.s * g.plane}, x.options());
   at::Tensor y = at::empty({N, g.O, g.OH, g.OW}, x.options());
+  const int64_t img = g.C * g.s * g.s * g.plane;
   const float* xp = x.data_ptr<float>();
-  float* bp = bufs.data_ptr<float>();
-  at::parallel_for(0, N, 1, [&](int64_t a, int64_t b) {
-    for (int64_t n = a; n < b; ++n) build_phases(xp + n * g.C * g.H * g.W, bp + n * bufs.size(1), g);
-  });
   const float* wp = w.data_ptr<float>();
   const float* biasp = bias_t.defined() ? bias_t.data_ptr<float>() : nullptr;
   const int32_t* tgp = tg.data_ptr<int32_t>();
   const int32_t* tsp = ts.data_ptr<int32_t>();
   const int32_t* tcp = tc.data_ptr<int32_t>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N * T, 1, [&](int64_t a, int64_t b) {
-    std::vector<float> tmp(g.M * g.Lpad);
-    for (int64_t u = a; u < b; ++u) {
-      int64_t n = u / T, t = u % T, o0 = tsp[t];
-      int64_t nout = tcp[t];
-      fn(bp + n * bufs.size(1), offs.data() + tgp[t] * g.P, wp + t * g.P * g.M, biasp ? biasp + o0 : nullptr,
-         nout, tmp.data(), g);
-      for (int64_t m = 0; m < nout; ++m) {
-        float* dst = yp + (n * g.O + o0 + m) * g.OH * g.OW;
-        const float* src = tmp.data() + m * g.Lpad;
-        for (int64_t r = 0; r < g.OH; ++r) {
-          if (relu) {
-            for (int64_t j = 0; j < g.OW; ++j) dst[r * g.OW + j] = std::max(src[r * g.Wq + j], 0.f);
-          } else {
-            std::memcpy(dst + r * g.OW, src + r * g.Wq, g.OW * sizeof(float));
-          }
+  auto run_tile = [&](const float* buf, int64_t n, int64_t t, float* tmp) {
+    int64_t o0 = tsp[t], nout = tcp[t];
+    fn(buf, offs.data() + tgp[t] * g.P, wp + t * g.P * g.M, biasp ? biasp + o0 : nullptr, nout, tmp, g);
+    for (int64_t m = 0; m < nout; ++m) {
+      float* dst = yp + (n * g.O + o0 + m) * g.OH * g.OW;
+      const float* src = tmp + m * g.Lpad;
+      for (int64_t r = 0; r < g.OH; ++r) {
+        if (relu) {
+          for (int64_t j = 0; j < g.OW; ++j) dst[r * g.OW + j] = std::max(src[r * g.Wq + j], 0.f);
+        } else {
+          std::memcpy(dst + r * g.OW, src + r * g.Wq, g.OW * sizeof(float));
         }
       }
     }
+  };
+  if (N >= at::get_num_threads()) {  // images over threads, one reused phase buffer per thread
+    at::parallel_for(0, N, 1, [&](int64_t a, int64_t b) {
+      std::vector<float> buf(img), tmp(g.M * g.Lpad);
+      for (int64_t n = a; n < b; ++n) {
+        build_phases(xp + n * g.C * g.H * g.W, buf.data(), g);
+        for (int64_t t = 0; t < T; ++t) run_tile(buf.data(), n, t, tmp.data());
+      }
+    });
+    return y;
+  }
+  at::Tensor bufs = at::empty({N, img}, x.options());
+  float* bp = bufs.data_ptr<float>();
+  at::parallel_for(0, N, 1, [&](int64_t a, int64_t b) {
+    for (int64_t n = a; n < b; ++n) build_phases(xp + n * g.C * g.H * g.W, bp + n * img, g);
+  });
+  at::parallel_for(0, N * T, 1, [&](int64_t a, int64_t b) {
+    std::vector<float> tmp(g.M * g.Lpad);
+    for (int64_t u = a; u < b; ++u) run_tile(bp + (u / T) * img, u / T, u % T, tmp.data());
   });
   return y;
 }
