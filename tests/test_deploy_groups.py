@@ -1,0 +1,154 @@
+"""tkp_tapgroup: the tap-group kernel (tkp::tap_group_conv2d) and its torch-ops fallback
+against F.conv2d, detection of tap groups, and deployment of a VGG-8 trained with
+--tap-group 32 (TapGroupConv2d layers where faster, same predictions, deploy.pt reloads)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import tkp_deploy as D
+import tkp_tapgroup as T
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def grouped_conv(c_in, c_out, ks, stride, pad, k, group, gen, bias=True):
+    """A Conv2d whose groups of `group` outputs (smaller last group) share k random taps per input."""
+    conv = nn.Conv2d(c_in, c_out, ks, stride, pad, bias=bias)
+    w = conv.weight.data.reshape(c_out, c_in, -1)
+    mask = torch.zeros_like(w)
+    for o in range(0, c_out, group):
+        idx = torch.rand(c_in, ks * ks, generator=gen).topk(k, -1).indices
+        mask[o:o + group].scatter_(-1, idx.unsqueeze(0).expand(min(group, c_out - o), -1, -1), 1.0)
+    conv.weight.data = (w * mask).reshape(conv.weight.shape)
+    return conv
+
+
+def max_rel(y, ref):
+    return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if not T.kernel_available():
+        pytest.skip(f"the tap-group kernel cannot be built here: {T._kernel.get('why')}")
+    return T.tile_kinds()
+
+
+def random_cases(n, seed):
+    rng = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=rng))]
+
+    fixed = [(1, 64, 64, 1, 1, 1, 32, 16), (3, 17, 40, 2, 2, 3, 16, 9), (1, 3, 19, 1, 0, 4, 8, 5)]
+    rand = [(pick([1, 3]), pick([3, 5, 17, 32]), pick([8, 19, 40, 70]), pick([1, 2]), pick([0, 1, 2]),
+             pick([1, 2, 3, 4]), pick([8, 16, 32]), pick([5, 9, 16])) for _ in range(n)]
+    return fixed + rand
+
+
+def test_kernel_and_fallback_match_conv2d_over_random_shapes(kernel):
+    gen = torch.Generator().manual_seed(0)
+    for i, (n, c_in, c_out, s, p, k, g, hw) in enumerate(random_cases(25, 1)):
+        conv = grouped_conv(c_in, c_out, 3, s, p, k, g, gen, bias=i % 3 != 0)
+        group, kk = T.tap_group_of(conv)
+        assert kk <= k and group >= g or c_out <= group, (group, g, c_out)
+        x = torch.randn(n, c_in, hw, hw + 1, generator=gen)
+        ref = conv(x).detach()
+        for tile in kernel:
+            m = T.TapGroupConv2d.from_conv(conv, group, kk, tile)
+            assert max_rel(m(x), ref) < 1e-5, (i, tile)
+        assert max_rel(m.forward_torch(x), ref) < 1e-5
+        assert torch.equal(m.dense_weight(), conv.weight.detach())
+
+
+def test_relu_and_threads(kernel):
+    gen = torch.Generator().manual_seed(2)
+    conv = grouped_conv(32, 48, 3, 1, 1, 1, 16, gen)
+    m = T.TapGroupConv2d.from_conv(conv, 16, 1, kernel[0])
+    m.relu = True
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for n in (1, 3):
+                x = torch.randn(n, 32, 12, 12, generator=gen)
+                assert max_rel(m(x), torch.relu(conv(x)).detach()) < 1e-5
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_detection():
+    gen = torch.Generator().manual_seed(3)
+    assert T.tap_group_of(grouped_conv(8, 64, 3, 1, 1, 1, 16, gen)) == (16, 1)
+    assert T.tap_group_of(grouped_conv(8, 70, 3, 1, 1, 2, 32, gen)) == (32, 2)
+    free = nn.Conv2d(8, 64, 3)  # the paper's mask: every kernel its own taps
+    with torch.no_grad():
+        w = free.weight.reshape(64, 8, 9)
+        w.mul_(torch.zeros_like(w).scatter_(-1, w.abs().topk(1, -1).indices, 1.0))
+    assert T.tap_group_of(free) is None
+    assert T.tap_group_of(nn.Conv2d(8, 64, 3)) is None  # dense
+
+
+def test_fallback_runs_in_bfloat16():
+    gen = torch.Generator().manual_seed(4)
+    conv = grouped_conv(16, 40, 3, 2, 1, 2, 16, gen)
+    m = T.TapGroupConv2d.from_conv(conv, 16, 2).to(torch.bfloat16)
+    x = torch.randn(2, 16, 10, 10, generator=gen)
+    y = m(x.to(torch.bfloat16)).float()
+    assert max_rel(y, conv(x).detach()) < 3e-2
+
+
+@pytest.fixture(scope="module")
+def grouped_final(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vgg8_g32")
+    proc = subprocess.run([sys.executable, str(ROOT / "vgg8_optimized.py"), "--dry-run", "--tap-group", "32",
+                           "--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return out / "final.pt"
+
+
+def test_vgg8_tap_group_deploys_and_reloads(grouped_final, tmp_path):
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path / "deploy.pt"
+        report = D.main([str(grouped_final), "--output", str(out), "--batch-sizes", "1,8", "--repeats", "3"])
+    finally:
+        torch.set_num_threads(old)
+    pruned = [r for r in report["layers"] if r["k"] < 9]
+    assert pruned and report["check"]["ok"] and report["check"]["top1_identical"]
+    kinds = {r["deploy"] for r in pruned}
+    if T.kernel_available(announce=False):
+        assert "tapgroup" in kinds, [(r["name"], r["deploy"], r["why"]) for r in pruned]
+        assert all(r["group"] == 32 for r in pruned if r["deploy"] == "tapgroup")
+    code = ("import torch, tkp_deploy as D; gm = D.load(r'%s'); "
+            "print(sum(type(m).__name__ == 'TapGroupConv2d' for m in gm.modules())); "
+            "print(gm(torch.zeros(2, 3, 32, 32)).shape[0])" % out)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.split()
+    assert int(lines[-2]) == sum(r["deploy"] == "tapgroup" for r in pruned) and lines[-1] == "2"
+    reloaded, reference = D.load(out), D.load(out)
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(reloaded(x).argmax(1), reference(x).argmax(1))
+
+
+def test_fallback_module_gives_the_same_predictions(grouped_final):
+    model, input_shape, _ = D.rebuild_model(str(grouped_final))
+    folded = D.fold_batchnorm(model).eval()
+    x = torch.randn(8, *input_shape)
+    ref = folded(x).detach()
+    for name, conv in list(folded.named_modules()):
+        gk = T.tap_group_of(conv)
+        if gk is not None:
+            m = T.TapGroupConv2d.from_conv(conv, *gk)
+            m.forward = m.forward_torch  # the torch-ops path, as where the kernel is unavailable
+            D._set_module(folded, name, m)
+    assert any(isinstance(m, T.TapGroupConv2d) for m in folded.modules())
+    y = folded(x).detach()
+    assert max_rel(y, ref) < 1e-4 and torch.equal(y.argmax(1), ref.argmax(1))
