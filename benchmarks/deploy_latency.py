@@ -21,7 +21,11 @@ skipped with the reason where it does not work on this CPU (it needs a C++ compi
 --no-compile. The per-layer table shows every pruned layer, also those deployment keeps
 dense because the kernel is not faster there ("kept": dense).
 
-Measured numbers: README.md ("Deployment").
+On a machine other processes keep busy, OpenMP threads that spin while they wait for each
+other can make a 2-thread run 10-100x slower than a 1-thread one (dense and Top-K alike);
+OMP_WAIT_POLICY=PASSIVE (set before Python starts) makes such runs comparable.
+
+Measured numbers: tkp_deploy.py's docstring.
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", help="a run's final.pt")
     src.add_argument("--script", help="a model script (e.g. vgg8): random init, each kernel's --topk largest taps")
     p.add_argument("--topk", type=int, default=1, help="with --script: taps kept per kernel")
+    p.add_argument("--tap-group", type=int, default=1,
+                   help="with --script: G consecutive outputs share their --topk taps per input channel (the "
+                        "largest summed squared weights of the group), deployed by tkp_tapgroup.TapGroupConv2d")
     p.add_argument("--script-args", default="", help="with --script: its flags, e.g. '--img-size 32 --no-pretrain'")
     p.add_argument("--threads", type=int_list, default=[1, 2])
     p.add_argument("--batch-sizes", type=int_list, default=[1, 32])
@@ -74,9 +81,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # ---- the model ----------------------------------------------------------------------------------
 
-def random_topk_model(script: str, topk: int, script_args: list[str]) -> tuple[nn.Module, tuple, str]:
+def random_topk_model(script: str, topk: int, script_args: list[str], tap_group: int = 1
+                      ) -> tuple[nn.Module, tuple, str]:
     """A script's model from random init (no pretrained weights), every Conv2d kernel with more
-    than `topk` taps cut to its `topk` largest |w|: speed depends on shapes and K only."""
+    than `topk` taps cut to its `topk` largest |w| (with `tap_group` G > 1: the taps of largest
+    squared weight summed over each group of G outputs): speed depends on shapes and K only."""
     path = D.script_candidates({}, script)[0]
     module = D.import_script(path)
     args = module.get_args_parser().parse_args(script_args)
@@ -87,11 +96,23 @@ def random_topk_model(script: str, topk: int, script_args: list[str]) -> tuple[n
             if isinstance(m, nn.Conv2d) and m.kernel_size[0] * m.kernel_size[1] > topk:
                 w = m.weight.reshape(m.out_channels, m.in_channels // m.groups, -1)
                 keep = torch.zeros_like(w, dtype=torch.bool).scatter_(2, w.abs().topk(topk, dim=2).indices, True)
+                if tap_group > 1:
+                    keep = group_keep(w, topk, tap_group)
                 w.mul_(keep)
             elif isinstance(m, nn.BatchNorm2d):  # statistics as a trained model has them, not 0 and 1
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 2.0)
     return model, tuple(module.SCRIPT.input_shape(args)), path.name
+
+
+def group_keep(w: torch.Tensor, topk: int, group: int) -> torch.Tensor:
+    """(C_out, C_in, taps) mask: each group of `group` outputs keeps, per input channel, the
+    `topk` taps of largest summed squared weight (a smaller last group where needed)."""
+    keep = torch.zeros_like(w, dtype=torch.bool)
+    for o in range(0, w.shape[0], group):
+        idx = w[o:o + group].pow(2).sum(0).topk(topk, dim=-1).indices
+        keep[o:o + group].scatter_(-1, idx.unsqueeze(0).expand(keep[o:o + group].shape[0], -1, -1), True)
+    return keep
 
 
 # ---- timing ---------------------------------------------------------------------------------------
@@ -121,9 +142,12 @@ def time_layers(folded, records: list[dict], input_shape: tuple, batches: list[i
             continue
         conv = folded.get_submodule(rec["name"])
         key = (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-               shapes[rec["name"]][1:], rec["k"], tuple(rec["tile"]))
+               shapes[rec["name"]][1:], rec["k"], tuple(rec["tile"]), rec["deploy"], rec.get("group"))
         if key not in done:
-            topk = D.TopKConv2d.from_conv(conv, rec["tile"])
+            if rec["deploy"] == "tapgroup":  # the tap-group kernel (tkp_tapgroup), in the "topk" column
+                topk = D._tapgroup().TapGroupConv2d.from_conv(conv, rec["group"], rec["group_k"], rec["tile"])
+            else:
+                topk = D.TopKConv2d.from_conv(conv, rec["tile"])
             conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
             per_batch = {}
             for b in batches:
@@ -208,8 +232,10 @@ def main(argv=None) -> dict:
         model, input_shape, script = D.rebuild_model(args.checkpoint)
         source = args.checkpoint
     else:
-        model, input_shape, script = random_topk_model(args.script, args.topk, args.script_args.split())
-        source = f"{script}, random init, top-{args.topk}"
+        model, input_shape, script = random_topk_model(args.script, args.topk, args.script_args.split(),
+                                                       args.tap_group)
+        source = f"{script}, random init, top-{args.topk}" + (f", tap group {args.tap_group}"
+                                                             if args.tap_group > 1 else "")
     if not D.kernel_available():
         raise D.DeployError(f"the Top-K kernel is unavailable ({D.kernel_problem()}): nothing to benchmark")
     timing = {"repeats": args.repeats, "min_round_s": args.min_round_ms / 1e3}
