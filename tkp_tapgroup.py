@@ -75,14 +75,16 @@ def tap_group_of(conv: nn.Module) -> tuple[int, int] | None:
 class TapGroupConv2d(nn.Module):
     """A Conv2d (groups 1, dilation 1, zero padding, equal strides) whose groups of G
     consecutive output channels share K kept taps per input channel: `taps` (groups, C_in, K)
-    int (dy*kw + dx) and `weights` (C_out, C_in, K). Optional fused ReLU (`relu`)."""
+    int (dy*kw + dx) and `weights` (C_out, C_in, K). Its epilogue may add a `residual`
+    (forward's second argument), then apply a ReLU (`relu`), then a 2x2 max pool (`pool` = 2),
+    as TopKConv2d's (tkp_deploy.fuse_epilogues folds them in)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, k: int = 1,
-                 group: int = 32, bias: bool = True, tile=(8, 2), relu: bool = False):
+                 group: int = 32, bias: bool = True, tile=(8, 2), relu: bool = False, pool: int = 0):
         super().__init__()
         self.in_channels, self.out_channels, self.k, self.group = in_channels, out_channels, k, group
         self.kernel_size, self.stride = tkp_deploy._pair(kernel_size), tkp_deploy._pair(stride)
-        self.padding, self.tile, self.relu = tkp_deploy._pair(padding), tuple(tile), relu
+        self.padding, self.tile, self.relu, self.pool = tkp_deploy._pair(padding), tuple(tile), relu, pool
         n_groups = -(-out_channels // group)
         self.register_buffer("taps", torch.zeros(n_groups, in_channels, k, dtype=torch.int32))
         self.register_buffer("weights", torch.zeros(out_channels, in_channels, k))
@@ -107,11 +109,12 @@ class TapGroupConv2d(nn.Module):
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
                 "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
                 "k": self.k, "group": self.group, "bias": self.bias is not None, "tile": list(self.tile),
-                "relu": self.relu}
+                "relu": self.relu, "pool": self.pool}
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, k={self.k}, group={self.group}, tile={self.tile}, relu={self.relu}")
+                f"padding={self.padding}, k={self.k}, group={self.group}, tile={self.tile}, relu={self.relu}, "
+                f"pool={self.pool}")
 
     def set_tile(self, tile) -> None:
         self.tile, self._packed = tuple(tile), None
@@ -148,17 +151,18 @@ class TapGroupConv2d(nn.Module):
                             torch.tensor(tc, **i32))
         return self._packed
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and kernel_available():
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and kernel_available()
+                and (residual is None or residual.dtype == torch.float32)):
             w, tg, ts, tc = self.packed()
             args = (w, self.taps, self.bias, tg, ts, tc, self.out_channels, *self.kernel_size, *self.stride,
-                    *self.padding, self.tile[1], self.relu)
+                    *self.padding, self.tile[1], self.relu, residual, self.pool)
             if torch.compiler.is_compiling() or torch.compiler.is_exporting():
                 return torch.ops.tkp.tap_group_conv2d(x, *args)
             return _kernel["module"].tap_group_conv2d(x, *args)
-        return self.forward_torch(x)
+        return self.forward_torch(x, residual)
 
-    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_torch(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """unfold + index_select of each group's kept rows + matmul (any device and dtype)."""
         kh, kw = self.kernel_size
         n, _, h, wd = x.shape
@@ -174,7 +178,11 @@ class TapGroupConv2d(nn.Module):
         y = torch.cat(outs, 1).reshape(n, self.out_channels, oh, ow)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
-        return F.relu(y) if self.relu else y
+        if residual is not None:
+            y = y + residual
+        if self.relu:
+            y = F.relu(y)
+        return F.max_pool2d(y, 2) if self.pool else y
 
 
 def time_layer(conv: nn.Conv2d, group: int, k: int, in_shape: tuple, batch_sizes: list[int], repeats: int,

@@ -30,6 +30,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -93,6 +94,45 @@ void tile_sums(const float* buf, const int32_t* offs, const float* w, const floa
   }
 }
 
+// one output channel's sums (OH rows of Wq) to NCHW: + residual, ReLU, 2x2 max pool (pool = 2)
+void copy_out(const float* src, const float* res, float* dst, const Geo& g, bool relu, int64_t pool) {
+  if (pool == 2) {  // rows 2r, 2r+1: vertical max of 32 columns, then the max of lane pairs
+    const int64_t PH = g.OH / 2, PW = g.OW / 2;
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    for (int64_t r = 0; r < PH; ++r) {
+      const float* s0 = src + 2 * r * g.Wq;
+      const float* r0 = res ? res + 2 * r * g.OW : nullptr;
+      for (int64_t j0 = 0; j0 < 2 * PW; j0 += 32) {
+        int64_t n = std::min<int64_t>(32, 2 * PW - j0);
+        __mmask16 lo = (__mmask16)((1u << std::min<int64_t>(16, n)) - 1);
+        __mmask16 hi = n > 16 ? (__mmask16)((1u << (n - 16)) - 1) : 0;
+        __m512 v[2];
+        for (int h = 0; h < 2; ++h) {
+          __mmask16 mk = h ? hi : lo;
+          __m512 a = _mm512_maskz_loadu_ps(mk, s0 + j0 + 16 * h), b = _mm512_maskz_loadu_ps(mk, s0 + g.Wq + j0 + 16 * h);
+          if (r0) {
+            a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(mk, r0 + j0 + 16 * h));
+            b = _mm512_add_ps(b, _mm512_maskz_loadu_ps(mk, r0 + g.OW + j0 + 16 * h));
+          }
+          v[h] = _mm512_max_ps(a, b);
+        }
+        __m512 out = _mm512_max_ps(_mm512_permutex2var_ps(v[0], even, v[1]), _mm512_permutex2var_ps(v[0], odd, v[1]));
+        if (relu) out = _mm512_max_ps(out, _mm512_setzero_ps());
+        _mm512_mask_storeu_ps(dst + r * PW + j0 / 2, (__mmask16)((1u << (n / 2)) - 1), out);
+      }
+    }
+    return;
+  }
+  for (int64_t r = 0; r < g.OH; ++r) {
+    if (!relu && !res) { std::memcpy(dst + r * g.OW, src + r * g.Wq, g.OW * sizeof(float)); continue; }
+    for (int64_t j = 0; j < g.OW; ++j) {
+      float v = src[r * g.Wq + j] + (res ? res[r * g.OW + j] : 0.f);
+      dst[r * g.OW + j] = relu ? std::max(v, 0.f) : v;
+    }
+  }
+}
+
 using TileFn = void (*)(const float*, const int32_t*, const float*, const float*, int64_t, float*, const Geo&);
 
 struct Kind { int M, S; TileFn fn; };
@@ -108,7 +148,8 @@ TileFn find_kind(int64_t M, int64_t S) {
 at::Tensor tap_group_conv2d(const at::Tensor& x_in, const at::Tensor& weights, const at::Tensor& taps,
                             const c10::optional<at::Tensor>& bias_in, const at::Tensor& tile_group,
                             const at::Tensor& tile_start, const at::Tensor& tile_count, int64_t out_channels, int64_t kh, int64_t kw,
-                            int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t S, bool relu) {
+                            int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t S, bool relu, const c10::optional<at::Tensor>& residual_in,
+                            int64_t pool) {
   TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
               "tap_group_conv2d: x must be a float32 NCHW CPU tensor");
   TORCH_CHECK(sh == sw, "tap_group_conv2d: equal strides only");
@@ -139,7 +180,16 @@ at::Tensor tap_group_conv2d(const at::Tensor& x_in, const at::Tensor& weights, c
   at::Tensor w = weights.contiguous(), tg = tile_group.to(at::kInt).contiguous(),
              ts = tile_start.to(at::kInt).contiguous(), tc = tile_count.to(at::kInt).contiguous();
   at::Tensor bias_t = bias_in.has_value() && bias_in->defined() ? bias_in->contiguous() : at::Tensor();
-  at::Tensor y = at::empty({N, g.O, g.OH, g.OW}, x.options());
+  TORCH_CHECK(pool == 0 || pool == 2, "tap_group_conv2d: pool must be 0 or 2");
+  at::Tensor res_t;
+  if (residual_in.has_value() && residual_in->defined()) {
+    res_t = residual_in->contiguous();
+    TORCH_CHECK(res_t.scalar_type() == at::kFloat && res_t.sizes() == at::IntArrayRef({N, g.O, g.OH, g.OW}),
+                "tap_group_conv2d: the residual must be float32 shaped like the convolution's output");
+  }
+  const float* resp = res_t.defined() ? res_t.data_ptr<float>() : nullptr;
+  const int64_t YH = pool ? g.OH / 2 : g.OH, YW = pool ? g.OW / 2 : g.OW;
+  at::Tensor y = at::empty({N, g.O, YH, YW}, x.options());
   const int64_t img = g.C * g.s * g.s * g.plane;
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
@@ -151,17 +201,9 @@ at::Tensor tap_group_conv2d(const at::Tensor& x_in, const at::Tensor& weights, c
   auto run_tile = [&](const float* buf, int64_t n, int64_t t, float* tmp) {
     int64_t o0 = tsp[t], nout = tcp[t];
     fn(buf, offs.data() + tgp[t] * g.P, wp + t * g.P * g.M, biasp ? biasp + o0 : nullptr, nout, tmp, g);
-    for (int64_t m = 0; m < nout; ++m) {
-      float* dst = yp + (n * g.O + o0 + m) * g.OH * g.OW;
-      const float* src = tmp + m * g.Lpad;
-      for (int64_t r = 0; r < g.OH; ++r) {
-        if (relu) {
-          for (int64_t j = 0; j < g.OW; ++j) dst[r * g.OW + j] = std::max(src[r * g.Wq + j], 0.f);
-        } else {
-          std::memcpy(dst + r * g.OW, src + r * g.Wq, g.OW * sizeof(float));
-        }
-      }
-    }
+    for (int64_t m = 0; m < nout; ++m)
+      copy_out(tmp + m * g.Lpad, resp ? resp + (n * g.O + o0 + m) * g.OH * g.OW : nullptr,
+               yp + (n * g.O + o0 + m) * YH * YW, g, relu, pool);
   };
   if (N >= at::get_num_threads()) {  // images over threads, one reused phase buffer per thread
     at::parallel_for(0, N, 1, [&](int64_t a, int64_t b) {
@@ -196,7 +238,7 @@ std::vector<int64_t> tap_group_tile_kinds() {
 TORCH_LIBRARY_FRAGMENT(tkp, m) {
   m.def("tap_group_conv2d(Tensor x, Tensor weights, Tensor taps, Tensor? bias, Tensor tile_group, "
         "Tensor tile_start, Tensor tile_count, int out_channels, int kh, int kw, int sh, int sw, int ph, int pw, int S, "
-        "bool relu) -> Tensor");
+        "bool relu, Tensor? residual, int pool) -> Tensor");
   m.def("tap_group_tile_kinds() -> int[]", &tap_group_tile_kinds);
 }
 

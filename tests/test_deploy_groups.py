@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import tkp_deploy as D
 import tkp_tapgroup as T
@@ -66,18 +67,21 @@ def test_kernel_and_fallback_match_conv2d_over_random_shapes(kernel):
         assert torch.equal(m.dense_weight(), conv.weight.detach())
 
 
-def test_relu_and_threads(kernel):
+def test_epilogue_residual_relu_pool_and_threads(kernel):
     gen = torch.Generator().manual_seed(2)
     conv = grouped_conv(32, 48, 3, 1, 1, 1, 16, gen)
     m = T.TapGroupConv2d.from_conv(conv, 16, 1, kernel[0])
-    m.relu = True
+    m.relu, m.pool = True, 2
     old = torch.get_num_threads()
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            for n in (1, 3):
-                x = torch.randn(n, 32, 12, 12, generator=gen)
-                assert max_rel(m(x), torch.relu(conv(x)).detach()) < 1e-5
+            for n, hw in ((1, 12), (3, 13)):
+                x = torch.randn(n, 32, hw, hw, generator=gen)
+                r = torch.randn(n, 48, hw, hw, generator=gen)
+                ref = F.max_pool2d(torch.relu(conv(x) + r), 2).detach()
+                assert max_rel(m(x, r), ref) < 1e-5
+                assert max_rel(m.forward_torch(x, r), ref) < 1e-5
     finally:
         torch.set_num_threads(old)
 
@@ -125,6 +129,8 @@ def test_vgg8_tap_group_deploys_and_reloads(grouped_final, tmp_path):
     kinds = {r["deploy"] for r in pruned}
     if T.kernel_available(announce=False):
         assert "tapgroup" in kinds, [(r["name"], r["deploy"], r["why"]) for r in pruned]
+        fused = [m for m in D.load(out).modules() if isinstance(m, T.TapGroupConv2d)]
+        assert any(m.relu for m in fused) and any(m.pool == 2 for m in fused)  # VGG's ReLU and pools folded
         assert all(r["group"] == 32 for r in pruned if r["deploy"] == "tapgroup")
     code = ("import torch, tkp_deploy as D; gm = D.load(r'%s'); "
             "print(sum(type(m).__name__ == 'TapGroupConv2d' for m in gm.modules())); "
