@@ -13,8 +13,9 @@ the README stays on paper. This module turns it into time:
 
 What `python tkp_deploy.py` does:
 
-1. rebuilds the trained model with the script that trained it (final.pt's "script_file",
-   else --script, else the `*_optimized.py` next to this file whose model the weights fit);
+1. rebuilds the trained model with the script that trained it (tkp_common.load_trained:
+   --script, else the script final.pt's metrics name, else the model script next to this
+   file whose model the weights fit);
 2. traces it with torch.fx and folds eval-mode BatchNorm into the preceding convolution
    (torch.fx.experimental.optimization.fuse: a per-output-channel scale, so the Top-K
    pattern survives); a model torch.fx cannot trace is refused with the reason;
@@ -88,8 +89,6 @@ from __future__ import annotations
 import argparse
 import builtins
 import copy
-import importlib
-import importlib.util
 import json
 import math
 import operator
@@ -308,71 +307,18 @@ def kernel_takes(conv: nn.Module) -> str | None:
 # (small copies of the engine's: tkp_deploy imports no training code until it deploys)
 
 # flags of a run that do not describe the model (as the engine's OPERATIONAL_FLAGS)
-_RUN_FLAGS = {"output_dir", "resume", "eval", "num_workers", "data_loader", "compile", "device", "channels_last",
-              "progress_every", "batch_val", "val_freq", "data_root", "data_path", "checkpoint_dir",
-              "pretrain_path", "pretrained_path"}
-
-
-def import_script(path: Path):
-    """A model script's module, imported from its file (its folder put on sys.path, so that
-    its `import tkp_common` works)."""
-    folder = str(path.resolve().parent)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    spec = importlib.util.spec_from_file_location(f"_tkp_deploy_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def script_candidates(final: dict, script: str | None, folder: Path = ROOT) -> list[Path]:
-    """The scripts that may have trained `final`: final.pt's "script_file", else `script`
-    (a path, a file name or a short name like 'vgg8'), else every *_optimized.py in
-    `folder`, the one named by its metrics' model first."""
-    def find(name: str) -> Path:
-        p = Path(name)
-        for c in (p, folder / p.name, folder / f"{name}_optimized.py", folder / f"{name}.py"):
-            if c.suffix == ".py" and c.is_file():
-                return c
-        raise DeployError(f"no model script {name!r} (looked in {folder})")
-
-    if final.get("script_file"):
-        return [find(str(final["script_file"]))]
-    if script:
-        return [find(script)]
-    named = str(final.get("metrics", {}).get("model", "") or "")
-    files = sorted(folder.glob("*_optimized.py"))
-
-    def is_named(p: Path) -> bool:
-        short = p.stem.removesuffix("_optimized")
-        return bool(named) and (named.startswith(short) or short.startswith(named))
-    return sorted(files, key=lambda p: not is_named(p))
-
-
 def rebuild_model(final_path: str, script: str | None = None) -> tuple[nn.Module, tuple, str]:
     """(model in eval mode with final.pt's weights loaded strictly, input shape (C, H, W),
-    script file name). The script's defaults are overlaid with final.pt's flags, with
-    `eval` set so that it loads no pretrained weights."""
-    final = torch.load(final_path, map_location="cpu", weights_only=True)
-    if not isinstance(final, dict) or not {"model", "args"} <= set(final):
-        raise DeployError(f"{final_path} is not a TKP final.pt (it lacks model/args)")
-    tried = []
-    for path in script_candidates(final, script):
-        module = import_script(path)
-        args = module.get_args_parser().parse_args([])
-        for k, v in final["args"].items():
-            if k not in _RUN_FLAGS:
-                setattr(args, k, v)
-        args.eval, args.dry_run = final_path, False
-        model = module.build_model(args)
-        try:
-            model.load_state_dict(final["model"], strict=True)
-        except RuntimeError:
-            tried.append(path.name)
-            continue
-        return model.eval(), tuple(module.SCRIPT.input_shape(args)), path.name
-    raise DeployError(f"{final_path}: its weights fit the model of none of {', '.join(tried) or 'no script'}; "
-                      f"pass --script")
+    script file name), by tkp_common.load_trained: the script `script` names, else the one
+    final.pt's metrics name, else the first model script whose model the weights fit; its
+    defaults overlaid with final.pt's flags, no pretrained weights loaded, masks checked.
+    (Only deployment needs the training scripts; `load` does not.)"""
+    import tkp_common as tkp
+    try:
+        trained = tkp.load_trained(final_path, script, "final.pt")
+    except tkp.TKPError as e:
+        raise DeployError(str(e)) from None
+    return trained.model, tuple(trained.script.input_shape(trained.args)), trained.script.file
 
 
 # ==== Tracing and BatchNorm folding ==========================================================

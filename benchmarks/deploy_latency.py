@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python benchmarks/deploy_latency.py`
     sys.path.insert(0, str(ROOT))
 
+import tkp_common as tkp  # noqa: E402
 import tkp_deploy as D  # noqa: E402
 
 
@@ -83,36 +84,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def random_topk_model(script: str, topk: int, script_args: list[str], tap_group: int = 1
                       ) -> tuple[nn.Module, tuple, str]:
-    """A script's model from random init (no pretrained weights), every Conv2d kernel with more
-    than `topk` taps cut to its `topk` largest |w| (with `tap_group` G > 1: the taps of largest
-    squared weight summed over each group of G outputs): speed depends on shapes and K only."""
-    path = D.script_candidates({}, script)[0]
-    module = D.import_script(path)
+    """A script's model from random init (no pretrained weights), masked by the engine's own
+    Top-K plan (tkp.topk_plan with `tap_group`; kernels with more than `topk` taps keep their
+    best `topk`): speed depends on shapes and K only."""
+    module = tkp.import_script(script)
     args = module.get_args_parser().parse_args(script_args)
     args.eval, args.dry_run = "random init", False  # so that the script loads no weights
     model = module.build_model(args).eval()
+    plan = tkp.topk_plan(model, topk, tap_group=tap_group)
+    tkp.Masker(model, tkp.compute_masks(model, plan)).apply_()
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.Conv2d) and m.kernel_size[0] * m.kernel_size[1] > topk:
-                w = m.weight.reshape(m.out_channels, m.in_channels // m.groups, -1)
-                keep = torch.zeros_like(w, dtype=torch.bool).scatter_(2, w.abs().topk(topk, dim=2).indices, True)
-                if tap_group > 1:
-                    keep = group_keep(w, topk, tap_group)
-                w.mul_(keep)
-            elif isinstance(m, nn.BatchNorm2d):  # statistics as a trained model has them, not 0 and 1
+            if isinstance(m, nn.BatchNorm2d):  # statistics as a trained model has them, not 0 and 1
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 2.0)
-    return model, tuple(module.SCRIPT.input_shape(args)), path.name
-
-
-def group_keep(w: torch.Tensor, topk: int, group: int) -> torch.Tensor:
-    """(C_out, C_in, taps) mask: each group of `group` outputs keeps, per input channel, the
-    `topk` taps of largest summed squared weight (a smaller last group where needed)."""
-    keep = torch.zeros_like(w, dtype=torch.bool)
-    for o in range(0, w.shape[0], group):
-        idx = w[o:o + group].pow(2).sum(0).topk(topk, dim=-1).indices
-        keep[o:o + group].scatter_(-1, idx.unsqueeze(0).expand(keep[o:o + group].shape[0], -1, -1), True)
-    return keep
+    return model, tuple(module.SCRIPT.input_shape(args)), module.SCRIPT.file
 
 
 # ---- timing ---------------------------------------------------------------------------------------
