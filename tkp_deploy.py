@@ -80,7 +80,7 @@ slower); the 3-channel first conv of VGG-8 fell to 0.86x at batch 32 against cha
 dense (deployment compares with NCHW, the layout of the deployed graph, and kept it).
 The kernel computes at 15-25 GMAC/s where oneDNN's dense convolution reaches 80-110 on the
 same core: every multiply-add loads an unaligned vector (csrc/topk_conv.cpp says more), so
-K = 1 (9x fewer MACs) turns into 2-2.6x, short of the issue's targets (4x / 2.5x per layer,
+K = 1 (9x fewer MACs) turns into 2-2.6x, short of our targets (4x / 2.5x per layer,
 3x whole VGG-8, 2x ResNet-56 reached, 2x Top-2).
 """
 

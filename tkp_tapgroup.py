@@ -29,7 +29,7 @@ against dense NCHW, best tile, same run and settings (Top-1 G=32 / G=16 / Top-2 
 2.1x and 3.5 / 3.2 / 2.0x (at 8 and 4 px up to half of the computed columns are padding);
 stride 2, 128 @28: 3.1 / 3.5 / 2.3x and 2.9 / 2.4 / 2.2x. The whole model is bounded by what
 the kernel does not touch: VGG-8's 8192x256 Linear alone takes ~0.45 ms of the deployed
-1.3-1.5 ms at batch 1. The issue's targets (>= 6x / >= 4x per layer, >= 4.5x whole) are not
+1.3-1.5 ms at batch 1. Our targets (>= 6x / >= 4x per layer, >= 4.5x whole) are not
 reached against the fastest dense variant.
 """
 
