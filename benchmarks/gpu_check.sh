@@ -4,14 +4,14 @@
 # others; results go to $OUT/gpu_results_PART.json and one log, $OUT/gpu_log_PART.txt.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh train     # dry runs + training throughput, <= 585 s
-#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh latency   # inference latency and 2:4, <= 250 s
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh latency   # inference latency, 2:4, tap groups, <= 355 s
 #
 # (the limits are the sum of the per-step limits; the device tool allows 600 s per command)
 #
 # Steps: (1) vgg8 --dry-run on CUDA with fp16/bf16, compiled and eager; (2) training
 # throughput (dense / stage-1 / stage-2 steps, loaders, a full epoch) for VGG-8 compiled and
 # eager, GoogLeNet and ViT-S; (3) inference latency, dense vs pruned, VGG-8 Top-1 and ViT-S
-# 2:4 (with the 2:4 semi-structured deployment).
+# 2:4 (with the 2:4 semi-structured deployment); tap groups (torch ops) against cuDNN in bf16.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/tkp_gpu}
@@ -55,6 +55,9 @@ else
     --devices cuda --batch-sizes 1,256 --no-compile --json $J/latency_vit_eager.json
   step "latency vit-s 2:4 compiled" 110 python $L --script vit --sparsity-type 2:4 --no-pretrained \
     --devices cuda --batch-sizes 256 --json $J/latency_vit_compiled.json
+  step "tap groups vs cudnn bf16" 60 python benchmarks/tap_group_cuda.py --device cuda --dtype bf16 \
+    --batch 256 --json $J/tap_group_cuda.json
+  step "dry-run vgg8 tap-group 32 bf16" 45 python vgg8_optimized.py --dry-run --tap-group 32 --amp-dtype bf16
 fi
 
 python - "$J" "$OUT/gpu_results_$PART.json" <<'EOF'

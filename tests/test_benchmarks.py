@@ -37,3 +37,13 @@ def test_tap_group_sweep_trains_reads_back_and_tabulates(tmp_path):
     assert summary["sparsity"] == "top-1-g8"
     again = tap_group_accuracy.main(argv)  # finished runs are read back, not trained again
     assert again["rows"] == r["rows"]
+
+
+def test_tap_group_cuda_benchmark_runs_on_cpu(tmp_path):
+    """The GPU benchmark of tap groups against cuDNN, run on the CPU: same code path, outputs
+    checked against the dense convolution."""
+    import tap_group_cuda
+    r = tap_group_cuda.main(["--device", "cpu", "--dtype", "fp32", "--batch", "1", "--repeats", "1",
+                             "--no-compile", "--json", str(tmp_path / "g.json")])
+    assert len(r["layers"]) == 4 and all(row["rel_error"] < 1e-5 for row in r["layers"])
+    assert all(row["speedup"] > 0 for row in r["layers"])
