@@ -14,6 +14,9 @@ theoretical speed-up (tkp.sparsity_report: dense MACs / non-zero MACs) beside th
 one. Dense kernels multiply zeros like any other value, so the measured speed-up is about
 1.0x: the theoretical figure needs a sparse execution path. Two are measured:
 
+  * Top-K CNNs on the CPU, deployed: the model as tkp_deploy.py deploys it (BatchNorm folded,
+    pruned layers on its Top-K / tap-group kernels where those are faster), timed against the
+    masked model (`--no-deploy` skips it).
   * Top-K CNNs, the "arithmetic floor": each kxk conv layer timed against a 1x1 conv with the
     same channels and output size (a kernel that keeps one tap is a 1x1 conv on a shifted
     input). The ratio bounds what K=1 can gain with dense 1x1 kernels at that shape.
@@ -65,7 +68,7 @@ SKIP_2_4 = "skipped: needs a CUDA GPU with compute capability >= 8.0"
 HONEST_NOTE = ("Dense kernels (oneDNN/cuDNN convolutions, BLAS/cuBLAS matrix products) multiply the zeros "
                "like any other value, so the pruned model runs as fast as the dense one: a measured "
                "speed-up near 1.0x is the expected result. The theoretical speed-up counts non-zero MACs "
-               "only; it needs a sparse execution path (see the arithmetic floor and 2:4 sections).")
+               "only; it needs a sparse execution path (see the deployed, arithmetic floor and 2:4 sections).")
 
 
 # ---- arguments ---------------------------------------------------------------------------
@@ -127,6 +130,8 @@ def get_args_parser() -> tkp.ArgumentParser:
                    help="back-to-back calls per repeat are raised until one repeat lasts this long")
     g.add_argument("--no-floor", dest="floor", action="store_false",
                    help="skip the per-layer kxk vs 1x1 arithmetic floor (Top-K CNNs)")
+    g.add_argument("--no-deploy", dest="deploy", action="store_false",
+                   help="skip the deployed column (Top-K CNNs on the CPU: tkp_deploy's kernels)")
     g.add_argument("--no-2-4", dest="semi_structured", action="store_false",
                    help="skip the 2:4 semi-structured deployment (N:M models)")
     g.add_argument("--sparse-margin", type=tkp.fraction, default=0.02,
@@ -608,6 +613,15 @@ def format_report(r: dict) -> str:
     for err in r.get("errors", []):
         lines.append(f"{r['device_names'].get(err['device'], err['device'])}: failed: {err['error']}")
     lines += ["", "note: " + HONEST_NOTE]
+    for d in r.get("deployed", []):
+        if "rows" not in d:
+            lines += ["", f"deployed ({d['device']}): {d.get('skipped') or 'failed: ' + d.get('error', '')}"]
+            continue
+        lines += ["", f"deployed with tkp_deploy ({d['layers_on_kernel']} of {d['pruned_layers']} pruned layers on "
+                      f"the sparse kernels) against the masked model, {d['device']}:"]
+        lines += [f"  batch {x['batch']:>4}: masked {x['masked_ms']:.3f} ms, deployed {x['deployed_ms']:.3f} ms: "
+                  f"{x['speedup']:.2f}x measured ({th['speedup_theoretical']:.2f}x theoretical; rel. error "
+                  f"{x['rel_error']:.1e})" for x in d["rows"]]
     for floor in r["arithmetic_floor"]:
         if "error" in floor:
             lines += ["", f"arithmetic floor ({floor['device']}, batch {floor['batch']}) failed: {floor['error']}"]
@@ -663,6 +677,31 @@ def _free(device: torch.device) -> None:
             torch.cuda.empty_cache()
 
 
+def time_deployed(bench: Bench, setup: DeviceSetup, batches: list[int], timing: Timing, seed: int) -> dict:
+    """Top-K CNNs on the CPU in fp32: the model as tkp_deploy deploys it (BatchNorm folded,
+    each pruned layer on the Top-K or tap-group kernel where that measures faster) against
+    the masked model as it trains (eager, every weight in place), timed interleaved."""
+    if setup.device.type != "cpu" or setup.dtype != torch.float32 or not any(m.dim() == 4 for m in bench.masks.values()):
+        return {"device": str(setup.device), "skipped": "Top-K CNNs on the CPU in fp32 only"}
+    import tkp_deploy
+    load_values(setup.model, setup.pruned)
+    model = copy.deepcopy(setup.model).to(memory_format=torch.contiguous_format).eval()
+    folded = tkp_deploy.fold_batchnorm(model)
+    records = tkp_deploy.choose_layers(folded, bench.input_shape, batches, repeats=max(3, timing.repeats // 4))
+    deployed = tkp_deploy.apply_layers(folded, records, bench.input_shape)
+    rows = []
+    for batch in batches:
+        x = setup.inputs(batch, bench.input_shape, seed).contiguous()
+        t = measure_interleaved({"masked": (None, lambda: setup.model(x)), "deployed": (None, lambda: deployed(x))},
+                                setup.device, timing)
+        rows.append({"batch": batch, "masked_ms": t["masked"]["median_ms"], "deployed_ms": t["deployed"]["median_ms"],
+                     "speedup": t["masked"]["median_ms"] / t["deployed"]["median_ms"],
+                     "rel_error": _relative_error(deployed(x), setup.model(x))})
+    return {"device": str(setup.device), "kernel": tkp_deploy.kernel_available(announce=False),
+            "layers_on_kernel": sum(r["deploy"] != "dense" for r in records), "pruned_layers": len(records),
+            "rows": rows}
+
+
 def bench_device(bench: Bench, device: torch.device, args, timing: Timing, modes: list[str], result: dict,
                  saved: Callable[[], None]) -> None:
     """Every measurement on one device, appended to `result` (and `saved()` after each part):
@@ -681,6 +720,12 @@ def bench_device(bench: Bench, device: torch.device, args, timing: Timing, modes
             except Exception as e:  # noqa: BLE001
                 result["arithmetic_floor"].append({"device": str(device), "batch": batch, "error": _one_line(e)})
                 _free(device)
+        saved()
+    if args.deploy:
+        try:
+            result["deployed"].append(time_deployed(bench, setup, batches, timing, args.seed))
+        except Exception as e:  # noqa: BLE001 - e.g. a model torch.fx cannot trace
+            result["deployed"].append({"device": str(device), "error": _one_line(e)})
         saved()
     if args.semi_structured:
         result["semi_structured"].append(deploy_semi_structured(
@@ -725,7 +770,7 @@ def main(argv=None) -> dict:
               "layer's scale)", "pruned_means": "the same model with the masked weights exactly zero",
               "theoretical": theoretical, "timing": vars(timing), "compile_mode": args.compile_mode if args.compile
               else None, "channels_last": args.channels_last, "note": HONEST_NOTE,
-              "device_names": {}, "latency": [], "arithmetic_floor": [], "semi_structured": [], "errors": [],
+              "device_names": {}, "latency": [], "arithmetic_floor": [], "deployed": [], "semi_structured": [], "errors": [],
               "complete": False}
     path = Path(args.json) if args.json else None
 

@@ -57,6 +57,10 @@ def test_vgg8_top1_fresh_masks_end_to_end(tmp_path, capsys):
     for r in rows:
         assert r["dense"]["median_ms"] > 0 and r["pruned"]["median_ms"] > 0 and r["speedup_measured"] > 0
     assert [f["batch"] for f in saved["arithmetic_floor"]] == [1, 2]
+    deployed = saved["deployed"][0]  # tkp_deploy's kernels (or dense where they are not faster)
+    assert [d["batch"] for d in deployed["rows"]] == [1, 2] and deployed["pruned_layers"] == 4
+    assert all(d["rel_error"] < 1e-4 and d["speedup"] > 0 for d in deployed["rows"])
+    assert "deployed with tkp_deploy" in lat.format_report(result)
     floor = saved["arithmetic_floor"][0]["layers"]
     assert [x["layer"] for x in floor] == ["features.0", "features.3", "features.7", "features.10"]
     assert all(x["kxk_ms"] > 0 and x["1x1_ms"] > 0 and x["theoretical"] == 9 for x in floor)
