@@ -15,7 +15,6 @@ speed-up = the faster dense / the faster tap-group variant. Outputs are checked 
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys

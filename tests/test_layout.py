@@ -6,11 +6,14 @@ import pytest
 
 from conftest import ROOT
 
-MODULES = ["tkp_runtime", "tkp_data", "tkp_report", "tkp_qat", "tkp_common", "tkp_figures"]
+MODULES = ["tkp_runtime", "tkp_data", "tkp_report", "tkp_qat", "tkp_sparsity", "tkp_train", "tkp_common",
+           "tkp_figures"]
 # what each module may import of the project (the driver, tkp_common, imports the others)
 ALLOWED = {"tkp_runtime": set(), "tkp_data": {"tkp_runtime"}, "tkp_report": {"tkp_runtime"},
-           "tkp_qat": {"tkp_runtime"}, "tkp_figures": set(),
-           "tkp_common": {"tkp_runtime", "tkp_data", "tkp_report", "tkp_qat", "tkp_figures"}}
+           "tkp_qat": {"tkp_runtime"}, "tkp_figures": set(), "tkp_sparsity": {"tkp_runtime"},
+           "tkp_train": {"tkp_runtime", "tkp_sparsity"},
+           "tkp_common": {"tkp_runtime", "tkp_data", "tkp_report", "tkp_qat", "tkp_sparsity", "tkp_train",
+                          "tkp_figures"}}
 MAX_FUNCTION_LINES = 80
 
 
