@@ -14,7 +14,7 @@ README.md ("clip_vit.py — CLIP with N:M sparsity in both towers").
     python clip_vit.py --data-path /data/imagenet --one-shot       # masks from the pretrained weights, no training
     python clip_vit.py --data-path /data/imagenet                  # 2:4 in both towers, 5+5 epochs
     python clip_vit.py --data-path /data/imagenet --sparsity-type dense    # the baseline (FLYP alone)
-    python clip_vit.py --dry-run                                   # whole pipeline, generated data
+    python clip_vit.py --dry-run                                   # whole pipeline, generated data, ViT-S-32
     torchrun --nproc_per_node 8 clip_vit.py --data-path /data/imagenet --batch-size 32
 
 --data-path holds train/ and val/, each with one folder per class (ImageFolder layout).
@@ -43,6 +43,7 @@ BLOCK_WEIGHT = re.compile(r"(?:^|\.)resblocks\.\d+\.(.+)$")
 TEMPLATES = {"openai": open_clip.OPENAI_IMAGENET_TEMPLATES, "simple": open_clip.SIMPLE_IMAGENET_TEMPLATES}
 WNID = re.compile(r"n\d{8}")
 DRY_RUN_CLASSES = 4
+DRY_RUN_MODEL = "ViT-S-32"  # --dry-run without --model: ~22M + 40M parameters, 50 image tokens
 
 
 # ---- arguments ---------------------------------------------------------------------------
@@ -402,6 +403,9 @@ def main(argv=None) -> dict:
         raise tkp.TKPError("--label-smooth does not apply: CLIP trains with its contrastive loss")
     if args.one_shot:
         args.epochs_stage1 = args.epochs_stage2 = 0
+    if args.dry_run and "model" not in args.explicit_flags:
+        # a check of the install in seconds: open_clip's smallest ViT, unless --model names one
+        args.model = DRY_RUN_MODEL
     return tkp.run(args, SCRIPT)
 
 

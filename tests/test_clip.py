@@ -238,3 +238,11 @@ def test_failed_download_offline_is_one_line(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "--pretrained-path" in r.stderr and "--no-pretrained" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_dry_run_defaults_to_the_small_model_unless_one_is_named(monkeypatch):
+    seen = []
+    monkeypatch.setattr(clip_vit.tkp, "run", lambda args, script: seen.append(args.model))
+    clip_vit.main(["--dry-run"])
+    clip_vit.main(["--dry-run", "--model", "ViT-B-16"])
+    assert seen == [clip_vit.DRY_RUN_MODEL, "ViT-B-16"]
