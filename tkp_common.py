@@ -10,13 +10,13 @@ Sections (search for "# ===="):
   A trained model, rebuilt by the script that trained it (for --eval, benchmarks, deploy)
   CIFAR CNN scripts: the flags, data and plan they share
 
-The method's pieces live around it: tkp_sparsity (plans, masks, the regularizer), tkp_train
-(the update step, an epoch, evaluation, BatchNorm recalibration); and tkp_runtime (command
-line, processes, files), tkp_data (data sets, transforms, loaders), tkp_report (MACs,
-sparsity, summary), tkp_qat (stage 3), tkp_figures (PNGs).
-Scripts use `import tkp_common as tkp`; the names they need from those modules are
-re-exported here. May import: every tkp_* module; none of them imports this one.
-Nothing here reads global state or has side effects at import.
+The method's pieces live in the package beside it, tkp_lib/: sparsity (plans, masks, the
+regularizer), train (the update step, an epoch, evaluation, BatchNorm recalibration),
+runtime (command line, processes, files), data (data sets, transforms, loaders), report
+(MACs, sparsity, summary), qat (stage 3), figures (PNGs); deployment is tkp_deploy.py's.
+Scripts use `import tkp_common as tkp`; `__all__` lists what they use, including the names
+re-exported from tkp_lib. May import: tkp_lib's training modules; none of them imports this
+one. Nothing here reads global state or has side effects at import.
 """
 
 from __future__ import annotations
@@ -42,20 +42,29 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tkp_data import (CIFAR_CLASSES, DeviceImageLoader, ImageArrayDataset, cifar32_transforms, image_folder,  # noqa: F401,E501
-                      cifar_splits, fake_splits, load_cifar, make_loader, make_loaders, set_loader_epoch, skipped_images,
-                      upscaled_cifar_transforms)
-from tkp_qat import (export_int8, freeze_qat, freeze_to_int8, int8_size_bytes, load_int8,  # noqa: F401
-                     prepare_qat, qat_layers, strip_qat)
-from tkp_report import check_sparsity, format_summary, sparsity_report, tap_frequencies  # noqa: F401
-from tkp_sparsity import (Target, Plan, topk_plan, nm_plan, nm_param_plan, group_ranks, rank_scores, compute_masks, Masker, broadcast_masks, aux_coefficients, AuxRegularizer)  # noqa: F401
-from tkp_train import (Trainer, build_trainer, optimizer_step, _to_device, _check_finite, train_one_epoch, evaluate, recalibrate_bn)  # noqa: F401
-from tkp_runtime import (ArgumentParser, Dist, HelpFormatter, Output, TKPError, add_topk_args,  # noqa: F401
-                         all_reduce_sum, amp_name, base_parser, clean_state_dict, cli, comma_list, derive_seed,
-                         device_name, format_duration, fraction, gpu_has_bf16, init_distributed, int_range, load_file,
-                         load_weights, main_process_first, matches_prefix, nm_pattern, nonneg_float, plain, positive_float,
-                         pretrained_state, read_state_dict, resolve_amp, save_atomic, seed_all, to_cpu, to_device,
-                         versions)
+from tkp_lib import figures
+from tkp_lib.data import (CIFAR_CLASSES, DeviceImageLoader, cifar32_transforms, cifar_splits, fake_splits, image_folder,
+                          make_loader, make_loaders, set_loader_epoch, skipped_images, upscaled_cifar_transforms)
+from tkp_lib.qat import freeze_to_int8, int8_size_bytes, load_int8, prepare_qat, qat_layers, strip_qat
+from tkp_lib.report import check_sparsity, format_summary, sparsity_report, tap_frequencies
+from tkp_lib.runtime import (ArgumentParser, Dist, Output, TKPError, add_topk_args, all_reduce_sum, amp_name, autocast,
+                             base_parser, clean_state_dict, cli, comma_list, derive_seed, device_name, format_duration,
+                             init_distributed, int_range, load_file, load_weights, main_process_first, nm_pattern, plain,
+                             pretrained_state, read_state_dict, resolve_amp, seed_all, to_cpu, to_device, versions)
+from tkp_lib.sparsity import AuxRegularizer, Masker, Plan, broadcast_masks, compute_masks, nm_param_plan, nm_plan, topk_plan
+from tkp_lib.train import Trainer, _to_device, build_trainer, evaluate, recalibrate_bn, train_one_epoch
+
+# What a model script uses: the driver and its hooks (defined here), and the helpers of
+# tkp_lib a script needs to build its flags, model and data (re-exported).
+__all__ = [
+    # the driver
+    "Script", "run", "cli", "TKPError", "load_trained", "import_script",
+    # CNN scripts on CIFAR
+    "cnn_parser", "cnn_script", "loads_imagenet_weights", "loads_pretrain_path", "start_from_pretrain_path",
+    # flags, weights and data for scripts of their own (vit_small.py, clip_vit.py)
+    "ArgumentParser", "base_parser", "int_range", "comma_list", "nm_pattern", "load_weights", "pretrained_state",
+    "CIFAR_CLASSES", "image_folder", "fake_splits", "Plan", "nm_plan", "nm_param_plan",
+]
 
 CHECKPOINT_FORMAT = "tkp-checkpoint-1"
 ROOT = Path(__file__).resolve().parent  # the folder of the model scripts
@@ -155,7 +164,7 @@ class Run:
 def run_before_eval(script: Script, module: nn.Module, device: torch.device, amp_dtype) -> None:
     """The script's `before_eval(module)` hook, if it has one, under the run's autocast."""
     if script.before_eval is not None:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             script.before_eval(module)
 
 
@@ -520,7 +529,7 @@ def _report_aux_start(r: Run, regularizer: AuxRegularizer) -> None:
     r.module.eval()
     for bn in bns:
         bn.train()
-    with torch.autocast(r.device.type, dtype=r.amp_dtype or torch.float32, enabled=r.amp_dtype is not None):
+    with autocast(r.device, r.amp_dtype):
         if r.script.train_loss is None:
             ce = F.cross_entropy(r.module(x).float(), y).item()
         else:  # the script's own training loss (e.g. CLIP's contrastive loss)
@@ -625,8 +634,7 @@ def write_reports(r: Run, write_final: bool = True, quiet: bool = False) -> dict
         return summary
     r.out.print(format_summary(summary))
     if r.dist.is_main:
-        import tkp_figures  # PNG figures when matplotlib is installed; otherwise one line says so
-        tkp_figures.draw(r.out.folder, log=r.out.print)
+        figures.draw(r.out.folder, log=r.out.print)  # PNGs where matplotlib is installed, else one line
     return summary
 
 def checkpoint_args(base: dict, ckpt_args: dict, path: str) -> argparse.Namespace:

@@ -46,16 +46,11 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/deploy_latency.py`
 
 import tkp_common as tkp  # noqa: E402
 import tkp_deploy as D  # noqa: E402
+from tkp_lib import deploy_layers, kernels, tapgroup, topk_conv  # noqa: E402
+from tkp_lib.runtime import int_list, plain  # noqa: E402
+from tkp_lib.sparsity import Masker, compute_masks, topk_plan  # noqa: E402
 
 
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers like 1,32, got {text!r}")
-    return values
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -69,8 +64,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="with --script: G consecutive outputs share their --topk taps per input channel (the "
                         "largest summed squared weights of the group), deployed by tkp_tapgroup.TapGroupConv2d")
     p.add_argument("--script-args", default="", help="with --script: its flags, e.g. '--img-size 32 --no-pretrain'")
-    p.add_argument("--threads", type=int_list, default=[1, 2])
-    p.add_argument("--batch-sizes", type=int_list, default=[1, 32])
+    p.add_argument("--threads", type=int_list(), default=[1, 2])
+    p.add_argument("--batch-sizes", type=int_list(), default=[1, 32])
     p.add_argument("--repeats", type=int, default=9, help="interleaved timing rounds (medians)")
     p.add_argument("--min-round-ms", type=float, default=4.0, help="minimum length of one timing round")
     p.add_argument("--tiles", type=D.tile_list, default=None, help="register tiles to try (default: all)")
@@ -85,14 +80,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 def random_topk_model(script: str, topk: int, script_args: list[str], tap_group: int = 1
                       ) -> tuple[nn.Module, tuple, str]:
     """A script's model from random init (no pretrained weights), masked by the engine's own
-    Top-K plan (tkp.topk_plan with `tap_group`; kernels with more than `topk` taps keep their
+    Top-K plan (topk_plan with `tap_group`; kernels with more than `topk` taps keep their
     best `topk`): speed depends on shapes and K only."""
     module = tkp.import_script(script)
     args = module.get_args_parser().parse_args(script_args)
     args.eval, args.dry_run = "random init", False  # so that the script loads no weights
     model = module.build_model(args).eval()
-    plan = tkp.topk_plan(model, topk, tap_group=tap_group)
-    tkp.Masker(model, tkp.compute_masks(model, plan)).apply_()
+    plan = topk_plan(model, topk, tap_group=tap_group)
+    Masker(model, compute_masks(model, plan)).apply_()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):  # statistics as a trained model has them, not 0 and 1
@@ -114,14 +109,14 @@ def compiled(module: nn.Module, x: torch.Tensor):
             fn(x)
         return fn, None
     except Exception as e:  # no C++ compiler, an inductor error: the benchmark goes on eagerly
-        return None, D._one_line(e)
+        return None, kernels.one_line(e)
 
 
 def time_layers(folded, records: list[dict], input_shape: tuple, batches: list[int], use_compile: bool,
                 timing: dict) -> list[dict]:
     """Per pruned layer and batch size: dense eager, dense compiled and the Top-K kernel with
     the tile deployment chose, interleaved. Layers of one shape share one measurement."""
-    shapes = D.conv_input_shapes(folded, torch.zeros(1, *input_shape))
+    shapes = deploy_layers.conv_input_shapes(folded, torch.zeros(1, *input_shape))
     rows, done = [], {}
     for rec in records:
         if rec["tile"] is None:  # not a Top-K layer (dense, or the kernel does not take it)
@@ -131,9 +126,9 @@ def time_layers(folded, records: list[dict], input_shape: tuple, batches: list[i
                shapes[rec["name"]][1:], rec["k"], tuple(rec["tile"]), rec["deploy"], rec.get("group"))
         if key not in done:
             if rec["deploy"] == "tapgroup":  # the tap-group kernel (tkp_tapgroup), in the "topk" column
-                topk = D._tapgroup().TapGroupConv2d.from_conv(conv, rec["group"], rec["group_k"], rec["tile"])
+                topk = tapgroup.TapGroupConv2d.from_conv(conv, rec["group"], rec["group_k"], rec["tile"])
             else:
-                topk = D.TopKConv2d.from_conv(conv, rec["tile"])
+                topk = topk_conv.TopKConv2d.from_conv(conv, rec["tile"])
             conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
             per_batch = {}
             for b in batches:
@@ -146,7 +141,7 @@ def time_layers(folded, records: list[dict], input_shape: tuple, batches: list[i
                     fn, why = compiled(conv, x)
                     if fn is not None:
                         fns["dense_compiled"] = lambda: fn(x)
-                t = D.measure_interleaved(fns, **timing)
+                t = kernels.median_ms(fns, **timing)
                 dense = min(v for k, v in t.items() if k.startswith("dense"))
                 per_batch[b] = {**{f"{k}_ms": v for k, v in t.items()}, "speedup": dense / t["topk"],
                                 "compile": why or "ok"}
@@ -176,7 +171,7 @@ def time_whole(dense: nn.Module, deployed: nn.Module, input_shape: tuple, batche
                     fns[name] = (lambda fn=fn: fn(x))
                 else:
                     notes[name] = why
-        t = D.measure_interleaved(fns, **timing)
+        t = kernels.median_ms(fns, **timing)
         best_dense = min((k for k in t if k.startswith("dense")), key=t.get)
         best_deploy = min((k for k in t if k.startswith("deploy")), key=t.get)
         out[b] = {**{f"{k}_ms": v for k, v in t.items()}, "best_dense": best_dense, "best_deploy": best_deploy,
@@ -222,11 +217,11 @@ def main(argv=None) -> dict:
                                                        args.tap_group)
         source = f"{script}, random init, top-{args.topk}" + (f", tap group {args.tap_group}"
                                                              if args.tap_group > 1 else "")
-    if not D.kernel_available():
-        raise D.DeployError(f"the Top-K kernel is unavailable ({D.kernel_problem()}): nothing to benchmark")
+    if not topk_conv.kernel_available():
+        raise D.DeployError(f"the Top-K kernel is unavailable ({topk_conv.kernel_problem()}): nothing to benchmark")
     timing = {"repeats": args.repeats, "min_round_s": args.min_round_ms / 1e3}
-    folded = D.fold_batchnorm(model)
-    theoretical = D.theoretical_speedup(D.layer_macs(folded, torch.zeros(1, *input_shape)))
+    folded = deploy_layers.fold_batchnorm(model)
+    theoretical = deploy_layers.theoretical_speedup(deploy_layers.layer_macs(folded, torch.zeros(1, *input_shape)))
     result = {"source": source, "script": script, "input_shape": list(input_shape), "batch_sizes": args.batch_sizes,
               "torch": str(torch.__version__), "machine": f"{platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads by default", "theoretical": theoretical, "runs": []}
@@ -234,10 +229,10 @@ def main(argv=None) -> dict:
           f"{torch.__version__}", flush=True)
     for threads in args.threads:
         torch.set_num_threads(threads)
-        records = D.choose_layers(folded, input_shape, args.batch_sizes, repeats=args.repeats, tiles=args.tiles,
-                                  log=lambda s: None)
-        deployed = D.apply_layers(copy.deepcopy(folded), records, input_shape)
-        check = D.verify(deployed, model, torch.randn(8, *input_shape))
+        records = deploy_layers.choose_layers(folded, input_shape, args.batch_sizes, repeats=args.repeats,
+                                              tiles=args.tiles, log=lambda s: None)
+        deployed = deploy_layers.apply_layers(copy.deepcopy(folded), records, input_shape)
+        check = deploy_layers.verify(deployed, model, torch.randn(8, *input_shape))
         if not check["ok"]:
             raise D.DeployError(f"the deployed model does not match the masked model: {check}")
         run = {"threads": threads, "theoretical": theoretical, "check": check,
@@ -246,12 +241,12 @@ def main(argv=None) -> dict:
         result["runs"].append(run)
         print(format_threads(run, args.batch_sizes), flush=True)
         if args.json:
-            Path(args.json).write_text(json.dumps(D.plain(result), indent=1))
+            Path(args.json).write_text(json.dumps(plain(result), indent=1))
     return result
 
 
 if __name__ == "__main__":
     try:
         main()
-    except D.DeployError as e:
+    except tkp.TKPError as e:
         sys.exit(f"deploy_latency: {e}")

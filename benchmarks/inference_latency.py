@@ -10,7 +10,7 @@ model from random init with fresh masks, then times inference of
 
 on the CPU and the GPU (if present), at batch 1 and a large batch, eagerly and under
 torch.compile, after warm-up, as the median over repeats (CUDA synchronized). It prints the
-theoretical speed-up (tkp.sparsity_report: dense MACs / non-zero MACs) beside the measured
+theoretical speed-up (sparsity_report: dense MACs / non-zero MACs) beside the measured
 one. Dense kernels multiply zeros like any other value, so the measured speed-up is about
 1.0x: the theoretical figure needs a sparse execution path. Two are measured:
 
@@ -41,13 +41,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
-import math
 import os
 import platform
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -61,6 +59,10 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/inference_latency.py`
     sys.path.insert(0, str(ROOT))
 
 import tkp_common as tkp  # noqa: E402
+from tkp_lib import deploy_layers, kernels, topk_conv  # noqa: E402
+from tkp_lib.report import sparsity_report  # noqa: E402
+from tkp_lib.runtime import HelpFormatter, int_list, device_name, fraction, gpu_has_bf16, nonneg_float, plain, versions  # noqa: E402
+from tkp_lib.sparsity import Masker, compute_masks  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_BATCHES = {"cpu": [1, 32], "cuda": [1, 256]}
@@ -73,16 +75,6 @@ HONEST_NOTE = ("Dense kernels (oneDNN/cuDNN convolutions, BLAS/cuBLAS matrix pro
 
 # ---- arguments ---------------------------------------------------------------------------
 
-def batch_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in tkp.comma_list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
-    return sorted(set(values))
-
-
 def device_list(text: str) -> list[str]:
     names = tkp.comma_list(text)
     bad = [n for n in names if n not in ("auto", "cpu", "cuda")]
@@ -91,7 +83,7 @@ def device_list(text: str) -> list[str]:
     return names
 
 
-class HelpFormatter(tkp.HelpFormatter):
+class HelpFormatter(HelpFormatter):
     """tkp's --help layout; on/off switches show no default."""
 
     def _get_help_string(self, action):
@@ -113,7 +105,7 @@ def get_args_parser() -> tkp.ArgumentParser:
     g = p.add_argument_group("measurement")
     g.add_argument("--devices", type=device_list, default="auto",
                    help="'auto' (cpu, and cuda when present), or a list such as cpu,cuda")
-    g.add_argument("--batch-sizes", type=batch_list, default=None,
+    g.add_argument("--batch-sizes", type=int_list(), default=None,
                    help="batch sizes to time (default: 1,32 on cpu; 1,256 on cuda)")
     g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="inference precision; auto = fp32 on cpu, bf16 on GPUs that support it (else fp16)")
@@ -126,7 +118,7 @@ def get_args_parser() -> tkp.ArgumentParser:
     g.add_argument("--channels-last", action="store_true", help="CNNs: channels-last memory format")
     g.add_argument("--warmup", type=tkp.int_range(0), default=5, help="untimed calls before timing")
     g.add_argument("--repeats", type=tkp.int_range(1), default=20, help="timed repeats (the median is reported)")
-    g.add_argument("--min-repeat-ms", type=tkp.nonneg_float, default=2.0,
+    g.add_argument("--min-repeat-ms", type=nonneg_float, default=2.0,
                    help="back-to-back calls per repeat are raised until one repeat lasts this long")
     g.add_argument("--no-floor", dest="floor", action="store_false",
                    help="skip the per-layer kxk vs 1x1 arithmetic floor (Top-K CNNs)")
@@ -134,7 +126,7 @@ def get_args_parser() -> tkp.ArgumentParser:
                    help="skip the deployed column (Top-K CNNs on the CPU: tkp_deploy's kernels)")
     g.add_argument("--no-2-4", dest="semi_structured", action="store_false",
                    help="skip the 2:4 semi-structured deployment (N:M models)")
-    g.add_argument("--sparse-margin", type=tkp.fraction, default=0.02,
+    g.add_argument("--sparse-margin", type=fraction, default=0.02,
                    help="keep a layer's 2:4 sparse form only when it is at least this fraction faster")
     g.add_argument("--json", default=None, metavar="PATH", help="write every measurement to this JSON file")
     return p
@@ -179,9 +171,9 @@ def build_fresh(name: str, extra: list[str], seed: int) -> Bench:
     torch.manual_seed(seed)
     model = module.build_model(args).eval()
     plan = module.SCRIPT.build_plan(model, args)
-    masks = tkp.compute_masks(model, plan)
+    masks = compute_masks(model, plan)
     dense = {n: p.detach().clone() for n, p in model.named_parameters() if n in masks}
-    tkp.Masker(model, masks).apply_()
+    Masker(model, masks).apply_()
     pruned = {n: p.detach().clone() for n, p in model.named_parameters() if n in masks}
     return Bench(module.SCRIPT.name, args, model, plan, masks, dense, pruned,
                  tuple(module.SCRIPT.input_shape(args)), f"random init (seed {seed}), fresh masks")
@@ -216,49 +208,13 @@ def measure(fn: Callable[[], object], device: torch.device, timing: Timing) -> d
 
 
 def measure_interleaved(variants: dict, device: torch.device, timing: Timing) -> dict:
-    """{name: timing} for variants {name: (prepare or None, fn)}, timed in alternation so that
-    drift (clocks, other processes) hits them alike. Each variant's first call is timed on its
-    own (it includes torch.compile's compilation and cuDNN's algorithm search), then `warmup`
-    calls; then `repeats` rounds in which each variant is prepared (e.g. its weights copied
-    in, untimed) and runs `inner` back-to-back calls between device synchronizations; `inner`
-    grows until one run of the first variant lasts `min_repeat_s`. Reports the median, min and
-    max milliseconds per call over the rounds."""
-    sync = _synchronizer(device)
-
-    def run(fn, n: int) -> float:
-        sync()
-        tic = time.perf_counter()
-        for _ in range(n):
-            fn()
-        sync()
-        return time.perf_counter() - tic
-
-    def prepared(name):
-        prepare, fn = variants[name]
-        if prepare is not None:
-            prepare()
-        return fn
-
-    first = {}
-    for name in variants:
-        fn = prepared(name)
-        first[name] = run(fn, 1)
-        for _ in range(timing.warmup):
-            fn()
-    inner, name0 = 1, next(iter(variants))
-    fn0 = prepared(name0)
-    while True:
-        t = run(fn0, inner)
-        if t >= timing.min_repeat_s or inner >= 4096:
-            break
-        inner = min(4096, inner * max(2, math.ceil(timing.min_repeat_s / max(t, 1e-6))))
-    per_call = {name: [] for name in variants}
-    for _ in range(timing.repeats):
-        for name in variants:
-            per_call[name].append(run(prepared(name), inner) / inner)
-    return {name: {"median_ms": statistics.median(v) * 1e3, "min_ms": min(v) * 1e3, "max_ms": max(v) * 1e3,
-                   "first_call_s": first[name], "calls_per_repeat": inner, "repeats": timing.repeats}
-            for name, v in per_call.items()}
+    """{name: {"median_ms", "min_ms", "max_ms", "first_call_s", "calls", "rounds"}} for variants
+    {name: (prepare or None, fn)}: kernels.measure_interleaved, between device synchronizations;
+    each variant's `prepare` (e.g. copying its weights in) runs untimed before each round."""
+    t = kernels.measure_interleaved({n: fn for n, (_, fn) in variants.items()}, repeats=timing.repeats,
+                                    min_round_s=timing.min_repeat_s, warmup=timing.warmup, sync=_synchronizer(device),
+                                    prepare={n: p for n, (p, _) in variants.items() if p is not None})
+    return {name: dataclasses.asdict(v) for name, v in t.items()}
 
 
 def resolve_devices(names: list[str]) -> list[torch.device]:
@@ -274,17 +230,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return DTYPES[name]
     if device.type == "cuda":
-        return torch.bfloat16 if tkp.gpu_has_bf16(device) else torch.float16
+        return torch.bfloat16 if gpu_has_bf16(device) else torch.float16
     return torch.float32
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:160] if text else ''}"
 
 
 @dataclass
@@ -329,7 +280,7 @@ def time_dense_vs_pruned(bench: Bench, setup: DeviceSetup, batches: list[int], m
             try:
                 compiled = runner = torch.compile(setup.model, dynamic=False, mode=compile_mode)
             except Exception as e:  # noqa: BLE001 - a missing compiler must not end the benchmark
-                rows.append({"device": str(setup.device), "mode": mode, "error": _one_line(e)})
+                rows.append({"device": str(setup.device), "mode": mode, "error": kernels.one_line(e)})
                 continue
         for batch in batches:
             x = setup.inputs(batch, bench.input_shape, seed)
@@ -344,7 +295,7 @@ def time_dense_vs_pruned(bench: Bench, setup: DeviceSetup, batches: list[int], m
                 if mode == "compile":  # the compiled graph must follow the weights swapped in place
                     row["compiled_vs_eager_rel_error"] = _relative_error(runner(x), setup.model(x))
             except Exception as e:  # noqa: BLE001 - e.g. a compile failure on first call, or OOM
-                row["error"] = _one_line(e)
+                row["error"] = kernels.one_line(e)
                 _free(setup.device)
             rows.append(row)
     load_values(setup.model, setup.pruned)
@@ -429,7 +380,7 @@ def semi_structured_unsupported(device: torch.device, pattern: str) -> str | Non
         from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
         del SparseSemiStructuredTensor, to_sparse_semi_structured  # only their presence matters here
     except ImportError as e:
-        return f"skipped: this torch has no semi-structured sparse tensors ({_one_line(e)})"
+        return f"skipped: this torch has no semi-structured sparse tensors ({kernels.one_line(e)})"
     return None
 
 
@@ -449,7 +400,7 @@ def cusparselt_info() -> dict:
         import torch.backends.cusparselt as cslt
         return {"cusparselt_available": bool(cslt.is_available()), "cusparselt_version": cslt.version()}
     except Exception as e:  # noqa: BLE001
-        return {"cusparselt_available": False, "cusparselt_error": _one_line(e)}
+        return {"cusparselt_available": False, "cusparselt_error": kernels.one_line(e)}
 
 
 def pick_backend(device: torch.device, dtype: torch.dtype) -> tuple[str | None, list[str]]:
@@ -473,7 +424,7 @@ def pick_backend(device: torch.device, dtype: torch.dtype) -> tuple[str | None, 
                 return backend, problems
             problems.append(f"{backend}: wrong result (relative error {err:.2e})")
         except Exception as e:  # noqa: BLE001 - e.g. "architecture mismatch", "not supported"
-            problems.append(f"{backend}: {_one_line(e)}")
+            problems.append(f"{backend}: {kernels.one_line(e)}")
     return None, problems
 
 
@@ -504,7 +455,7 @@ def deploy_semi_structured(bench: Bench, setup: DeviceSetup, batches: list[int],
         return {**out, **_deploy(bench, setup, batches, timing, seed, compiled_dense, compile_mode, margin, convert)}
     except Exception as e:  # noqa: BLE001 - the deployment is an experiment; the benchmark goes on
         _free(setup.device)
-        return {**out, "status": "failed", "reason": f"failed: {_one_line(e)}"}
+        return {**out, "status": "failed", "reason": f"failed: {kernels.one_line(e)}"}
 
 
 def _deploy(bench, setup, batches, timing, seed, compiled_dense, compile_mode, margin, convert) -> dict:
@@ -552,7 +503,7 @@ def _deploy(bench, setup, batches, timing, seed, compiled_dense, compile_mode, m
             if row["kept_sparse"]:
                 lin.weight = nn.Parameter(sparse, requires_grad=False)
         except Exception as e:  # noqa: BLE001 - e.g. a shape the kernels do not take
-            row["note"] = f"dense: {_one_line(e)}"
+            row["note"] = f"dense: {kernels.one_line(e)}"
             row["dense_ms"] = measure(lambda: F.linear(x, w, b), setup.device, timing)["median_ms"]
         layers.append(row)
     kept = sum(r["kept_sparse"] for r in layers)
@@ -580,7 +531,7 @@ def _deploy(bench, setup, batches, timing, seed, compiled_dense, compile_mode, m
             d, s = t["dense"]["median_ms"], t["deployed"]["median_ms"]
             rows.append({"batch": big, "mode": "compile", "dense_ms": d, "deployed_ms": s, "speedup": d / s})
         except Exception as e:  # noqa: BLE001 - the sparse subclass under torch.compile is prototype
-            rows.append({"batch": big, "mode": "compile", "error": _one_line(e)})
+            rows.append({"batch": big, "mode": "compile", "error": kernels.one_line(e)})
     result["model"] = rows
     return result
 
@@ -683,12 +634,11 @@ def time_deployed(bench: Bench, setup: DeviceSetup, batches: list[int], timing: 
     the masked model as it trains (eager, every weight in place), timed interleaved."""
     if setup.device.type != "cpu" or setup.dtype != torch.float32 or not any(m.dim() == 4 for m in bench.masks.values()):
         return {"device": str(setup.device), "skipped": "Top-K CNNs on the CPU in fp32 only"}
-    import tkp_deploy
     load_values(setup.model, setup.pruned)
     model = copy.deepcopy(setup.model).to(memory_format=torch.contiguous_format).eval()
-    folded = tkp_deploy.fold_batchnorm(model)
-    records = tkp_deploy.choose_layers(folded, bench.input_shape, batches, repeats=max(3, timing.repeats // 4))
-    deployed = tkp_deploy.apply_layers(folded, records, bench.input_shape)
+    folded = deploy_layers.fold_batchnorm(model)
+    records = deploy_layers.choose_layers(folded, bench.input_shape, batches, repeats=max(3, timing.repeats // 4))
+    deployed = deploy_layers.apply_layers(folded, records, bench.input_shape)
     rows = []
     for batch in batches:
         x = setup.inputs(batch, bench.input_shape, seed).contiguous()
@@ -697,7 +647,7 @@ def time_deployed(bench: Bench, setup: DeviceSetup, batches: list[int], timing: 
         rows.append({"batch": batch, "masked_ms": t["masked"]["median_ms"], "deployed_ms": t["deployed"]["median_ms"],
                      "speedup": t["masked"]["median_ms"] / t["deployed"]["median_ms"],
                      "rel_error": _relative_error(deployed(x), setup.model(x))})
-    return {"device": str(setup.device), "kernel": tkp_deploy.kernel_available(announce=False),
+    return {"device": str(setup.device), "kernel": topk_conv.kernel_available(),
             "layers_on_kernel": sum(r["deploy"] != "dense" for r in records), "pruned_layers": len(records),
             "rows": rows}
 
@@ -718,14 +668,14 @@ def bench_device(bench: Bench, device: torch.device, args, timing: Timing, modes
             try:
                 result["arithmetic_floor"].append(arithmetic_floor(bench, setup, batch, timing, args.seed))
             except Exception as e:  # noqa: BLE001
-                result["arithmetic_floor"].append({"device": str(device), "batch": batch, "error": _one_line(e)})
+                result["arithmetic_floor"].append({"device": str(device), "batch": batch, "error": kernels.one_line(e)})
                 _free(device)
         saved()
     if args.deploy:
         try:
             result["deployed"].append(time_deployed(bench, setup, batches, timing, args.seed))
         except Exception as e:  # noqa: BLE001 - e.g. a model torch.fx cannot trace
-            result["deployed"].append({"device": str(device), "error": _one_line(e)})
+            result["deployed"].append({"device": str(device), "error": kernels.one_line(e)})
         saved()
     if args.semi_structured:
         result["semi_structured"].append(deploy_semi_structured(
@@ -747,7 +697,7 @@ def main(argv=None) -> dict:
     else:
         raise tkp.TKPError("pass --checkpoint PATH (a final.pt) or --script NAME (a fresh model)")
 
-    report = tkp.sparsity_report(bench.model, bench.plan, bench.masks, bench.input_shape, torch.device("cpu"))
+    report = sparsity_report(bench.model, bench.plan, bench.masks, bench.input_shape, torch.device("cpu"))
     pruned_dense = sum(x["macs_dense"] for x in report["layers"])
     pruned_nonzero = sum(x["macs_nonzero"] for x in report["layers"])
     theoretical = {**{k: v for k, v in report.items() if k != "layers"},
@@ -763,7 +713,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)  # restored at the end (main() is also called in-process)
     modes = ["eager"] + (["compile"] if args.compile else [])
     result = {"benchmark": "inference_latency", "script": bench.script, "pattern": bench.plan.pattern,
-              "source": bench.source, "input_shape": list(bench.input_shape), "versions": tkp.versions(),
+              "source": bench.source, "input_shape": list(bench.input_shape), "versions": versions(),
               "platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
               "load_average_at_start": load, "dense_means": "same model, same kernels, every weight non-zero "
               "(the weights before masking; for a checkpoint its pruned entries refilled with noise of the "
@@ -778,7 +728,7 @@ def main(argv=None) -> dict:
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(tkp.plain(result), indent=2) + "\n")
+            tmp.write_text(json.dumps(plain(result), indent=2) + "\n")
             tmp.replace(path)
 
     cudnn_benchmark = torch.backends.cudnn.benchmark
@@ -786,11 +736,11 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.benchmark = True  # every conv (kxk and 1x1 alike) gets its fastest algorithm
         with torch.inference_mode():
             for device in devices:
-                result["device_names"][str(device)] = tkp.device_name(device)
+                result["device_names"][str(device)] = device_name(device)
                 try:
                     bench_device(bench, device, args, timing, modes, result, save)
                 except Exception as e:  # noqa: BLE001 - e.g. out of memory: the other devices still count
-                    result["errors"].append({"device": str(device), "error": _one_line(e)})
+                    result["errors"].append({"device": str(device), "error": kernels.one_line(e)})
                 _free(device)
     finally:
         torch.backends.cudnn.benchmark = cudnn_benchmark

@@ -16,7 +16,6 @@ top-1, the post-mask top-1 and the theoretical speed-up. Measured numbers: READM
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -29,24 +28,15 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/tap_group_accuracy.py
     sys.path.insert(0, str(ROOT))
 
 import tkp_common as tkp  # noqa: E402
+from tkp_lib.runtime import HelpFormatter, int_list, versions  # noqa: E402
 import vgg8_optimized as vgg8  # noqa: E402
 
 
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in tkp.comma_list(text)]
-    except ValueError:
-        values = []
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected integers like 1,8,32, got {text!r}")
-    return values
-
-
 def get_args_parser() -> tkp.ArgumentParser:
-    p = tkp.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=tkp.HelpFormatter)
+    p = tkp.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--data-root", default="./data", help="CIFAR-10 folder (as vgg8_optimized.py takes it)")
-    p.add_argument("--groups", type=int_list, default=[1, 8, 16, 32, 64], help="values of --tap-group")
-    p.add_argument("--seeds", type=int_list, default=[0, 1, 2], help="values of --seed")
+    p.add_argument("--groups", type=int_list(0), default=[1, 8, 16, 32, 64], help="values of --tap-group")
+    p.add_argument("--seeds", type=int_list(0), default=[0, 1, 2], help="values of --seed")
     p.add_argument("--topk", type=tkp.int_range(1, 8), default=1, help="--topk of every run")
     p.add_argument("--epochs", type=tkp.int_range(1), default=100, help="epochs of each stage")
     p.add_argument("--output-dir", default="runs/tap-groups", help="one folder per run below it")
@@ -139,7 +129,7 @@ def main(argv=None) -> dict:
               "seeds": args.seeds, "data_root": args.data_root, "script_args": args.script_args,
               "data": f"synthetic CIFAR-format, {args.synthetic} training images" if args.synthetic else "CIFAR-10",
               "device": next(iter(next(iter(runs.values())).values()))["device"],
-              "versions": tkp.versions(), "rows": rows}
+              "versions": versions(), "rows": rows}
     print(format_table(rows, args.seeds))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -16,9 +16,7 @@ speed-up = the faster dense / the faster tap-group variant. Outputs are checked 
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,14 +28,17 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/tap_group_cuda.py`
     sys.path.insert(0, str(ROOT))
 
 import tkp_common as tkp  # noqa: E402
-from tkp_tapgroup import TapGroupConv2d  # noqa: E402
+from tkp_lib.runtime import HelpFormatter, device_name, versions  # noqa: E402
+from tkp_lib.sparsity import Masker, compute_masks, topk_plan  # noqa: E402
+from tkp_lib import kernels  # noqa: E402
+from tkp_lib.tapgroup import TapGroupConv2d  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPES = [(64, 64, 32), (128, 128, 16), (128, 128, 32), (256, 256, 16)]  # (C_in, C_out, H = W)
 
 
 def get_args_parser() -> tkp.ArgumentParser:
-    p = tkp.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=tkp.HelpFormatter)
+    p = tkp.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda or cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--batch", type=tkp.int_range(1), default=256)
@@ -49,32 +50,11 @@ def get_args_parser() -> tkp.ArgumentParser:
     return p
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fns: dict, device: torch.device, repeats: int) -> dict:
-    """Median milliseconds per call of each function, in interleaved rounds after warm-up."""
-    for fn in fns.values():
-        for _ in range(3):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            tic = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append((time.perf_counter() - tic) * 1e3)
-    return {name: statistics.median(v) for name, v in times.items()}
-
-
 def one_layer(c_in: int, c_out: int, size: int, args, device: torch.device, dtype: torch.dtype) -> dict:
     torch.manual_seed(0)
     conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
     model = nn.Sequential(conv)
-    tkp.Masker(model, tkp.compute_masks(model, tkp.topk_plan(model, args.topk, tap_group=args.tap_group))).apply_()
+    Masker(model, compute_masks(model, topk_plan(model, args.topk, tap_group=args.tap_group))).apply_()
     grouped = TapGroupConv2d.from_conv(conv, args.tap_group, args.topk).to(device, dtype)
     weight = conv.weight.detach().to(device, dtype)
     x = torch.randn(args.batch, c_in, size, size, device=device, dtype=dtype)
@@ -89,7 +69,8 @@ def one_layer(c_in: int, c_out: int, size: int, args, device: torch.device, dtyp
         if args.compile:
             compiled = torch.compile(grouped.forward_torch)
             fns["tap_group_compiled"] = lambda: compiled(x)
-        ms = timed(fns, device, args.repeats)
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+        ms = kernels.median_ms(fns, repeats=args.repeats, warmup=3, sync=sync)
     dense = min(ms["dense"], ms["dense_channels_last"])
     sparse = min(v for k, v in ms.items() if k.startswith("tap_group"))
     return {"c_in": c_in, "c_out": c_out, "size": size, "ms": ms, "rel_error": err, "speedup": dense / sparse}
@@ -102,9 +83,9 @@ def main(argv=None) -> dict:
         raise tkp.TKPError("--device cuda: torch sees no GPU; pass --device cpu")
     dtype = DTYPES[args.dtype]
     rows = [one_layer(*shape, args, device, dtype) for shape in SHAPES]
-    result = {"benchmark": "tap_group_cuda", "device": tkp.device_name(device), "dtype": args.dtype,
+    result = {"benchmark": "tap_group_cuda", "device": device_name(device), "dtype": args.dtype,
               "batch": args.batch, "topk": args.topk, "tap_group": args.tap_group,
-              "versions": tkp.versions(), "layers": rows}
+              "versions": versions(), "layers": rows}
     print(f"tap groups (Top-{args.topk}, G={args.tap_group}) vs dense on {result['device']}, "
           f"{args.dtype}, batch {args.batch}")
     for r in rows:

@@ -34,6 +34,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tkp_common as tkp  # noqa: E402
+from tkp_lib.data import DeviceImageLoader, ImageArrayDataset, make_loader  # noqa: E402
+from tkp_lib.runtime import Dist, amp_name, device_name, init_distributed, resolve_amp  # noqa: E402
+from tkp_lib.sparsity import AuxRegularizer, Masker, compute_masks  # noqa: E402
+from tkp_lib.train import build_trainer, train_one_epoch  # noqa: E402
 
 
 
@@ -68,7 +72,7 @@ def timed_steps(trainer, batch, steps, device) -> float:
     """Seconds for `steps` training steps through the engine's epoch loop."""
     sync(device)
     tic = time.perf_counter()
-    tkp.train_one_epoch(trainer, [batch] * steps)
+    train_one_epoch(trainer, [batch] * steps)
     sync(device)
     return time.perf_counter() - tic
 
@@ -121,8 +125,8 @@ def setup(bench) -> Setup:
     script, args = script_args(bench)
     if bench.threads:
         torch.set_num_threads(bench.threads)
-    _, device = tkp.init_distributed(bench.device)
-    amp_dtype = tkp.resolve_amp(args, device)
+    _, device = init_distributed(bench.device)
+    amp_dtype = resolve_amp(args, device)
     use_compile = {"auto": device.type == "cuda", "on": True, "off": False}[bench.compile]
     channels_last = {"auto": device.type == "cuda" and script.SCRIPT.conv_net, "on": True,
                      "off": False}[bench.channels_last]
@@ -142,15 +146,15 @@ def trainer_for(s: Setup, kind: str):
     m = copy.deepcopy(s.module)
     parts = {}
     if kind == "stage1":
-        parts = dict(regularizer=tkp.AuxRegularizer(m, s.plan, s.args.reg_type, s.args.alpha), beta=s.args.beta)
+        parts = dict(regularizer=AuxRegularizer(m, s.plan, s.args.reg_type, s.args.alpha), beta=s.args.beta)
     elif kind == "stage2":
-        masker = tkp.Masker(m, tkp.compute_masks(m, s.plan))
+        masker = Masker(m, compute_masks(m, s.plan))
         masker.apply_()
         parts = dict(masker=masker)
     runner = torch.compile(m) if s.use_compile else m
     fmt = torch.channels_last if s.channels_last else torch.preserve_format
-    return tkp.build_trainer(runner, m, args=s.args, device=s.device, amp_dtype=s.amp_dtype, min_lr=0.0,
-                             total_steps=10**6, dist=tkp.Dist(), memory_format=fmt, **parts)
+    return build_trainer(runner, m, args=s.args, device=s.device, amp_dtype=s.amp_dtype, min_lr=0.0,
+                             total_steps=10**6, dist=Dist(), memory_format=fmt, **parts)
 
 
 def step_times(s: Setup, bench, trainers: dict) -> tuple[dict, dict]:
@@ -192,12 +196,12 @@ def epoch_measurements(s: Setup, bench, trainers: dict, step: dict) -> dict:
     n = bench.epoch_images or max(8 * s.args.batch_train, 512)
     side = train_set.images.shape[1]
     pixels = np.random.default_rng(0).integers(0, 256, (n, side, side, 3), dtype=np.uint8)
-    data = tkp.ImageArrayDataset(pixels, np.arange(n) % s.classes, train_set.transform)
-    loaders = {"torch": tkp.make_loader(data, s.args.batch_train, train=True, num_workers=bench.num_workers,
-                                        device=s.device, dist=tkp.Dist())}
+    data = ImageArrayDataset(pixels, np.arange(n) % s.classes, train_set.transform)
+    loaders = {"torch": make_loader(data, s.args.batch_train, train=True, num_workers=bench.num_workers,
+                                        device=s.device, dist=Dist())}
     out = {}
     try:
-        loaders["device"] = tkp.DeviceImageLoader(data, s.args.batch_train, train=True, device=s.device)
+        loaders["device"] = DeviceImageLoader(data, s.args.batch_train, train=True, device=s.device)
     except ValueError as e:
         out["device_loader"] = f"unavailable: {e}"
     out["loader_images_per_s"] = {k: loader_rate(v, s.device, n) for k, v in loaders.items()}
@@ -205,7 +209,7 @@ def epoch_measurements(s: Setup, bench, trainers: dict, step: dict) -> dict:
     trained = "stage1" if "stage1" in trainers else "dense"
     sync(s.device)
     tic = time.perf_counter()
-    tkp.train_one_epoch(trainers[trained], loaders[kind])
+    train_one_epoch(trainers[trained], loaders[kind])
     sync(s.device)
     epoch = time.perf_counter() - tic
     out.update(epoch_loader=kind, epoch_images=n, epoch_seconds=epoch, epoch_images_per_s=n / epoch,
@@ -238,8 +242,8 @@ def main(argv=None):
     step, rounds = step_times(s, bench, trainers)
     extra = tkp_work_alone(s, trainers)
     result = {
-        "script": bench.script, "device": tkp.device_name(s.device), "torch": str(torch.__version__),
-        "batch": s.args.batch_train, "input_shape": list(s.batch[0].shape[1:]), "amp": tkp.amp_name(s.amp_dtype),
+        "script": bench.script, "device": device_name(s.device), "torch": str(torch.__version__),
+        "batch": s.args.batch_train, "input_shape": list(s.batch[0].shape[1:]), "amp": amp_name(s.amp_dtype),
         "compile": s.use_compile, "channels_last": s.channels_last, "pattern": s.plan.pattern,
         "step_seconds": step, "step_seconds_rounds": rounds,
         "images_per_s": {k: s.args.batch_train / v for k, v in step.items()},

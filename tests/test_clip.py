@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 import clip_vit
 import tkp_common as tkp
-import tkp_runtime
+from tkp_lib.report import sparsity_report
+from tkp_lib.sparsity import compute_masks, group_ranks
+from tkp_lib import runtime
 from conftest import ROOT
 from test_vit import write_image_folder
 
@@ -83,7 +85,7 @@ def test_2_4_in_both_towers_end_to_end_strict_reload_and_exact_resume(tiny, tmp_
     assert [(e["stage"], e["epoch"]) for e in log] == [(1, 1), (2, 1), (2, 2)] and log[0]["train_aux"] > 0
 
     # the same run, stopped right after stage 2's first epoch is saved, then `--resume` alone
-    resumed, real, saves = tmp_path / "resumed", tkp_runtime.save_atomic, []
+    resumed, real, saves = tmp_path / "resumed", runtime.save_atomic, []
 
     def save_then_crash(obj, path):
         real(obj, path)
@@ -91,10 +93,10 @@ def test_2_4_in_both_towers_end_to_end_strict_reload_and_exact_resume(tiny, tmp_
         if saves.count("checkpoint_last.pt") == 3:  # stage 1's epoch, post-mask, stage 2's first epoch
             raise Crash()
 
-    monkeypatch.setattr(tkp_runtime, "save_atomic", save_then_crash)
+    monkeypatch.setattr(runtime, "save_atomic", save_then_crash)
     with pytest.raises(Crash):
         clip_vit.main(flags(tiny, resumed))
-    monkeypatch.setattr(tkp_runtime, "save_atomic", real)
+    monkeypatch.setattr(runtime, "save_atomic", real)
     clip_vit.main(["--resume", str(resumed / "checkpoint_last.pt")])
     again = torch.load(resumed / "final.pt", weights_only=True)
     assert_exact_2_4_in_both_towers(again["model"], again["masks"])
@@ -156,7 +158,7 @@ def test_one_shot_masks_the_starting_weights_and_trains_nothing(tiny, tmp_path):
     final = torch.load(out / "final.pt", weights_only=True)
     assert_exact_2_4_in_both_towers(final["model"], final["masks"])
     for name in VISION + TEXT:  # the 2 largest |w| of every 4 of the starting weights, nothing trained
-        keep = tkp.group_ranks(start[name].reshape(-1, 4).abs()) < 2
+        keep = group_ranks(start[name].reshape(-1, 4).abs()) < 2
         assert torch.equal(final["masks"][name], keep.reshape(start[name].shape))
         assert torch.equal(final["model"][name], start[name] * keep.reshape(start[name].shape))
     assert torch.equal(final["model"]["token_embedding.weight"], start["token_embedding.weight"])
@@ -166,8 +168,8 @@ def test_macs_of_both_towers_by_hand(tiny):
     args = parse(tiny)
     model = clip_vit.build_model(args)
     plan = clip_vit.build_plan(model, args)
-    masks = tkp.compute_masks(model, plan)
-    report = tkp.sparsity_report(model, plan, masks, clip_vit.SCRIPT.input_shape(args), torch.device("cpu"),
+    masks = compute_masks(model, plan)
+    report = sparsity_report(model, plan, masks, clip_vit.SCRIPT.input_shape(args), torch.device("cpu"),
                                  parts=clip_vit.mac_parts(args))
 
     def tower(tokens: int, width: int, outside: int) -> tuple[int, int]:

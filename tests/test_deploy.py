@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tkp_deploy as D
+from tkp_lib import deploy_format, deploy_layers, kernels, topk_conv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,9 +34,9 @@ def topk_weight(c_out, c_in, kh, kw, k, gen, zero_kernels=0.0):
 
 @pytest.fixture(scope="module")
 def kernel():
-    if not D.kernel_available():
-        pytest.skip(f"the Top-K kernel cannot be built here: {D.kernel_problem()}")
-    return D.tile_kinds()
+    if not topk_conv.kernel_available():
+        pytest.skip(f"the Top-K kernel cannot be built here: {topk_conv.kernel_problem()}")
+    return topk_conv.tile_kinds()
 
 
 def relative_error(y, ref):
@@ -71,7 +72,7 @@ def test_kernel_matches_conv2d_over_random_shapes(kernel):
         x = torch.randn(n, c_in, h, w, generator=gen)
         ref = conv(x)
         tile = pick(kernel)
-        m = D.TopKConv2d.from_conv(conv, tile)
+        m = topk_conv.TopKConv2d.from_conv(conv, tile)
         assert m.k <= k
         y = m(x)
         assert y.shape == ref.shape
@@ -82,7 +83,7 @@ def test_kernel_all_zero_weights_give_the_bias(kernel):
     conv = nn.Conv2d(5, 7, 3, padding=1)
     with torch.no_grad():
         conv.weight.zero_()
-    m = D.TopKConv2d.from_conv(conv)
+    m = topk_conv.TopKConv2d.from_conv(conv)
     assert m.k == 0
     x = torch.randn(2, 5, 6, 6)
     assert torch.allclose(m(x), conv(x))
@@ -95,7 +96,7 @@ def test_kernel_epilogue_residual_relu_pool(kernel):
         with torch.no_grad():
             conv.weight.copy_(topk_weight(c, c, 3, 3, 1, gen))
         x, res = torch.randn(n, c, h, w, generator=gen), torch.randn(n, c, h, w, generator=gen)
-        m = D.TopKConv2d.from_conv(conv)
+        m = topk_conv.TopKConv2d.from_conv(conv)
         m.relu, m.pool = True, 2
         assert relative_error(m(x, res), F.max_pool2d(F.relu(conv(x) + res), 2)) < 1e-5
         m.relu, m.pool = False, 0
@@ -108,7 +109,7 @@ def test_kernel_uses_torch_threads_and_stays_exact(kernel, c, hw):
     conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
     with torch.no_grad():
         conv.weight.copy_(topk_weight(c, c, 3, 3, 2, gen))
-    m = D.TopKConv2d.from_conv(conv)
+    m = topk_conv.TopKConv2d.from_conv(conv)
     x = torch.randn(4, c, hw, hw, generator=gen)
     before = torch.get_num_threads()
     try:
@@ -127,14 +128,14 @@ def test_dense_weight_rebuilds_the_conv_exactly():
     conv = nn.Conv2d(6, 4, 3, padding=1)
     with torch.no_grad():
         conv.weight.copy_(topk_weight(4, 6, 3, 3, 2, gen))
-    m = D.TopKConv2d.from_conv(conv)
+    m = topk_conv.TopKConv2d.from_conv(conv)
     assert m.values.shape == (4, 6, 2) and m.taps.dtype == torch.uint8
     assert torch.equal(m.dense_weight(), conv.weight.detach())
-    assert D.kernel_takes(conv) is None
+    assert topk_conv.kernel_takes(conv) is None
     dense = nn.Conv2d(6, 4, 3, padding=1)
-    assert D.kernel_takes(dense) == "dense"
+    assert topk_conv.kernel_takes(dense) == "dense"
     grouped = nn.Conv2d(6, 6, 3, groups=2)
-    assert "groups" in D.kernel_takes(grouped)
+    assert "groups" in topk_conv.kernel_takes(grouped)
 
 
 # ---- deployment of every CNN script's final.pt --------------------------------------------------
@@ -214,9 +215,9 @@ def test_epilogues_fold_into_the_topk_layer(kernel):
             bn.running_mean.normal_(generator=gen)
             bn.running_var.uniform_(0.5, 2.0, generator=gen)
             bn.weight.normal_(generator=gen)
-    gm = D.fold_batchnorm(model)
+    gm = deploy_layers.fold_batchnorm(model)
     records = [{"name": n, "deploy": "topk", "tile": [4, 4]} for n in ("conv1", "conv2")]
-    deployed = D.apply_layers(gm, records, (8, 16, 16))
+    deployed = deploy_layers.apply_layers(gm, records, (8, 16, 16))
     ops = [(n.op, n.target) for n in deployed.graph.nodes]
     assert ops == [("placeholder", "x"), ("call_module", "conv1"), ("call_module", "conv2"), ("output", "output")]
     assert (deployed.conv1.relu, deployed.conv1.pool, deployed.conv2.relu, deployed.conv2.pool) == (True, 0, True, 2)
@@ -229,7 +230,7 @@ def test_the_op_has_a_shape_function_for_torch_export(kernel):
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
     with torch.no_grad():
         conv.weight.copy_(topk_weight(6, 4, 3, 3, 1, torch.Generator().manual_seed(9)))
-    m = D.TopKConv2d.from_conv(conv)
+    m = topk_conv.TopKConv2d.from_conv(conv)
     m.relu, m.pool = True, 2
     x = torch.randn(2, 4, 16, 16)
     exported = torch.export.export(m, (x,))
@@ -289,16 +290,16 @@ def test_a_failing_build_falls_back_with_one_line(monkeypatch, capsys):
                            "topk_conv.cpp:31:2: error: #error \"the Top-K kernel needs a CPU with AVX-512\"\n"
                            "ninja: build stopped: subcommand failed.")
 
-    monkeypatch.setattr(D, "_kernel", {})  # as in a process that has not tried yet
+    monkeypatch.setattr(kernels, "_builds", {})  # as in a process that has not tried yet
     monkeypatch.setattr(cpp_extension, "load", broken_build)
-    assert not D.kernel_available()
-    assert not D.kernel_available()  # answered once, not retried
+    assert not topk_conv.kernel_available()
+    assert not topk_conv.kernel_available()  # answered once, not retried
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and "#error" in lines[0] and "AVX-512" in lines[0], lines
     conv = nn.Conv2d(4, 6, 3, padding=1)
     with torch.no_grad():
         conv.weight.copy_(topk_weight(6, 4, 3, 3, 2, torch.Generator().manual_seed(7)))
-    m = D.TopKConv2d.from_conv(conv)
+    m = topk_conv.TopKConv2d.from_conv(conv)
     m.relu = True
     x = torch.randn(2, 4, 8, 8)
     assert torch.allclose(m(x), F.relu(conv(x)), atol=1e-6)  # the dense path
@@ -320,26 +321,26 @@ def test_deploy_pt_loads_in_a_fresh_process(kernel, finals, tmp_path, one_thread
         f"y = torch.load({str(tmp_path / 'y.pt')!r}); "
         "z = m(x); "
         "assert not m.training and z.shape == y.shape and float((z - y).abs().max()) <= 1e-5 * float(y.abs().max()); "
-        "loaded = [k for k in sys.modules if k.startswith('tkp_') or k.endswith('_optimized') "
-        "or 'tkp_deploy_' in k]; "
-        "assert loaded == ['tkp_deploy'], loaded; print('ok', tkp_deploy.kernel_available())")
+        "training = [k for k in sys.modules if k == 'tkp_common' or k.endswith('_optimized') or k in "
+        "('tkp_lib.train', 'tkp_lib.data', 'tkp_lib.sparsity', 'tkp_lib.qat', 'tkp_lib.report')]; "
+        "assert not training, training; from tkp_lib import topk_conv; print('ok', topk_conv.kernel_available())")
     assert run_python(check).split()[-2:] == ["ok", "True"]
     # and where the kernel cannot be built, the same file runs its Top-K layers densely
-    stdout = run_python(check.replace("print('ok', tkp_deploy.kernel_available())", "print('ok')"),
+    stdout = run_python(check.replace("print('ok', topk_conv.kernel_available())", "print('ok')"),
                         {"TKP_DEPLOY_NO_KERNEL": "1"})
     assert stdout.strip().splitlines()[-1] == "ok" and "kernel is unavailable" in stdout
 
 
 def test_deploy_pt_refuses_functions_outside_its_allow_list(kernel, tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
-    gm = D.fold_batchnorm(model)
-    spec = {"format": D.FORMAT, **D.to_spec(gm), "input_shape": [3, 8, 8], "layers": [], "meta": {}}
-    D.from_spec(spec)  # as written: fine
+    gm = deploy_layers.fold_batchnorm(model)
+    spec = {"format": deploy_format.FORMAT, **deploy_format.to_spec(gm), "input_shape": [3, 8, 8], "layers": [], "meta": {}}
+    deploy_format.from_spec(spec)  # as written: fine
     for bad in ("builtins.eval", "os.system", "torch._C._nn.pad", "subprocess.run"):
         node = dict(spec["graph"][1], op="call_function", target=bad)
         broken = {**spec, "graph": [spec["graph"][0], node, *spec["graph"][2:]]}
         with pytest.raises(D.DeployError, match="may not call"):
-            D.from_spec(broken)
+            deploy_format.from_spec(broken)
     method = dict(spec["graph"][1], op="call_method", target="__reduce__")
     with pytest.raises(D.DeployError, match="may not call"):
-        D.from_spec({**spec, "graph": [spec["graph"][0], method, *spec["graph"][2:]]})
+        deploy_format.from_spec({**spec, "graph": [spec["graph"][0], method, *spec["graph"][2:]]})

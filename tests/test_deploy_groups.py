@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tkp_deploy as D
-import tkp_tapgroup as T
+from tkp_lib import deploy_layers, kernels
+from tkp_lib import tapgroup as T
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,7 @@ def max_rel(y, ref):
 @pytest.fixture(scope="module")
 def kernel():
     if not T.kernel_available():
-        pytest.skip(f"the tap-group kernel cannot be built here: {T._kernel.get('why')}")
+        pytest.skip(f"the tap-group kernel cannot be built here: {kernels.problem('tap_group_conv')}")
     return T.tile_kinds()
 
 
@@ -127,7 +128,7 @@ def test_vgg8_tap_group_deploys_and_reloads(grouped_final, tmp_path):
     pruned = [r for r in report["layers"] if r["k"] < 9]
     assert pruned and report["check"]["ok"] and report["check"]["top1_identical"]
     kinds = {r["deploy"] for r in pruned}
-    if T.kernel_available(announce=False):
+    if T.kernel_available():
         assert "tapgroup" in kinds, [(r["name"], r["deploy"], r["why"]) for r in pruned]
         fused = [m for m in D.load(out).modules() if isinstance(m, T.TapGroupConv2d)]
         assert any(m.relu for m in fused) and any(m.pool == 2 for m in fused)  # VGG's ReLU and pools folded
@@ -146,7 +147,7 @@ def test_vgg8_tap_group_deploys_and_reloads(grouped_final, tmp_path):
 
 def test_fallback_module_gives_the_same_predictions(grouped_final):
     model, input_shape, _ = D.rebuild_model(str(grouped_final))
-    folded = D.fold_batchnorm(model).eval()
+    folded = deploy_layers.fold_batchnorm(model).eval()
     x = torch.randn(8, *input_shape)
     ref = folded(x).detach()
     for name, conv in list(folded.named_modules()):
@@ -154,7 +155,7 @@ def test_fallback_module_gives_the_same_predictions(grouped_final):
         if gk is not None:
             m = T.TapGroupConv2d.from_conv(conv, *gk)
             m.forward = m.forward_torch  # the torch-ops path, as where the kernel is unavailable
-            D._set_module(folded, name, m)
+            deploy_layers._set_module(folded, name, m)
     assert any(isinstance(m, T.TapGroupConv2d) for m in folded.modules())
     y = folded(x).detach()
     assert max_rel(y, ref) < 1e-4 and torch.equal(y.argmax(1), ref.argmax(1))

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torchvision.transforms as T
 
-import tkp_common as tkp
+from tkp_lib.data import DeviceImageLoader, ImageArrayDataset, upscaled_cifar_transforms
+from tkp_lib.runtime import Dist
 import vgg8_optimized as vgg8
 
 CPU = torch.device("cpu")
@@ -24,8 +25,8 @@ def images(n=256, seed=0, smooth=False):
 
 def both_paths(transform, x, repeats=4):
     """All images through the device loader and through torchvision (PIL), `repeats` times."""
-    data = tkp.ImageArrayDataset(np.concatenate([x] * repeats), np.zeros(len(x) * repeats, dtype=np.int64), transform)
-    loader = tkp.DeviceImageLoader(data, 256, train=True, device=CPU, seed=1)
+    data = ImageArrayDataset(np.concatenate([x] * repeats), np.zeros(len(x) * repeats, dtype=np.int64), transform)
+    loader = DeviceImageLoader(data, 256, train=True, device=CPU, seed=1)
     torch.manual_seed(1)
     device = torch.cat([b for b, _ in loader])
     reference = torch.stack([data[i][0] for i in range(len(data))])
@@ -57,9 +58,9 @@ def test_statistics_match_torchvision(name, ops):
 def test_random_crop_offsets_cover_the_padding_range():
     x = np.zeros((1, 32, 32, 3), dtype=np.uint8)
     x[0, 0, 0] = 255  # one bright pixel: where it lands gives the crop offset
-    data = tkp.ImageArrayDataset(np.repeat(x, 4000, 0), np.zeros(4000, dtype=np.int64),
+    data = ImageArrayDataset(np.repeat(x, 4000, 0), np.zeros(4000, dtype=np.int64),
                                  T.Compose([T.RandomCrop(32, padding=4), T.ToTensor()]))
-    batch = torch.cat([b for b, _ in tkp.DeviceImageLoader(data, 1000, train=True, device=CPU)])
+    batch = torch.cat([b for b, _ in DeviceImageLoader(data, 1000, train=True, device=CPU)])
     where = batch[:, 0].flatten(1).argmax(1)
     rows, cols = where // 32, where % 32
     seen = batch[:, 0].flatten(1).max(1).values == 1
@@ -70,9 +71,9 @@ def test_random_crop_offsets_cover_the_padding_range():
 
 def test_jitter_factors_stay_in_their_ranges():
     gray = np.full((2000, 32, 32, 3), 128, dtype=np.uint8)
-    data = tkp.ImageArrayDataset(gray, np.zeros(2000, dtype=np.int64),
+    data = ImageArrayDataset(gray, np.zeros(2000, dtype=np.int64),
                                  T.Compose([T.ColorJitter(brightness=0.2), T.ToTensor()]))
-    out = torch.cat([b for b, _ in tkp.DeviceImageLoader(data, 500, train=True, device=CPU)])
+    out = torch.cat([b for b, _ in DeviceImageLoader(data, 500, train=True, device=CPU)])
     factor = out[:, 0, 0, 0] / (128 / 255)
     assert factor.min() >= 0.8 - 1e-5 and factor.max() <= 1.2 + 1e-5
     assert factor.min() < 0.82 and factor.max() > 1.18  # the whole range is used
@@ -82,9 +83,9 @@ def test_jitter_factors_stay_in_their_ranges():
 def test_validation_pipelines_match_torchvision():
     x = images(64, smooth=True)
     for tf in (T.Compose([T.ToTensor(), T.Normalize((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))]),
-               tkp.upscaled_cifar_transforms(64)[1]):
-        data = tkp.ImageArrayDataset(x, np.zeros(64, dtype=np.int64), tf)
-        device = next(iter(tkp.DeviceImageLoader(data, 64, train=False, device=CPU)))[0]
+               upscaled_cifar_transforms(64)[1]):
+        data = ImageArrayDataset(x, np.zeros(64, dtype=np.int64), tf)
+        device = next(iter(DeviceImageLoader(data, 64, train=False, device=CPU)))[0]
         reference = torch.stack([data[i][0] for i in range(64)])
         assert (device - reference).abs().mean() < 0.02 and (device - reference).abs().max() < 0.1
 
@@ -92,31 +93,31 @@ def test_validation_pipelines_match_torchvision():
 def test_epoch_covers_every_image_once_and_shards_evenly():
     x = images(50)
     labels = np.arange(50)
-    data = tkp.ImageArrayDataset(x, labels, T.ToTensor())
-    loader = tkp.DeviceImageLoader(data, 8, train=True, device=CPU, seed=3)
+    data = ImageArrayDataset(x, labels, T.ToTensor())
+    loader = DeviceImageLoader(data, 8, train=True, device=CPU, seed=3)
     loader.set_epoch(7)
     first = torch.cat([y for _, y in loader])
     assert sorted(first.tolist()) == list(range(50)) and len(loader) == 7
     loader.set_epoch(7)
     assert torch.equal(first, torch.cat([y for _, y in loader]))  # the epoch seed fixes the order
-    ranks = [tkp.DeviceImageLoader(data, 8, train=True, device=CPU, dist=tkp.Dist(r, 3, r)) for r in range(3)]
+    ranks = [DeviceImageLoader(data, 8, train=True, device=CPU, dist=Dist(r, 3, r)) for r in range(3)]
     for r in ranks:
         r.set_epoch(7)
     shards = [torch.cat([y for _, y in r]) for r in ranks]
     assert {len(s) for s in shards} == {17} and len({len(r) for r in ranks}) == 1  # padded like DistributedSampler
     assert set(torch.cat(shards).tolist()) == set(range(50))
-    tiny = tkp.ImageArrayDataset(x[:4], labels[:4], T.ToTensor())  # more ranks than images
-    many = [list(tkp.DeviceImageLoader(tiny, 8, train=True, device=CPU, dist=tkp.Dist(r, 16, r))) for r in range(16)]
+    tiny = ImageArrayDataset(x[:4], labels[:4], T.ToTensor())  # more ranks than images
+    many = [list(DeviceImageLoader(tiny, 8, train=True, device=CPU, dist=Dist(r, 16, r))) for r in range(16)]
     assert all(len(batches) == 1 and len(batches[0][1]) == 1 for batches in many)
-    val = [torch.cat([y for _, y in tkp.DeviceImageLoader(data, 8, train=False, device=CPU, dist=tkp.Dist(r, 3, r))])
+    val = [torch.cat([y for _, y in DeviceImageLoader(data, 8, train=False, device=CPU, dist=Dist(r, 3, r))])
            for r in range(3)]
     assert sorted(torch.cat(val).tolist()) == list(range(50))  # validation: every image exactly once
 
 
 def test_unsupported_transform_is_refused():
-    data = tkp.ImageArrayDataset(images(4), np.zeros(4, dtype=np.int64), T.Compose([T.RandomRotation(10), T.ToTensor()]))
+    data = ImageArrayDataset(images(4), np.zeros(4, dtype=np.int64), T.Compose([T.RandomRotation(10), T.ToTensor()]))
     with pytest.raises(ValueError, match="RandomRotation"):
-        tkp.DeviceImageLoader(data, 2, train=True, device=CPU)
+        DeviceImageLoader(data, 2, train=True, device=CPU)
 
 
 def test_vgg8_trains_with_the_device_loader(cifar10_root, tmp_path):

@@ -14,7 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import tkp_common as tkp
+from tkp_lib.report import check_sparsity
+from tkp_lib.runtime import Dist
+from tkp_lib.sparsity import broadcast_masks, compute_masks, topk_plan
 import vgg8_optimized as vgg8
 from conftest import ROOT, write_cifar
 from test_vit import write_image_folder
@@ -33,8 +35,8 @@ def _broadcast_worker(rank, world, port, results):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(100 + rank)  # every rank holds different weights
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3))
-    masks = tkp.broadcast_masks(tkp.compute_masks(model, tkp.topk_plan(model, 2)),
-                                tkp.Dist(rank, world, rank), torch.device("cpu"))
+    masks = broadcast_masks(compute_masks(model, topk_plan(model, 2)),
+                                Dist(rank, world, rank), torch.device("cpu"))
     gathered = [None] * world
     dist.all_gather_object(gathered, {k: v.tolist() for k, v in masks.items()})
     if rank == 0:
@@ -75,8 +77,8 @@ def test_two_process_vgg8(tmp_path):
     final = torch.load(out / "final.pt", weights_only=True)
     model = vgg8.VGG8(10)
     model.load_state_dict(final["model"], strict=True)
-    plan = tkp.topk_plan(model, 1)
-    tkp.check_sparsity(model, plan, final["masks"])
+    plan = topk_plan(model, 1)
+    check_sparsity(model, plan, final["masks"])
     assert not list(out.glob(".*tmp"))
 
 
@@ -87,14 +89,15 @@ def test_two_process_crash_mid_stage_then_resume_in_one_process(tmp_path):
     out = tmp_path / "run"
     crashing = tmp_path / "crash_after_two_saves.py"
     crashing.write_text(textwrap.dedent("""
-        import tkp_common as tkp, tkp_runtime, vgg8_optimized as vgg8
-        real, calls = tkp_runtime.save_atomic, []
+        import tkp_common as tkp, vgg8_optimized as vgg8
+        from tkp_lib import runtime
+        real, calls = runtime.save_atomic, []
         def save(obj, path):
             real(obj, path)
             calls.append(path)
             if len(calls) == 2:
                 raise SystemExit(3)   # rank 0 dies after stage 1 epoch 2 (of 4) was saved
-        tkp_runtime.save_atomic = save
+        runtime.save_atomic = save
         tkp.cli(vgg8.main)
     """))
     common = ["--device", "cpu", "--data-root", str(data), "--epochs-stage1", "4", "--epochs-stage2", "1",

@@ -11,7 +11,10 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import tkp_common as tkp
+from tkp_lib.report import check_sparsity
+from tkp_lib.runtime import Dist
+from tkp_lib.sparsity import AuxRegularizer, Masker, compute_masks, topk_plan
+from tkp_lib.train import build_trainer, train_one_epoch
 import vgg8_optimized as vgg8
 
 K = 2
@@ -32,13 +35,13 @@ def loader(n=28, batch=4, seed=0):
 
 def masked_trainer(model, amp_dtype=None, compiled=False, grad_accum=1, lr=1e-2):
     args = vgg8.get_args_parser().parse_args(["--lr", str(lr), "--grad-accum", str(grad_accum)])
-    plan = tkp.topk_plan(model, K)
-    masks = tkp.compute_masks(model, plan)
-    masker = tkp.Masker(model, masks)
+    plan = topk_plan(model, K)
+    masks = compute_masks(model, plan)
+    masker = Masker(model, masks)
     masker.apply_()
     runner = torch.compile(model) if compiled else model
-    t = tkp.build_trainer(runner, model, args=args, device=torch.device("cpu"), amp_dtype=amp_dtype,
-                          min_lr=0.0, total_steps=100, dist=tkp.Dist(), masker=masker)
+    t = build_trainer(runner, model, args=args, device=torch.device("cpu"), amp_dtype=amp_dtype,
+                          min_lr=0.0, total_steps=100, dist=Dist(), masker=masker)
     seen = {"steps": 0}
 
     def grads_are_masked(opt, *_):
@@ -52,7 +55,7 @@ def masked_trainer(model, amp_dtype=None, compiled=False, grad_accum=1, lr=1e-2)
 
 
 def assert_invariants(model, plan, masks, optimizer=None):
-    tkp.check_sparsity(model, plan, masks)
+    check_sparsity(model, plan, masks)
     params = dict(model.named_parameters())
     for name, mask in masks.items():
         assert (params[name].detach()[~mask] == 0).all()
@@ -69,7 +72,7 @@ def test_masks_hold_over_many_steps(amp_dtype):
     t, plan, masks, seen = masked_trainer(model, amp_dtype)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for _ in range(5):
-        tkp.train_one_epoch(t, loader())
+        train_one_epoch(t, loader())
         assert_invariants(model, plan, masks, t.optimizer)
     assert seen["steps"] == 35
     changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
@@ -84,7 +87,7 @@ def test_fp16_grad_scaler_with_skipped_steps():
     t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-8)
     scales = []
     for _ in range(3):
-        tkp.train_one_epoch(t, loader())
+        train_one_epoch(t, loader())
         scales.append(t.scaler.get_scale())
         assert_invariants(model, plan, masks, t.optimizer)
     assert scales[0] < 2.0**40, "no step was skipped: the test did not inject an overflow"
@@ -95,7 +98,7 @@ def test_partial_accumulation_tail_steps():
     torch.manual_seed(0)
     model = small_net()
     t, plan, masks, seen = masked_trainer(model, grad_accum=3)
-    tkp.train_one_epoch(t, loader(n=28, batch=4))  # 7 micro-batches: groups of 3, 3 and 1
+    train_one_epoch(t, loader(n=28, batch=4))  # 7 micro-batches: groups of 3, 3 and 1
     assert seen["steps"] == 3 and t.step == 3
     assert_invariants(model, plan, masks, t.optimizer)
 
@@ -107,8 +110,8 @@ def test_accumulated_step_equals_one_big_batch():
     a, b = copy.deepcopy(net), copy.deepcopy(net)
     ta, *_ = masked_trainer(a, grad_accum=3)
     tb, *_ = masked_trainer(b, grad_accum=1)
-    tkp.train_one_epoch(ta, loader(n=12, batch=4))
-    tkp.train_one_epoch(tb, loader(n=12, batch=12))
+    train_one_epoch(ta, loader(n=12, batch=4))
+    train_one_epoch(tb, loader(n=12, batch=12))
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6)
 
@@ -118,7 +121,7 @@ def test_masks_hold_under_torch_compile():
     model = small_net()
     t, plan, masks, seen = masked_trainer(model, compiled=True)
     for _ in range(2):
-        tkp.train_one_epoch(t, loader())
+        train_one_epoch(t, loader())
         assert_invariants(model, plan, masks, t.optimizer)
     assert seen["steps"] == 14
 
@@ -131,12 +134,12 @@ def test_regularizer_step_on_compiled_model_matches_eager():
     args = vgg8.get_args_parser().parse_args(["--lr", "1e-2", "--beta", "50"])
     results = []
     for model, use_compile in ((eager, False), (compiled, True)):
-        plan = tkp.topk_plan(model, 1)
-        reg = tkp.AuxRegularizer(model, plan, "exponential", 3.0)
-        t = tkp.build_trainer(torch.compile(model) if use_compile else model, model, args=args,
+        plan = topk_plan(model, 1)
+        reg = AuxRegularizer(model, plan, "exponential", 3.0)
+        t = build_trainer(torch.compile(model) if use_compile else model, model, args=args,
                               device=torch.device("cpu"), amp_dtype=None, min_lr=0.0, total_steps=10,
-                              dist=tkp.Dist(), regularizer=reg, beta=args.beta)
-        results.append(tkp.train_one_epoch(t, loader(n=8)))
+                              dist=Dist(), regularizer=reg, beta=args.beta)
+        results.append(train_one_epoch(t, loader(n=8)))
     assert results[0]["train_aux"] > 0
     assert results[0]["train_aux"] == pytest.approx(results[1]["train_aux"], rel=1e-4)
     for pa, pb in zip(eager.parameters(), compiled.parameters()):
@@ -145,8 +148,8 @@ def test_regularizer_step_on_compiled_model_matches_eager():
 
 def test_masked_model_deepcopies_and_pickles():
     model = small_net()
-    masks = tkp.compute_masks(model, tkp.topk_plan(model, K))
-    masker = tkp.Masker(model, masks)
+    masks = compute_masks(model, topk_plan(model, K))
+    masker = Masker(model, masks)
     masker.apply_()
     clone = copy.deepcopy(model)
     restored = pickle.loads(pickle.dumps(model))

@@ -1,5 +1,5 @@
 """benchmarks/inference_latency.py on the CPU (dense vs pruned, the arithmetic floor, the 2:4
-deployment's skip line and its bookkeeping) and tkp_figures on hand-written run folders."""
+deployment's skip line and its bookkeeping) and tkp_lib.figures on hand-written run folders."""
 
 import json
 import subprocess
@@ -9,7 +9,10 @@ import pytest
 import torch
 
 import tkp_common as tkp
-import tkp_figures
+from tkp_lib.report import sparsity_report
+from tkp_lib.runtime import plain
+from tkp_lib.sparsity import Masker, compute_masks
+from tkp_lib import figures
 import vgg8_optimized as vgg8
 import vit_small
 from benchmarks import inference_latency as lat
@@ -31,7 +34,7 @@ def one_thread():
 
 
 def reference_report(model, plan, masks, shape):
-    return tkp.sparsity_report(model, plan, masks, shape, torch.device("cpu"))
+    return sparsity_report(model, plan, masks, shape, torch.device("cpu"))
 
 
 # ---- inference latency -----------------------------------------------------------------------
@@ -46,8 +49,8 @@ def test_vgg8_top1_fresh_masks_end_to_end(tmp_path, capsys):
     args = vgg8.get_args_parser().parse_args(["--topk", "1"])
     model = vgg8.build_model(args)
     plan = vgg8.SCRIPT.build_plan(model, args)
-    masks = tkp.compute_masks(model, plan)
-    tkp.Masker(model, masks).apply_()
+    masks = compute_masks(model, plan)
+    Masker(model, masks).apply_()
     expected = reference_report(model, plan, masks, (3, 32, 32))
     assert saved["theoretical"]["speedup_theoretical"] == pytest.approx(expected["speedup_theoretical"])
     assert saved["theoretical"]["macs_dense"] == expected["macs_dense"]
@@ -84,8 +87,8 @@ def test_vit_2_4_reports_the_semi_structured_skip_on_cpu(tmp_path, capsys):
     args = vit_small.get_args_parser().parse_args(TINY_VIT)
     model = vit_small.build_model(args)
     plan = vit_small.build_plan(model, args)
-    masks = tkp.compute_masks(model, plan)
-    tkp.Masker(model, masks).apply_()
+    masks = compute_masks(model, plan)
+    Masker(model, masks).apply_()
     expected = reference_report(model, plan, masks, (3, 32, 32))
     assert saved["theoretical"]["speedup_theoretical"] == pytest.approx(expected["speedup_theoretical"])
     assert saved["theoretical"]["speedup_pruned_layers"] == pytest.approx(2.0)
@@ -123,7 +126,7 @@ def test_semi_structured_bookkeeping_with_a_stand_in_converter():
     wrong = run(lambda w: torch.zeros_like(w))
     assert wrong["layers_sparse"] == 0 and wrong["model_matches"]
     assert all(r["note"] == "dense: sparse output differs" for r in wrong["layers"])
-    assert "2:4 deployment" in lat.format_report({**json.loads(json.dumps(tkp.plain({
+    assert "2:4 deployment" in lat.format_report({**json.loads(json.dumps(plain({
         "script": "vit", "pattern": "2:4", "source": "s", "input_shape": [3, 32, 32],
         "versions": {"torch": torch.__version__}, "device_names": {}, "latency": [], "arithmetic_floor": [],
         "theoretical": {"speedup_theoretical": 2.0, "macs_dense": 2, "macs_nonzero": 1,
@@ -229,59 +232,59 @@ def no_matplotlib(monkeypatch):
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    tkp_figures._matplotlib.cache_clear()
-    tkp_figures._say_missing.cache_clear()
+    figures._matplotlib.cache_clear()
+    figures._say_missing.cache_clear()
     yield
-    tkp_figures._matplotlib.cache_clear()
-    tkp_figures._say_missing.cache_clear()
+    figures._matplotlib.cache_clear()
+    figures._say_missing.cache_clear()
 
 
 def test_figures_are_valid_pngs(tmp_path):
     pytest.importorskip("matplotlib")
-    tkp_figures._matplotlib.cache_clear()
+    figures._matplotlib.cache_clear()
     run = write_run(tmp_path / "run")
-    paths = tkp_figures.draw(run)
-    assert sorted(p.name for p in paths) == [tkp_figures.TAPS_PNG, tkp_figures.CURVES_PNG]
+    paths = figures.draw(run)
+    assert sorted(p.name for p in paths) == [figures.TAPS_PNG, figures.CURVES_PNG]
     for path in paths:
         assert path.parent == run and path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 1000
     assert not list(run.glob(".*.tmp"))
     dense = write_run(tmp_path / "dense", taps=False)  # no Top-K masks: the curves only
-    assert [p.name for p in tkp_figures.draw(dense)] == [tkp_figures.CURVES_PNG]
+    assert [p.name for p in figures.draw(dense)] == [figures.CURVES_PNG]
 
 
 def test_without_matplotlib_draw_returns_nothing_and_says_so_once(tmp_path, no_matplotlib):
     run = write_run(tmp_path / "run")
     lines = []
-    assert tkp_figures.draw(run, log=lines.append) == []
-    assert tkp_figures.draw(run, log=lines.append) == []
+    assert figures.draw(run, log=lines.append) == []
+    assert figures.draw(run, log=lines.append) == []
     assert len(lines) == 1 and "matplotlib is not installed" in lines[0]
     assert not list(run.glob("*.png"))
-    with pytest.raises(tkp_figures.FigureError, match="matplotlib"):
-        tkp_figures.main([str(run)])
+    with pytest.raises(figures.FigureError, match="matplotlib"):
+        figures.main([str(run)])
 
 
 def test_a_malformed_run_folder_is_an_error_only_on_the_command_line(tmp_path):
     bad = write_run(tmp_path / "bad")
     (bad / "log.jsonl").write_text('{"stage": 1, "epoch": 1}\nnot json\n')
     lines = []
-    drawn = tkp_figures.draw(bad, log=lines.append)  # the summary still draws when matplotlib is there
-    assert all(p.name == tkp_figures.TAPS_PNG for p in drawn)
+    drawn = figures.draw(bad, log=lines.append)  # the summary still draws when matplotlib is there
+    assert all(p.name == figures.TAPS_PNG for p in drawn)
     assert any("line 2 is not JSON" in line for line in lines)
-    with pytest.raises(tkp_figures.FigureError, match="line 2 is not JSON"):
-        tkp_figures.main([str(bad)])
-    assert tkp_figures.draw(tmp_path / "missing", log=lines.append) == []
-    result = subprocess.run([sys.executable, str(ROOT / "tkp_figures.py"), str(tmp_path / "missing")],
+    with pytest.raises(figures.FigureError, match="line 2 is not JSON"):
+        figures.main([str(bad)])
+    assert figures.draw(tmp_path / "missing", log=lines.append) == []
+    result = subprocess.run([sys.executable, "-m", "tkp_lib.figures", str(tmp_path / "missing")], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error:") and "Traceback" not in result.stderr
 
 
 def test_a_figure_that_fails_to_draw_is_logged_not_raised(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    tkp_figures._matplotlib.cache_clear()
+    figures._matplotlib.cache_clear()
     run = write_run(tmp_path / "run")
-    monkeypatch.setattr(tkp_figures, "draw_tap_frequencies", lambda *args: 1 / 0)
+    monkeypatch.setattr(figures, "draw_tap_frequencies", lambda *args: 1 / 0)
     lines = []
-    assert [p.name for p in tkp_figures.draw(run, log=lines.append)] == [tkp_figures.CURVES_PNG]
-    assert lines == ["tkp_figures: could not draw tap_frequencies.png: ZeroDivisionError: division by zero"]
-    with pytest.raises(tkp_figures.FigureError, match="ZeroDivisionError"):
-        tkp_figures.main([str(run)])
+    assert [p.name for p in figures.draw(run, log=lines.append)] == [figures.CURVES_PNG]
+    assert lines == ["tkp_lib.figures: could not draw tap_frequencies.png: ZeroDivisionError: division by zero"]
+    with pytest.raises(figures.FigureError, match="ZeroDivisionError"):
+        figures.main([str(run)])

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from timm.data import auto_augment
 
-import tkp_data
+from tkp_lib import data as tkp_data
 import vit_small
 from conftest import write_images
 

@@ -10,8 +10,12 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import tkp_common as tkp
-import tkp_runtime
+from tkp_lib.qat import export_int8, freeze_qat, load_int8, prepare_qat, qat_layers, strip_qat
+from tkp_lib.report import check_sparsity
+from tkp_lib.runtime import Dist, save_atomic
+from tkp_lib.sparsity import Masker, compute_masks, topk_plan
+from tkp_lib.train import build_trainer, train_one_epoch
+from tkp_lib import runtime
 import vgg8_optimized as vgg8
 import vit_small
 from conftest import write_cifar
@@ -35,13 +39,13 @@ def batches(n=32, seed=0):
 
 
 def qat_trainer(model, plan):
-    masks = tkp.compute_masks(model, plan)
-    tkp.Masker(model, masks).apply_()
-    assert tkp.prepare_qat(model) == ["0", "3", "7"]  # every Conv2d and Linear
+    masks = compute_masks(model, plan)
+    Masker(model, masks).apply_()
+    assert prepare_qat(model) == ["0", "3", "7"]  # every Conv2d and Linear
     args = vgg8.get_args_parser().parse_args(["--lr", "1e-2"])
-    masker = tkp.Masker(model, masks)
-    t = tkp.build_trainer(model, model, args=args, device=torch.device("cpu"), amp_dtype=None, min_lr=0.0,
-                          total_steps=100, dist=tkp.Dist(), masker=masker)
+    masker = Masker(model, masks)
+    t = build_trainer(model, model, args=args, device=torch.device("cpu"), amp_dtype=None, min_lr=0.0,
+                          total_steps=100, dist=Dist(), masker=masker)
 
     def grads_masked(opt, *_):
         for p, m in zip(masker.params, masks.values()):
@@ -54,17 +58,17 @@ def qat_trainer(model, plan):
 def test_masks_exact_through_fake_quantization():
     torch.manual_seed(0)
     model = small_net()
-    plan = tkp.topk_plan(model, 1)
+    plan = topk_plan(model, 1)
     t, masks = qat_trainer(model, plan)
     for _ in range(4):
-        tkp.train_one_epoch(t, batches())
-        tkp.check_sparsity(model, plan, masks)
+        train_one_epoch(t, batches())
+        check_sparsity(model, plan, masks)
         for name in ("0", "3"):
             layer = model.get_submodule(name)
             quantized = layer.weight_fq(layer.weight.detach())
             assert (quantized[~masks[f"{name}.weight"]] == 0).all()  # zero before and after fake quantization
-    tkp.freeze_qat(model)
-    for name, layer in tkp.qat_layers(model).items():
+    freeze_qat(model)
+    for name, layer in qat_layers(model).items():
         kept = layer.weight.detach().abs().flatten(1).max(1).values
         # symmetric per-channel scale from the largest kept weight; pruned zeros cannot move it
         torch.testing.assert_close(layer.weight_fq.scale, kept / 127)
@@ -73,26 +77,26 @@ def test_masks_exact_through_fake_quantization():
 def test_int8_export_reproduces_the_fake_quantized_model():
     torch.manual_seed(1)
     model = small_net()
-    plan = tkp.topk_plan(model, 2)
+    plan = topk_plan(model, 2)
     t, masks = qat_trainer(model, plan)
-    tkp.train_one_epoch(t, batches())
-    tkp.freeze_qat(model)
+    train_one_epoch(t, batches())
+    freeze_qat(model)
     model.eval()
     x = torch.randn(16, 3, 8, 8)
     expected = model(x)
-    int8 = tkp.export_int8(model)
+    int8 = export_int8(model)
     model_before_strip = copy.deepcopy(model)
-    weights = {n: m.weight.detach().clone() for n, m in tkp.qat_layers(model).items()}
+    weights = {n: m.weight.detach().clone() for n, m in qat_layers(model).items()}
     for name, q in int8.items():
         assert q["weight_int8"].dtype == torch.int8 and q["weight_int8"].abs().max() <= 127
         if f"{name}.weight" in masks:
             assert (q["weight_int8"][~masks[f"{name}.weight"]] == 0).all()
-    tkp.strip_qat(model)
+    strip_qat(model)
     fresh = small_net()
     fresh.load_state_dict(model.state_dict(), strict=True)  # plain layers again
-    rebuilt = tkp.load_int8(fresh, int8).eval()
-    for name, layer in tkp.qat_layers(rebuilt).items():  # the de-quantized weights, to the bit
-        assert torch.equal(layer.weight, tkp.qat_layers(model_before_strip)[name].weight_fq(weights[name]))
+    rebuilt = load_int8(fresh, int8).eval()
+    for name, layer in qat_layers(rebuilt).items():  # the de-quantized weights, to the bit
+        assert torch.equal(layer.weight, qat_layers(model_before_strip)[name].weight_fq(weights[name]))
     torch.testing.assert_close(rebuilt(x), expected, rtol=0, atol=1e-6)
 
 
@@ -102,8 +106,8 @@ def test_vgg8_qat_end_to_end(cifar10_root, tmp_path):
     qat = torch.load(out / "final_qat.pt", weights_only=True)
     model = vgg8.VGG8(10)
     model.load_state_dict(qat["model"], strict=True)
-    plan = tkp.topk_plan(model, 1)
-    tkp.check_sparsity(model, plan, qat["masks"])
+    plan = topk_plan(model, 1)
+    check_sparsity(model, plan, qat["masks"])
     assert set(qat["int8"]) == {"features.0", "features.3", "features.7", "features.10", "classifier.1",
                                 "classifier.4"}
     summary = json.loads((out / "summary.json").read_text())
@@ -140,7 +144,7 @@ def test_qat_accuracy_stays_close_to_float(tmp_path):
 
 def test_qat_resume_is_exact(cifar10_root, tmp_path, monkeypatch):
     straight = vgg8.main(["--data-root", str(cifar10_root), "--output-dir", str(tmp_path / "a"), *QAT])
-    real, calls = tkp.save_atomic, []
+    real, calls = save_atomic, []
 
     def crash_in_stage_3(obj, path):
         real(obj, path)
@@ -148,10 +152,10 @@ def test_qat_resume_is_exact(cifar10_root, tmp_path, monkeypatch):
         if obj.get("stage") == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(tkp_runtime, "save_atomic", crash_in_stage_3)
+    monkeypatch.setattr(runtime, "save_atomic", crash_in_stage_3)
     with pytest.raises(KeyboardInterrupt):
         vgg8.main(["--data-root", str(cifar10_root), "--output-dir", str(tmp_path / "b"), *QAT])
-    monkeypatch.setattr(tkp_runtime, "save_atomic", real)
+    monkeypatch.setattr(runtime, "save_atomic", real)
     resumed = vgg8.main(["--data-root", str(cifar10_root), *QAT, "--resume", str(tmp_path / "b" / "checkpoint_last.pt")])
     assert straight["qat_top1"] == resumed["qat_top1"]
     a = torch.load(tmp_path / "a" / "final_qat.pt", weights_only=True)

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import tkp_common as tkp
-import tkp_runtime
+from tkp_lib.runtime import resolve_amp
+from tkp_lib.sparsity import topk_plan
+from tkp_lib import runtime
 import vgg8_optimized as vgg8
 
 FAST = ["--epochs-stage1", "2", "--epochs-stage2", "2", "--batch-train", "16", "--batch-val", "16",
@@ -21,7 +23,7 @@ class Crash(Exception):
 
 def crash_after(monkeypatch, n, exc=Crash):
     """Make the n-th checkpoint save raise `exc` just after the file is written."""
-    real, calls = tkp_runtime.save_atomic, {"n": 0}
+    real, calls = runtime.save_atomic, {"n": 0}
 
     def save(obj, path):
         real(obj, path)
@@ -29,8 +31,8 @@ def crash_after(monkeypatch, n, exc=Crash):
         if calls["n"] == n:
             raise exc()
 
-    monkeypatch.setattr(tkp_runtime, "save_atomic", save)
-    return lambda: monkeypatch.setattr(tkp_runtime, "save_atomic", real)
+    monkeypatch.setattr(runtime, "save_atomic", save)
+    return lambda: monkeypatch.setattr(runtime, "save_atomic", real)
 
 
 def read_log(folder):
@@ -112,12 +114,12 @@ def test_auto_precision_asks_for_hardware_bf16(monkeypatch):
     cuda = torch.device("cuda")
     # a V100/T4: bf16 only through emulation
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    assert tkp.resolve_amp(args, cuda) == torch.float16
+    assert resolve_amp(args, cuda) == torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere or newer
-    assert tkp.resolve_amp(args, cuda) == torch.bfloat16
+    assert resolve_amp(args, cuda) == torch.bfloat16
     args = vgg8.get_args_parser().parse_args(["--amp-dtype", "bf16"])
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
-    assert tkp.resolve_amp(args, cuda) == torch.bfloat16  # asked for explicitly: the user's choice
+    assert resolve_amp(args, cuda) == torch.bfloat16  # asked for explicitly: the user's choice
 
 
 def test_gpu_checkpoint_resumes_on_cpu_with_the_precision_it_names(cifar10_root, tmp_path, monkeypatch):
@@ -141,9 +143,9 @@ def test_gpu_checkpoint_resumes_on_cpu_with_the_precision_it_names(cifar10_root,
 def test_documented_defaults(monkeypatch):
     args = vgg8.get_args_parser().parse_args([])
     assert (args.seed, args.val_freq) == (42, 5)
-    monkeypatch.setattr(tkp_runtime.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert vgg8.get_args_parser().parse_args([]).num_workers == 2
-    monkeypatch.setattr(tkp_runtime.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     assert vgg8.get_args_parser().parse_args([]).num_workers == 4
 
 
@@ -191,13 +193,13 @@ def test_dense_baseline_speaks_of_no_mask(cifar10_root, tmp_path, capsys):
 
 def test_topk_range_follows_the_largest_kernel():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 7), torch.nn.Conv2d(4, 4, 3))
-    assert tkp.topk_plan(model, 48).pattern == "top-48"
+    assert topk_plan(model, 48).pattern == "top-48"
     with pytest.raises(tkp.TKPError, match="choose 1..48"):
-        tkp.topk_plan(model, 49)
+        topk_plan(model, 49)
     three = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
-    assert tkp.topk_plan(three, 9).targets == []  # 9 of 9 taps: dense, as documented
+    assert topk_plan(three, 9).targets == []  # 9 of 9 taps: dense, as documented
     with pytest.raises(tkp.TKPError, match="choose 1..9"):
-        tkp.topk_plan(three, 10)
+        topk_plan(three, 10)
 
 
 def test_stage_1_prints_the_starting_ratio_of_beta_aux_to_ce(cifar10_root, tmp_path, capsys):

@@ -20,10 +20,10 @@ import pytest
 import torch
 from timm.data import auto_augment
 
-import tkp_data
+from tkp_lib import data as tkp_data
 import vit_small
 from conftest import LARGE_IMAGES, REAL_FORMAT_IMAGES, write_cifar, write_images
-from tkp_runtime import Dist
+from tkp_lib.runtime import Dist
 
 DRAWS = 20_000
 CPU = torch.device("cpu")

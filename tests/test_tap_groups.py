@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import tkp_common as tkp
+from tkp_lib.sparsity import AuxRegularizer, compute_masks, group_ranks, topk_plan
 import vgg8_optimized as vgg8
 
 FAST = ["--epochs-stage1", "2", "--epochs-stage2", "2", "--batch-train", "16", "--batch-val", "16",
@@ -40,13 +40,13 @@ def hand_mask(w: torch.Tensor, keep: int, share: int) -> torch.Tensor:
 @pytest.mark.parametrize("share,keep", [(1, 1), (4, 1), (4, 2), (3, 4), (10, 1), (16, 2)])
 def test_masks_share_taps_within_output_groups(share, keep):
     model = conv_model(out=10)
-    plan = tkp.topk_plan(model, keep, tap_group=share)
-    mask = tkp.compute_masks(model, plan)["0.weight"]
+    plan = topk_plan(model, keep, tap_group=share)
+    mask = compute_masks(model, plan)["0.weight"]
     w = model[0].weight.detach()
     assert torch.equal(mask, hand_mask(w, keep, share))
     assert (mask.reshape(10, 3, 9).sum(-1) == keep).all()  # exactly K per kernel
     if share == 1:  # the paper's TKP: each kernel's own K largest |w|
-        ranks = tkp.group_ranks(w.reshape(-1, 9).abs())
+        ranks = group_ranks(w.reshape(-1, 9).abs())
         assert torch.equal(mask.reshape(-1, 9), ranks < keep)
     for start in range(0, 10, share):  # every kernel of a group (the last one smaller) alike
         group = mask[start:start + share]
@@ -57,7 +57,7 @@ def test_ties_are_broken_the_same_way_everywhere():
     model = conv_model(out=4)
     with torch.no_grad():
         model[0].weight.fill_(1.0)
-    mask = tkp.compute_masks(model, tkp.topk_plan(model, 2, tap_group=2))["0.weight"]
+    mask = compute_masks(model, topk_plan(model, 2, tap_group=2))["0.weight"]
     assert mask.reshape(4, 3, 9)[:, :, :2].all() and not mask.reshape(4, 3, 9)[:, :, 2:].any()
 
 
@@ -83,9 +83,9 @@ def aux_by_hand(w: torch.Tensor, keep: int, share: int, alpha: float, num_groups
 @pytest.mark.parametrize("share,keep", [(1, 1), (4, 1), (3, 2)])
 def test_regularizer_value_and_gradient_by_hand(share, keep):
     model = conv_model(out=7, inp=2)
-    plan = tkp.topk_plan(model, keep, tap_group=share)
+    plan = topk_plan(model, keep, tap_group=share)
     assert plan.num_groups == 7 * 2  # normalised by kernels, as without groups
-    reg = tkp.AuxRegularizer(model, plan, "exponential", alpha=3.0)
+    reg = AuxRegularizer(model, plan, "exponential", alpha=3.0)
     w = model[0].weight
     expected = aux_by_hand(w, keep, share, 3.0, plan.num_groups)
     expected.backward()

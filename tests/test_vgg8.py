@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import tkp_common as tkp
-import tkp_runtime
+from tkp_lib.runtime import save_atomic
+from tkp_lib import runtime
 import vgg8_optimized as vgg8
 from conftest import ROOT, write_cifar
 
@@ -104,7 +105,7 @@ def test_resume_gives_the_same_result_as_a_straight_run(cifar10_root, tmp_path, 
     workers = ["--num-workers", str(workers)]
     straight = run_vgg8(cifar10_root, tmp_path / "a", "--topk", "1", *workers)
 
-    real_save, calls = tkp_runtime.save_atomic, {"n": 0}
+    real_save, calls = runtime.save_atomic, {"n": 0}
 
     def crashing_save(obj, path):
         real_save(obj, path)
@@ -112,10 +113,10 @@ def test_resume_gives_the_same_result_as_a_straight_run(cifar10_root, tmp_path, 
         if calls["n"] == crash_after_save:
             raise Crash()
 
-    monkeypatch.setattr(tkp_runtime, "save_atomic", crashing_save)
+    monkeypatch.setattr(runtime, "save_atomic", crashing_save)
     with pytest.raises(Crash):
         run_vgg8(cifar10_root, tmp_path / "b", "--topk", "1", *workers)
-    monkeypatch.setattr(tkp_runtime, "save_atomic", real_save)
+    monkeypatch.setattr(runtime, "save_atomic", real_save)
     # --output-dir defaults to the folder of --resume
     resumed = vgg8.main(["--data-root", str(cifar10_root), *FAST, "--topk", "1", *workers,
                          "--resume", str(tmp_path / "b" / "checkpoint_last.pt")])
@@ -249,7 +250,7 @@ def test_pretrain_path_loads_a_dense_checkpoint(cifar10_root, tmp_path):
 def test_resume_re_zeroes_pruned_weights(cifar10_root, tmp_path, monkeypatch):
     """A stage-2 checkpoint whose pruned weights were touched (by hand, a bug, another tool)
     comes back exactly sparse: masks are re-applied on resume, not only via gradients."""
-    real, calls = tkp.save_atomic, {"n": 0}
+    real, calls = save_atomic, {"n": 0}
 
     def crash_after_post_mask(obj, path):
         real(obj, path)
@@ -257,10 +258,10 @@ def test_resume_re_zeroes_pruned_weights(cifar10_root, tmp_path, monkeypatch):
         if calls["n"] == 3:  # stage 1 epochs 1-2, then the post-mask checkpoint
             raise Crash()
 
-    monkeypatch.setattr(tkp_runtime, "save_atomic", crash_after_post_mask)
+    monkeypatch.setattr(runtime, "save_atomic", crash_after_post_mask)
     with pytest.raises(Crash):
         run_vgg8(cifar10_root, tmp_path / "a", "--topk", "1")
-    monkeypatch.setattr(tkp_runtime, "save_atomic", real)
+    monkeypatch.setattr(runtime, "save_atomic", real)
     path = tmp_path / "a" / "checkpoint_last.pt"
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["stage"] == 2

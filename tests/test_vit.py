@@ -14,6 +14,7 @@ import torch.nn as nn
 from PIL import Image
 
 import tkp_common as tkp
+from tkp_lib.sparsity import AuxRegularizer, compute_masks
 import vit_small
 from conftest import ROOT
 
@@ -91,7 +92,7 @@ def test_other_nm_patterns(pattern):
     model = vit_small.build_model(args)
     plan = vit_small.build_plan(model, args)
     n, m = map(int, pattern.split(":"))
-    masks = tkp.compute_masks(model, plan)
+    masks = compute_masks(model, plan)
     assert plan.pattern == pattern and len(masks) == 48
     for mask in masks.values():
         assert mask.reshape(-1, m).sum(1).eq(n).all()
@@ -109,7 +110,7 @@ def test_nm_regularizer_on_the_vit_matches_a_hand_computation():
         s = s.sort(dim=1, descending=True).values
         total += (s[:, 2] + np.exp(-2.0) * s[:, 3]).sum().item()  # ranks 2, 3 with alpha = 2
         groups += s.shape[0]
-    value = tkp.AuxRegularizer(model, plan, "exponential", 2.0).add_grad_(0.0).item()
+    value = AuxRegularizer(model, plan, "exponential", 2.0).add_grad_(0.0).item()
     assert value == pytest.approx(total / groups, rel=1e-5)
 
 

@@ -1,70 +1,36 @@
-"""Deployment of tap-group masks (--tap-group G): G consecutive output channels share, for
-every input channel, the same K kept tap positions, so per output group the convolution is a
-dense (G x C_in*K) matrix times a gathered input whose rows are shifted input planes.
+"""TapGroupConv2d: a convolution for tap-group masks (--tap-group G), CPU, fp32.
 
-TapGroupConv2d computes such a layer with the C++ micro-kernel csrc/tap_group_conv.cpp
-(torch op tkp::tap_group_conv2d, built on first use like tkp_deploy's Top-K kernel), or,
-where that is unavailable (no compiler / AVX-512, CUDA, bf16), with torch ops: F.unfold,
-index_select of the group's kept rows, matmul. `tap_group_of(conv)` finds the largest G in
-(64, 32, 16, 8) whose groups share their positions; tkp_deploy uses it per layer and keeps the
-module only where it measures faster than dense. Deployment folds a residual add, ReLU and
-2x2 max pool into the kernel's epilogue as for TopKConv2d.
-
-Measured 2026-11-28, 2-vCPU AVX-512 VM shared with other jobs (load ~5: +-20% noise), torch
-2.14.1, fp32, 1 thread, `OMP_WAIT_POLICY=PASSIVE python benchmarks/deploy_latency.py --script
-vgg8 --topk K --tap-group G --threads 1 --batch-sizes 1,32 --repeats 15 --no-compile`;
-speed-up = the faster of dense NCHW / channels_last over the tap-group kernel, per layer of
-64-128 channels (features.3/7/10; the 3-channel first conv 1.9-2.2x):
-
-                         batch 1       batch 32      whole VGG-8 batch 1 / 32
-    Top-1, G = 32        4.2-4.8x      3.4-3.8x      2.83x / 2.93x
-    Top-1, G = 16        4.2-4.6x      3.4-4.0x      2.57x / 3.13x
-    Top-2, G = 32        2.9-3.0x      2.5-2.7x      2.37x / 2.47x
-
-Against dense NCHW eager alone (the layout of the deployed graph) Top-1 G=32 is 4.7-6.2x per
-layer at batch 1, 4.3-4.6x at batch 32, 3.8x whole model. Isolated 3x3 stride-1 layers
-against dense NCHW, best tile, same run and settings (Top-1 G=32 / G=16 / Top-2 G=32): 64 ch
-@32 px 5.9 / 6.0 / 4.0x at batch 1, 5.9 / 5.9 / 4.1x at batch 32; 128 @16 5.5-8.1 / 5.5 /
-3.9x and 5.3-6.3 / 5.3 / 3.5x; 256 @8 5.2 / 3.7 / 3.0x and 4.0 / 4.4 / 2.5x; 512 @4 3.7 / 3.1 /
-2.1x and 3.5 / 3.2 / 2.0x (at 8 and 4 px up to half of the computed columns are padding);
-stride 2, 128 @28: 3.1 / 3.5 / 2.3x and 2.9 / 2.4 / 2.2x. The whole model is bounded by what
-the kernel does not touch: VGG-8's 8192x256 Linear alone takes ~0.45 ms of the deployed
-1.3-1.5 ms at batch 1. Our targets (>= 6x / >= 4x per layer, >= 4.5x whole) are not
-reached against the fastest dense variant.
+G consecutive output channels share, for every input channel, the same K kept tap positions,
+so per output group the convolution is a dense (G x C_in*K) matrix times a gathered input
+whose rows are shifted input planes. TapGroupConv2d computes it with the C++ micro-kernel
+csrc/tap_group_conv.cpp (torch op tkp::tap_group_conv2d, built on first use by
+tkp_lib.kernels), or where that is unavailable (no compiler / AVX-512, CUDA, bf16) with torch
+ops: F.unfold, index_select of the group's kept rows, matmul. `tap_group_of(conv)` finds the
+largest G in GROUP_SIZES whose groups share their positions. Its epilogue (residual add, ReLU,
+2x2 max pool) is TopKConv2d's. Measured speed: RESULTS.md.
+May import: tkp_lib.kernels.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
-import tkp_deploy
+from tkp_lib import kernels
 
-KERNEL_SOURCE = tkp_deploy.ROOT / "csrc" / "tap_group_conv.cpp"
 GROUP_SIZES = (64, 32, 16, 8)
-_kernel: dict = {}
 
 
-def kernel_available(announce: bool = True) -> bool:
-    """Whether tkp::tap_group_conv2d can run (built on the first call; one attempt)."""
-    if not _kernel:
-        try:
-            if os.environ.get("TKP_DEPLOY_NO_KERNEL", "") not in ("", "0"):
-                raise RuntimeError("TKP_DEPLOY_NO_KERNEL is set")
-            from torch.utils import cpp_extension
-            _kernel["module"] = cpp_extension.load(
-                name=f"tkp_tap_group_conv_{tkp_deploy._cpu_tag()}", sources=[str(KERNEL_SOURCE)],
-                extra_cflags=["-O3", "-march=native"], verbose=False)
-            _kernel.update(ok=True, why="")
-        except Exception as e:  # deploy with the torch-ops fallback
-            _kernel.update(ok=False, why=tkp_deploy._one_line(e))
-            if announce:
-                print(f"tkp_tapgroup: the tap-group kernel is unavailable ({_kernel['why']}); "
-                      f"tap-group layers run with torch ops", flush=True)
-    return _kernel["ok"]
+def kernel():
+    """The built tkp::tap_group_conv2d extension, or None where it cannot be built (one line says why)."""
+    return kernels.native("tap_group_conv", "tkp_tapgroup: the tap-group kernel", "tap-group layers run with torch ops")
+
+
+def kernel_available() -> bool:
+    """Whether tkp::tap_group_conv2d can run (built on the first call; one attempt per process)."""
+    return kernel() is not None
 
 
 def tile_kinds() -> list[tuple[int, int]]:
@@ -106,8 +72,8 @@ class TapGroupConv2d(nn.Module):
                  group: int = 32, bias: bool = True, tile=(8, 2), relu: bool = False, pool: int = 0):
         super().__init__()
         self.in_channels, self.out_channels, self.k, self.group = in_channels, out_channels, k, group
-        self.kernel_size, self.stride = tkp_deploy._pair(kernel_size), tkp_deploy._pair(stride)
-        self.padding, self.tile, self.relu, self.pool = tkp_deploy._pair(padding), tuple(tile), relu, pool
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.tile, self.relu, self.pool = _pair(padding), tuple(tile), relu, pool
         n_groups = -(-out_channels // group)
         self.register_buffer("taps", torch.zeros(n_groups, in_channels, k, dtype=torch.int32))
         self.register_buffer("weights", torch.zeros(out_channels, in_channels, k))
@@ -182,7 +148,7 @@ class TapGroupConv2d(nn.Module):
                     *self.padding, self.tile[1], self.relu, residual, self.pool)
             if torch.compiler.is_compiling() or torch.compiler.is_exporting():
                 return torch.ops.tkp.tap_group_conv2d(x, *args)
-            return _kernel["module"].tap_group_conv2d(x, *args)
+            return kernel().tap_group_conv2d(x, *args)
         return self.forward_torch(x, residual)
 
     def forward_torch(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -206,48 +172,3 @@ class TapGroupConv2d(nn.Module):
         if self.relu:
             y = F.relu(y)
         return F.max_pool2d(y, 2) if self.pool else y
-
-
-def time_layer(conv: nn.Conv2d, group: int, k: int, in_shape: tuple, batch_sizes: list[int], repeats: int,
-               tiles: list | None = None):
-    """(best tile, {batch: {"dense_ms", "kernel_ms"}}) of TapGroupConv2d against dense."""
-    tiles = tiles or [t for t in tile_kinds() if t[0] <= group]
-    kernels = {t: TapGroupConv2d.from_conv(conv, group, k, t) for t in tiles}
-    per_batch = {}
-    for b in batch_sizes:
-        x = torch.randn(b, *in_shape[1:])
-        fns = {"dense": lambda: conv(x)}
-        fns.update({t: (lambda m=m: m(x)) for t, m in kernels.items()})
-        per_batch[b] = tkp_deploy.measure_interleaved(fns, repeats=max(3, repeats // 2))
-    best = min(tiles, key=lambda t: sum(per_batch[b][t] / per_batch[b]["dense"] for b in batch_sizes))
-    timings = {}
-    for b in batch_sizes:
-        x = torch.randn(b, *in_shape[1:])
-        r = tkp_deploy.measure_interleaved({"dense": lambda: conv(x), "kernel": lambda: kernels[best](x)},
-                                           repeats=repeats)
-        timings[b] = {"dense_ms": r["dense"], "kernel_ms": r["kernel"]}
-    return best, timings
-
-
-def choose(conv: nn.Module, rec: dict, in_shape: tuple, batch_sizes: list[int], repeats: int, measured: dict,
-           log) -> bool:
-    """For tkp_deploy.choose_layers: if `conv` has a tap-group mask and TapGroupConv2d (the
-    fastest tile) beats dense at every batch size, mark `rec` "tapgroup" and return True.
-    Layers of one shape, K and G share one measurement (kept in `measured`)."""
-    gk = tap_group_of(conv)
-    if gk is None or not kernel_available():
-        return False
-    group, k = gk
-    key = ("tapgroup", conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-           tuple(in_shape[1:]), k, group)
-    if key not in measured:
-        measured[key] = time_layer(conv, group, k, in_shape, batch_sizes, repeats)
-        tile, timings = measured[key]
-        log(f"  timed {rec['name']} (tap group {group}): tile {tile[0]}x{tile[1]}, " + ", ".join(
-            f"batch {b}: {t['dense_ms']:.3f} ms dense, {t['kernel_ms']:.3f} ms tap-group "
-            f"({t['dense_ms'] / t['kernel_ms']:.2f}x)" for b, t in timings.items()))
-    tile, timings = measured[key]
-    if not all(t["kernel_ms"] < t["dense_ms"] for t in timings.values()):
-        return False
-    rec.update(deploy="tapgroup", why=None, tile=list(tile), timings=timings, group=group, group_k=k)
-    return True

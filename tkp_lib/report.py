@@ -3,7 +3,7 @@
 Owns: MAC counting (torch.utils.flop_counter), parameter and non-zero counts, the
 theoretical speed-up (the paper's Speed-Up column), the sparsity check of a finished model,
 tap frequencies, and summary.json's console line.
-May import: tkp_runtime. Never the driver (tkp_common): plans and masks arrive as arguments.
+May import: tkp_lib.runtime. Never the driver (tkp_common): plans and masks arrive as arguments.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Figures of a TKP run: which kernel taps the Top-K masks kept, and the training curves.
 
-    python tkp_figures.py runs/vgg8-20250101-120000        # writes the PNGs into that folder
+    python -m tkp_lib.figures runs/vgg8-20250101-120000        # writes the PNGs into that folder
 
 From a run folder (the --output-dir of any script) it draws
 
@@ -17,6 +17,7 @@ process. It renders with matplotlib's Agg canvas directly (no display, no change
 pyplot's global backend), takes about a second, and never raises for a missing or
 malformed file: it skips that figure and says why. The command line is strict: a
 malformed run folder, or no matplotlib, is a one-line error and exit status 2.
+May import: the standard library, and matplotlib when it is installed (reads files only).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def _matplotlib():
 
 @functools.cache
 def _say_missing(log: Callable[[str], None]) -> None:
-    log(f"tkp_figures: {MISSING_MATPLOTLIB}")
+    log(f"tkp_lib.figures: {MISSING_MATPLOTLIB}")
 
 
 def _save(fig, canvas_cls, path: Path) -> Path:
@@ -238,7 +239,7 @@ def draw(run_dir, strict: bool = False, log: Callable[[str], None] = print) -> l
     if strict and problems:
         raise FigureError("; ".join(problems))
     for p in problems:
-        log(f"tkp_figures: skipped: {p}")
+        log(f"tkp_lib.figures: skipped: {p}")
     mpl = _matplotlib()
     if mpl is None:
         if strict:
@@ -258,7 +259,7 @@ def draw(run_dir, strict: bool = False, log: Callable[[str], None] = print) -> l
         except Exception as e:  # noqa: BLE001 - a figure must never end the run that asked for it
             if strict:
                 raise FigureError(f"could not draw {name}: {type(e).__name__}: {e}") from e
-            log(f"tkp_figures: could not draw {name}: {type(e).__name__}: {e}")
+            log(f"tkp_lib.figures: could not draw {name}: {type(e).__name__}: {e}")
     return paths
 
 

@@ -6,7 +6,7 @@ file is skipped with a warning and counted: `skipped_images`), the generated ima
 here, timm's posterize answers 0 bits as Pillow < 13 did: `restore_posterize_zero_bits`), the
 torch DataLoaders (seeded per epoch, sharded per process) and the device-resident loader that
 augments CIFAR batches on the GPU.
-May import: tkp_runtime (errors, process info). Never the driver (tkp_common).
+May import: tkp_lib.runtime (errors, process info). Never the driver (tkp_common).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from tkp_runtime import Dist, TKPError
+from tkp_lib.runtime import Dist, TKPError
 
 
 class ImageArrayDataset(Dataset):
@@ -183,7 +183,7 @@ def _skipping_image_folder():
 
 
 def __getattr__(name: str):
-    """tkp_data.SkippingImageFolder (PEP 562), for isinstance checks and for pickle."""
+    """tkp_lib.data.SkippingImageFolder (PEP 562), for isinstance checks and for pickle."""
     if name == "SkippingImageFolder":
         return _skipping_image_folder()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,7 +3,7 @@
 Owns: plans (Top-K over Conv2d kernels, with optional tap groups; N:M over Linear or any 2-D
 weight), deterministic masks, their enforcement beside the model (Masker), their broadcast
 across processes, and the regularizer L_aux with its closed-form gradient (DESIGN.md §1, §2).
-May import: tkp_runtime. Never the driver (tkp_common), which re-exports these names.
+May import: tkp_lib.runtime. Never the driver (tkp_common), which re-exports these names.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tkp_runtime import Dist, TKPError, matches_prefix
+from tkp_lib.runtime import Dist, TKPError, matches_prefix
 
 
 # ==== Plans, Top-K and N:M masks, mask enforcement ========================================

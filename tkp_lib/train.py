@@ -4,7 +4,7 @@ Owns: the Trainer (AdamW, per-step cosine, grad scaler, masks and regularizer of
 the fixed order of an update (unscale -> regularizer gradient -> mask gradients -> clip ->
 step -> scaler -> re-apply masks; DESIGN.md §4), the epoch loop with gradient accumulation
 and its partial tail, evaluation summed across processes, and BatchNorm recalibration.
-May import: tkp_runtime, tkp_sparsity. Never the driver (tkp_common).
+May import: tkp_lib.runtime, tkp_lib.sparsity. Never the driver (tkp_common).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tkp_runtime import Dist, TKPError, all_reduce_sum, format_duration
-from tkp_sparsity import AuxRegularizer, Masker
+from tkp_lib.runtime import Dist, TKPError, all_reduce_sum, autocast, format_duration
+from tkp_lib.sparsity import AuxRegularizer, Masker
 
 
 @dataclass
@@ -48,8 +48,7 @@ class Trainer:
     loss_fn: Callable | None = None  # (model, x, y) -> (loss, logits, targets); None: criterion(model(x), y)
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                              enabled=self.amp_dtype is not None)
+        return autocast(self.device, self.amp_dtype)
 
 
 def build_trainer(model, module, *, args, device, amp_dtype, min_lr, total_steps, dist, lr=None,
@@ -173,7 +172,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None, dis
     sums = torch.zeros(2 + len(topk), dtype=torch.float64, device=device)  # loss, n, correct@k
     for batch in loader:
         x, y = _to_device(batch, device, memory_format)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             out = model(x)
         out = out.float()
         pred = out.topk(min(max(topk), out.shape[1]), dim=1).indices
@@ -209,7 +208,7 @@ def recalibrate_bn(module: nn.Module, loader, batches: int, device: torch.device
         if used == batches:
             break
         x, _ = _to_device(batch, device, memory_format)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             module(x)
         used += 1
     for bn, momentum in zip(bns, momenta):

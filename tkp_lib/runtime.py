@@ -3,7 +3,7 @@
 Owns: user errors (TKPError) and the one-line exit of `cli`, the command-line types and the
 flags every script shares, process setup (torchrun, device, precision, seeds), and files
 (plain values, atomic saves, reading checkpoints and weights, the run folder's outputs).
-May import: torch and the standard library only; every other tkp_* module may import it.
+May import: torch and the standard library only; every other tkp_lib module may import it.
 """
 
 from __future__ import annotations
@@ -128,6 +128,21 @@ def nm_pattern(text: str) -> str:
     if not 1 <= n < m:
         raise argparse.ArgumentTypeError(f"N:M needs 1 <= N < M, got {text}")
     return f"{n}:{m}"
+
+
+def int_list(lo: int = 1) -> Callable[[str], list[int]]:
+    """argparse type: comma-separated integers >= lo, e.g. '1,32' (duplicates dropped)."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = list(dict.fromkeys(int(v) for v in comma_list(text)))
+        except ValueError:
+            values = []
+        if not values or min(values) < lo:
+            raise argparse.ArgumentTypeError(f"expected integers >= {lo} like 1,32, got {text!r}")
+        return values
+
+    return parse
 
 
 def comma_list(text: str) -> list[str]:
@@ -314,6 +329,11 @@ def gpu_has_bf16(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported(including_emulation=False)
     except TypeError:  # torch before the argument existed
         return torch.cuda.get_device_capability(device) >= (8, 0) and torch.cuda.is_bf16_supported()
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    """The run's autocast context: `amp_dtype` (bf16/fp16) on `device`, or off for fp32."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
 def amp_name(dtype: torch.dtype | None) -> str:

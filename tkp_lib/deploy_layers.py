@@ -1,0 +1,308 @@
+"""Deployment, layer by layer: trace and fold, choose a kernel per convolution, fuse, check.
+
+Owns the steps of `python tkp_deploy.py` between the rebuilt model and deploy.pt:
+`fold_batchnorm` (torch.fx trace; eval-mode BatchNorm folded into the preceding conv: a
+per-output-channel scale, so the Top-K pattern survives), `choose_layers` (each pruned conv
+timed against its dense self on this machine, every register tile, every batch size; the
+kernel kept only where it is faster at every batch size), `apply_layers` and
+`fuse_epilogues` (a residual add, ReLU and 2x2 max pool that a kernel layer alone feeds run
+in its epilogue), `verify` (deployed vs masked outputs) and `time_models`.
+May import: tkp_lib.kernels, tkp_lib.topk_conv, tkp_lib.tapgroup, tkp_lib.deploy_format.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Callable
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+from tkp_lib import kernels, tapgroup, topk_conv
+from tkp_lib.deploy_format import DeployError
+from tkp_lib.tapgroup import TapGroupConv2d
+from tkp_lib.topk_conv import TopKConv2d
+
+REL_TOLERANCE = 1e-4  # deployed vs masked: max |difference| / max |reference|
+KERNEL_LAYERS = (TopKConv2d, TapGroupConv2d)
+
+
+# ==== Tracing and BatchNorm folding ==========================================================
+
+
+def fold_batchnorm(model: nn.Module) -> torch.fx.GraphModule:
+    """The model as a torch.fx GraphModule (eval mode) with every BatchNorm2d that directly
+    follows a Conv2d (its only consumer) folded into the Conv2d's weight and bias, and the
+    Identity and Dropout modules (no-ops in eval mode) taken out of the graph."""
+    from torch.fx.experimental.optimization import fuse
+    model = copy.deepcopy(model).eval()
+    try:
+        traced = torch.fx.symbolic_trace(model)
+    except Exception as e:
+        raise DeployError(f"torch.fx cannot trace {type(model).__name__} ({kernels.one_line(e)}); deployment needs a "
+                          f"traceable model") from e
+    gm = fuse(traced, inplace=True, no_trace=True).eval()
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):  # in eval mode an Identity or a Dropout passes its input on
+        if node.op == "call_module" and type(modules[node.target]) in (nn.Identity, nn.Dropout, nn.Dropout2d) \
+                and len(node.args) == 1 and not node.kwargs:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def conv_input_shapes(gm: nn.Module, x: torch.Tensor) -> dict[str, tuple]:
+    """{module name: input shape} of every Conv2d for input `x`."""
+    shapes, hooks = {}, []
+
+    def record(name):
+        def hook(module, inputs):  # returns None: the input is left alone
+            shapes.setdefault(name, tuple(inputs[0].shape))
+        return hook
+
+    for name, m in gm.named_modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_pre_hook(record(name)))
+    try:
+        with torch.no_grad():
+            gm(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def layer_macs(gm: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, float]]:
+    """{name: (dense MACs per image, fraction of non-zero weights)} of every Conv2d and Linear."""
+    out, hooks = {}, []
+
+    def record(name):
+        def hook(m, inputs, y):
+            w = m.weight
+            if isinstance(m, nn.Linear):
+                macs = m.in_features * m.out_features * (y.numel() // y.shape[-1]) // y.shape[0]
+            else:
+                macs = y[0].numel() * w[0].numel()
+            out[name] = (macs, float((w != 0).float().mean()))
+        return hook
+
+    for name, m in gm.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            hooks.append(m.register_forward_hook(record(name)))
+    try:
+        with torch.no_grad():
+            gm(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def theoretical_speedup(macs: dict) -> float:
+    """Dense MACs / non-zero MACs (each layer's MACs scaled by its weight density), as the
+    README's speedup_theoretical."""
+    dense = sum(m for m, _ in macs.values())
+    nonzero = sum(m * d for m, d in macs.values())
+    return dense / nonzero if nonzero else float("inf")
+
+
+# ==== Choosing a kernel per layer ============================================================
+
+
+def choose_layers(gm: torch.fx.GraphModule, input_shape: tuple, batch_sizes: list[int], *, repeats: int = 7,
+                  tiles: list[tuple[int, int]] | None = None, log: Callable[[str], None] = print) -> list[dict]:
+    """Decide per Conv2d whether a kernel replaces it: TapGroupConv2d for a tap-group mask,
+    else TopKConv2d. Every register tile is timed against the dense convolution at every
+    batch size (interleaved, medians); the fastest tile (least mean time relative to dense)
+    is kept if it beats dense at every batch size. Layers of the same shape, K (and G) share
+    one measurement. `tiles` restricts the Top-K kernel's tiles. One record per Conv2d."""
+    shapes = conv_input_shapes(gm, torch.zeros(1, *input_shape))
+    modules = dict(gm.named_modules())
+    records, measured = [], {}
+    for name, in_shape in shapes.items():
+        conv = modules[name]
+        kh, kw = conv.kernel_size
+        nnz = (conv.weight.detach().reshape(conv.out_channels, conv.in_channels // conv.groups, -1) != 0).sum(-1)
+        rec = {"name": name, "in_channels": conv.in_channels, "out_channels": conv.out_channels,
+               "kernel_size": [kh, kw], "stride": list(conv.stride), "input_hw": list(in_shape[2:]),
+               "k": int(nnz.max()), "theoretical": kh * kw * nnz.numel() / max(int(nnz.sum()), 1),
+               "deploy": "dense", "why": None, "tile": None, "timings": {}}
+        records.append(rec)
+        candidates = _candidates(conv, tiles)
+        if isinstance(candidates, str):
+            rec["why"] = candidates
+            continue
+        for kind, make, kind_tiles, extra in candidates:
+            key = (kind, conv.in_channels, conv.out_channels, kh, kw, conv.stride, conv.padding,
+                   tuple(in_shape[1:]), rec["k"], tuple(extra.items()))
+            if key not in measured:
+                measured[key] = time_layer(conv, make, in_shape, batch_sizes, repeats, kind_tiles)
+                log(f"  timed {name} ({kind}): {_timing_line(measured[key])}")
+            tile, timings = measured[key]
+            faster = all(t["kernel_ms"] < t["dense_ms"] for t in timings.values())
+            rec.update(timings=timings, tile=list(tile), deploy=kind if faster else "dense",
+                       why=None if faster else "not faster than dense here", **(extra if faster else {}))
+            if faster:
+                break
+    return records
+
+
+def _candidates(conv: nn.Conv2d, tiles) -> list[tuple] | str:
+    """[(kind, make(tile) -> module, tiles, record fields)] of the kernels that may replace
+    `conv`, in order of preference, or why none may."""
+    out = []
+    gk = tapgroup.tap_group_of(conv)
+    if gk is not None and tapgroup.kernel_available():
+        group, k = gk
+        out.append(("tapgroup", lambda t: TapGroupConv2d.from_conv(conv, group, k, t),
+                    [t for t in tapgroup.tile_kinds() if t[0] <= group], {"group": group, "group_k": k}))
+    why = topk_conv.kernel_takes(conv)
+    if why is None and not topk_conv.kernel_available():
+        why = "kernel unavailable"
+    if why is None:
+        out.append(("topk", lambda t: TopKConv2d.from_conv(conv, t), tiles or topk_conv.tile_kinds(), {}))
+    return out or why
+
+
+def time_layer(conv: nn.Conv2d, make: Callable, in_shape: tuple, batch_sizes: list[int], repeats: int,
+               tiles: list) -> tuple[tuple, dict]:
+    """(best tile, {batch: {"dense_ms", "kernel_ms"}}) of the module `make(tile)` builds from
+    `conv` against `conv`: every tile timed interleaved with dense at every batch size, then
+    a second, longer measurement of the best tile alone."""
+    candidates = {t: make(t) for t in tiles}
+    per_batch = {}
+    for b in batch_sizes:
+        x = torch.randn(b, *in_shape[1:])
+        fns = {"dense": lambda: conv(x), **{t: (lambda m=m: m(x)) for t, m in candidates.items()}}
+        per_batch[b] = kernels.median_ms(fns, repeats=max(3, repeats // 2))
+    best = min(tiles, key=lambda t: sum(per_batch[b][t] / per_batch[b]["dense"] for b in batch_sizes))
+    timings = {}
+    for b in batch_sizes:
+        x = torch.randn(b, *in_shape[1:])
+        r = kernels.median_ms({"dense": lambda: conv(x), "kernel": lambda: candidates[best](x)}, repeats=repeats)
+        timings[b] = {"dense_ms": r["dense"], "kernel_ms": r["kernel"]}
+    return best, timings
+
+
+def _timing_line(measured) -> str:
+    tile, timings = measured
+    return f"tile {tile[0]}x{tile[1]}, " + ", ".join(
+        f"batch {b}: {t['dense_ms']:.3f} ms dense, {t['kernel_ms']:.3f} ms kernel "
+        f"({t['dense_ms'] / t['kernel_ms']:.2f}x)"
+        for b, t in timings.items())
+
+
+def apply_layers(gm: torch.fx.GraphModule, records: list[dict], input_shape: tuple) -> torch.fx.GraphModule:
+    """Replace the convolutions `records` marks "topk" or "tapgroup" by their kernel modules
+    (in place), then fold into each the residual add, ReLU and 2x2 max pool it alone feeds."""
+    for rec in records:
+        if rec["deploy"] == "topk":
+            _set_module(gm, rec["name"], TopKConv2d.from_conv(gm.get_submodule(rec["name"]), rec["tile"]))
+        elif rec["deploy"] == "tapgroup":
+            _set_module(gm, rec["name"], TapGroupConv2d.from_conv(
+                gm.get_submodule(rec["name"]), rec["group"], rec["group_k"], rec["tile"]))
+    fuse_epilogues(gm, torch.zeros(1, *input_shape))
+    return gm
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def _is_relu(node: torch.fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu, torch.relu_) and len(node.args) == 1
+    return node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1
+
+
+def _is_add(node: torch.fx.Node) -> bool:
+    return ((node.op == "call_function" and node.target in (operator.add, torch.add, operator.iadd))
+            or (node.op == "call_method" and node.target in ("add", "add_"))) and len(node.args) == 2 \
+        and not node.kwargs
+
+
+def _is_pool2(node: torch.fx.Node, modules: dict) -> bool:
+    """A 2x2 max pool of stride 2 without padding (VGG's nn.MaxPool2d(2))."""
+    m = modules.get(node.target) if node.op == "call_module" else None
+    return type(m) is nn.MaxPool2d and not m.return_indices and not m.ceil_mode and \
+        _pair(m.kernel_size) == (2, 2) and _pair(m.stride or m.kernel_size) == (2, 2) and \
+        _pair(m.padding) == (0, 0) and _pair(m.dilation) == (1, 1)
+
+
+def fuse_epilogues(gm: torch.fx.GraphModule, example: torch.Tensor) -> int:
+    """Fold into each TopKConv2d (or TapGroupConv2d) what follows it when it is the only consumer: a residual
+    add (the other operand shaped like the convolution's output), then a ReLU, then a 2x2 max
+    pool. Returns how many operations were folded."""
+    from torch.fx.passes.shape_prop import ShapeProp
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example)
+    modules = dict(gm.named_modules())
+    fused = 0
+
+    def only_user(node):
+        return next(iter(node.users)) if len(node.users) == 1 else None
+
+    for node in list(gm.graph.nodes):
+        conv = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(conv, KERNEL_LAYERS) or conv.relu or conv.pool:
+            continue
+        user = only_user(node)
+        if user is not None and _is_add(user) and len(node.args) == 1:
+            other = user.args[1] if user.args[0] is node else user.args[0]
+            shape = node.meta.get("tensor_meta")
+            other_shape = other.meta.get("tensor_meta") if isinstance(other, torch.fx.Node) else None
+            if other is not node and shape is not None and other_shape is not None \
+                    and tuple(other_shape.shape) == tuple(shape.shape) and other_shape.dtype == shape.dtype:
+                user.prepend(node)  # after every input, including the residual's producer
+                node.args = (node.args[0], other)
+                user.replace_all_uses_with(node)
+                gm.graph.erase_node(user)
+                fused += 1
+        user = only_user(node)
+        if user is not None and _is_relu(user, modules) and user.args[0] is node:
+            conv.relu = True
+            user.replace_all_uses_with(node)
+            gm.graph.erase_node(user)
+            fused += 1
+        user = only_user(node)
+        if user is not None and _is_pool2(user, modules) and user.args[0] is node and len(user.args) == 1:
+            conv.pool = 2
+            user.replace_all_uses_with(node)
+            gm.graph.erase_node(user)
+            fused += 1
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return fused
+
+
+def verify(deployed: nn.Module, reference: nn.Module, x: torch.Tensor) -> dict:
+    """Deployed vs reference outputs on `x`: max |difference| / max |reference| and whether
+    the top-1 classes agree on every input."""
+    with torch.no_grad():
+        y, ref = deployed(x), reference(x)
+    rel = float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    same = bool((y.argmax(-1) == ref.argmax(-1)).all())
+    return {"max_rel_error": rel, "top1_identical": same, "batch": x.shape[0],
+            "ok": rel <= REL_TOLERANCE and same}
+
+
+
+
+def time_models(models: dict[str, nn.Module], input_shape: tuple, batch_sizes: list[int], repeats: int = 9) -> dict:
+    """{batch: {name: median ms}}, the models timed interleaved at each batch size."""
+    out = {}
+    for b in batch_sizes:
+        x = torch.randn(b, *input_shape)
+        out[b] = kernels.median_ms({n: (lambda m=m: m(x)) for n, m in models.items()}, repeats=repeats)
+    return out
