@@ -127,7 +127,8 @@ class ZeroShot(nn.Module):
         for start in range(0, classes, step):
             tokens = self.prompts[start:start + step]
             text = F.normalize(self.encode_text(tokens.flatten(0, 1)).float(), dim=-1)
-            self.classifier[start:start + len(tokens)] = F.normalize(text.view(len(tokens), templates, -1).mean(1), dim=-1)
+            per_class = text.view(len(tokens), templates, -1).mean(1)
+            self.classifier[start:start + len(tokens)] = F.normalize(per_class, dim=-1)
         self.train(training)
 
 
@@ -164,7 +165,8 @@ def model_config(args) -> dict:
         raise tkp.TKPError(f"--model {path} is not JSON ({e})") from None
     cfg = cfg.get("model_cfg", cfg) if isinstance(cfg, dict) else cfg
     if not isinstance(cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg):
-        raise tkp.TKPError(f"--model {path} is not an open_clip model config (it needs embed_dim, vision_cfg, text_cfg)")
+        raise tkp.TKPError(f"--model {path} is not an open_clip model config (it needs embed_dim, vision_cfg, "
+                           f"text_cfg)")
     return cfg
 
 

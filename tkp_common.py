@@ -43,15 +43,62 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tkp_lib import figures
-from tkp_lib.data import (CIFAR_CLASSES, DeviceImageLoader, cifar32_transforms, cifar_splits, fake_splits, image_folder,
-                          make_loader, make_loaders, set_loader_epoch, skipped_images, upscaled_cifar_transforms)
+from tkp_lib.data import (
+    CIFAR_CLASSES,
+    DeviceImageLoader,
+    cifar32_transforms,
+    cifar_splits,
+    fake_splits,
+    image_folder,
+    make_loader,
+    make_loaders,
+    set_loader_epoch,
+    skipped_images,
+    upscaled_cifar_transforms,
+)
 from tkp_lib.qat import freeze_to_int8, int8_size_bytes, load_int8, prepare_qat, qat_layers, strip_qat
 from tkp_lib.report import check_sparsity, format_summary, sparsity_report, tap_frequencies
-from tkp_lib.runtime import (ArgumentParser, Dist, Output, TKPError, add_topk_args, all_reduce_sum, amp_name, autocast,
-                             base_parser, clean_state_dict, cli, comma_list, derive_seed, device_name, format_duration,
-                             init_distributed, int_range, load_file, load_weights, main_process_first, nm_pattern, plain,
-                             pretrained_state, read_state_dict, resolve_amp, seed_all, to_cpu, to_device, versions)
-from tkp_lib.sparsity import AuxRegularizer, Masker, Plan, broadcast_masks, compute_masks, nm_param_plan, nm_plan, topk_plan
+from tkp_lib.runtime import (
+    ArgumentParser,
+    Dist,
+    Output,
+    TKPError,
+    add_topk_args,
+    all_reduce_sum,
+    amp_name,
+    autocast,
+    base_parser,
+    clean_state_dict,
+    cli,
+    comma_list,
+    derive_seed,
+    device_name,
+    format_duration,
+    init_distributed,
+    int_range,
+    load_file,
+    load_weights,
+    main_process_first,
+    nm_pattern,
+    plain,
+    pretrained_state,
+    read_state_dict,
+    resolve_amp,
+    seed_all,
+    to_cpu,
+    to_device,
+    versions,
+)
+from tkp_lib.sparsity import (
+    AuxRegularizer,
+    Masker,
+    Plan,
+    broadcast_masks,
+    compute_masks,
+    nm_param_plan,
+    nm_plan,
+    topk_plan,
+)
 from tkp_lib.train import Trainer, _to_device, build_trainer, evaluate, recalibrate_bn, train_one_epoch
 
 # What a model script uses: the driver and its hooks (defined here), and the helpers of
@@ -828,5 +875,5 @@ def cnn_script(name: str, build_model: Callable, *, upscaled: bool = False,
                          tap_group=getattr(args, "tap_group", 1))
 
     return Script(name=name, build_model=build_model, build_data=build_data, build_plan=build_plan,
-                  input_shape=(lambda args: (3, args.img_size, args.img_size)) if upscaled else (lambda args: (3, 32, 32)),
+                  input_shape=lambda args: (3, args.img_size, args.img_size) if upscaled else (3, 32, 32),
                   dataset_name=lambda args: args.dataset, pretrained=pretrained)

@@ -46,9 +46,18 @@ import torch.nn as nn
 
 from tkp_lib import topk_conv
 from tkp_lib.deploy_format import DeployError, load, save  # noqa: F401  (load: the public API)
-from tkp_lib.deploy_layers import (REL_TOLERANCE, apply_layers, choose_layers, fold_batchnorm, layer_macs,
-                                   theoretical_speedup, time_models, verify)
+from tkp_lib.deploy_layers import (
+    REL_TOLERANCE,
+    apply_layers,
+    choose_layers,
+    fold_batchnorm,
+    layer_macs,
+    theoretical_speedup,
+    time_models,
+    verify,
+)
 from tkp_lib.runtime import TKPError, int_list, plain
+
 
 def rebuild_model(final_path: str, script: str | None = None) -> tuple[nn.Module, tuple, str]:
     """(model in eval mode with final.pt's weights loaded strictly, input shape (C, H, W),

@@ -51,8 +51,6 @@ from tkp_lib.runtime import int_list, plain  # noqa: E402
 from tkp_lib.sparsity import Masker, compute_masks, topk_plan  # noqa: E402
 
 
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

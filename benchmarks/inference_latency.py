@@ -61,7 +61,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/inference_latency.py`
 import tkp_common as tkp  # noqa: E402
 from tkp_lib import deploy_layers, kernels, topk_conv  # noqa: E402
 from tkp_lib.report import sparsity_report  # noqa: E402
-from tkp_lib.runtime import HelpFormatter, int_list, device_name, fraction, gpu_has_bf16, nonneg_float, plain, versions  # noqa: E402
+from tkp_lib.runtime import HelpFormatter, device_name, fraction, gpu_has_bf16, int_list, nonneg_float, plain, versions  # noqa: E402
 from tkp_lib.sparsity import Masker, compute_masks  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -632,7 +632,8 @@ def time_deployed(bench: Bench, setup: DeviceSetup, batches: list[int], timing: 
     """Top-K CNNs on the CPU in fp32: the model as tkp_deploy deploys it (BatchNorm folded,
     each pruned layer on the Top-K or tap-group kernel where that measures faster) against
     the masked model as it trains (eager, every weight in place), timed interleaved."""
-    if setup.device.type != "cpu" or setup.dtype != torch.float32 or not any(m.dim() == 4 for m in bench.masks.values()):
+    conv_masks = any(m.dim() == 4 for m in bench.masks.values())
+    if setup.device.type != "cpu" or setup.dtype != torch.float32 or not conv_masks:
         return {"device": str(setup.device), "skipped": "Top-K CNNs on the CPU in fp32 only"}
     load_values(setup.model, setup.pruned)
     model = copy.deepcopy(setup.model).to(memory_format=torch.contiguous_format).eval()
@@ -720,7 +721,8 @@ def main(argv=None) -> dict:
               "layer's scale)", "pruned_means": "the same model with the masked weights exactly zero",
               "theoretical": theoretical, "timing": vars(timing), "compile_mode": args.compile_mode if args.compile
               else None, "channels_last": args.channels_last, "note": HONEST_NOTE,
-              "device_names": {}, "latency": [], "arithmetic_floor": [], "deployed": [], "semi_structured": [], "errors": [],
+              "device_names": {}, "latency": [], "arithmetic_floor": [], "deployed": [], "semi_structured": [],
+              "errors": [],
               "complete": False}
     path = Path(args.json) if args.json else None
 

@@ -28,8 +28,8 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/tap_group_accuracy.py
     sys.path.insert(0, str(ROOT))
 
 import tkp_common as tkp  # noqa: E402
-from tkp_lib.runtime import HelpFormatter, int_list, versions  # noqa: E402
 import vgg8_optimized as vgg8  # noqa: E402
+from tkp_lib.runtime import HelpFormatter, int_list, versions  # noqa: E402
 
 
 def get_args_parser() -> tkp.ArgumentParser:
@@ -56,8 +56,8 @@ def write_synthetic_cifar(root: Path, n_train: int, n_test: int = 1000, seed: in
     import pickle
 
     import numpy as np
-    import torch.nn.functional as F
     import torch
+    import torch.nn.functional as F
     rng = np.random.default_rng(seed)
     patterns = torch.from_numpy(rng.uniform(-1, 1, (10, 3, 8, 8))).float()
     templates = F.interpolate(patterns, size=32, mode="bilinear", align_corners=False).numpy()

@@ -28,9 +28,9 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/tap_group_cuda.py`
     sys.path.insert(0, str(ROOT))
 
 import tkp_common as tkp  # noqa: E402
+from tkp_lib import kernels  # noqa: E402
 from tkp_lib.runtime import HelpFormatter, device_name, versions  # noqa: E402
 from tkp_lib.sparsity import Masker, compute_masks, topk_plan  # noqa: E402
-from tkp_lib import kernels  # noqa: E402
 from tkp_lib.tapgroup import TapGroupConv2d  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

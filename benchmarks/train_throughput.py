@@ -40,7 +40,6 @@ from tkp_lib.sparsity import AuxRegularizer, Masker, compute_masks  # noqa: E402
 from tkp_lib.train import build_trainer, train_one_epoch  # noqa: E402
 
 
-
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--script", default="vgg8",
@@ -219,7 +218,8 @@ def epoch_measurements(s: Setup, bench, trainers: dict, step: dict) -> dict:
 
 def print_report(result: dict, bench) -> None:
     print(f"{bench.script} {result['pattern']} on {result['device']}, batch {result['batch']}, amp {result['amp']}, "
-          f"compile {'on' if result['compile'] else 'off'}, channels_last {'on' if result['channels_last'] else 'off'}, "
+          f"compile {'on' if result['compile'] else 'off'}, "
+          f"channels_last {'on' if result['channels_last'] else 'off'}, "
           f"torch {result['torch']}")
     for k, v in result["step_seconds"].items():
         print(f"  {k:8s} step {v * 1e3:9.2f} ms   {result['images_per_s'][k]:10,.0f} img/s")

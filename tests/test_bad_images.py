@@ -9,10 +9,10 @@ import re
 import numpy as np
 import pytest
 import torch
-
-from tkp_lib import data as tkp_data
-import vit_small
 from conftest import write_bad_images, write_images
+
+import vit_small
+from tkp_lib import data as tkp_data
 from tkp_lib.runtime import Dist, TKPError
 
 ARGS = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "2", "--no-pretrained"]

@@ -14,14 +14,14 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT
+from test_vit import write_image_folder
 
 import clip_vit
 import tkp_common as tkp
+from tkp_lib import runtime
 from tkp_lib.report import sparsity_report
 from tkp_lib.sparsity import compute_masks, group_ranks
-from tkp_lib import runtime
-from conftest import ROOT
-from test_vit import write_image_folder
 
 TINY = {"embed_dim": 32,
         "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
@@ -121,7 +121,8 @@ def test_zero_shot_classifier_rows_follow_the_sorted_class_folders(tiny, tmp_pat
     with torch.no_grad():
         for folder, label in train.class_to_idx.items():
             name = names[int(folder[1:])]
-            text = F.normalize(model.encode_text(tokenizer([t(name) for t in open_clip.SIMPLE_IMAGENET_TEMPLATES])), dim=-1)
+            prompts = tokenizer([t(name) for t in open_clip.SIMPLE_IMAGENET_TEMPLATES])
+            text = F.normalize(model.encode_text(prompts), dim=-1)
             torch.testing.assert_close(model.classifier[label], F.normalize(text.mean(0), dim=0))
         image, label = val[5]
         logits = model(image[None])
@@ -150,7 +151,8 @@ def test_one_shot_masks_the_starting_weights_and_trains_nothing(tiny, tmp_path):
     start = open_clip.CLIP(**TINY).state_dict()
     torch.save(start, tmp_path / "start.pt")
     out = tmp_path / "one-shot"
-    summary = clip_vit.main(flags(tiny, out, "--one-shot", pretrained=("--pretrained-path", str(tmp_path / "start.pt"))))
+    start = ("--pretrained-path", str(tmp_path / "start.pt"))
+    summary = clip_vit.main(flags(tiny, out, "--one-shot", pretrained=start))
     assert summary["init_top1"] is not None and summary["stage1_top1"] == summary["init_top1"]
     assert summary["final_top1"] == summary["post_mask_top1"] is not None
     assert summary["epochs_stage1"] == summary["epochs_stage2"] == 0

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torchvision.transforms as T
 
+import vgg8_optimized as vgg8
 from tkp_lib.data import DeviceImageLoader, ImageArrayDataset, upscaled_cifar_transforms
 from tkp_lib.runtime import Dist
-import vgg8_optimized as vgg8
 
 CPU = torch.device("cpu")
 

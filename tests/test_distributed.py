@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import ROOT, write_cifar
+from test_vit import write_image_folder
 
+import vgg8_optimized as vgg8
 from tkp_lib.report import check_sparsity
 from tkp_lib.runtime import Dist
 from tkp_lib.sparsity import broadcast_masks, compute_masks, topk_plan
-import vgg8_optimized as vgg8
-from conftest import ROOT, write_cifar
-from test_vit import write_image_folder
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 

@@ -11,11 +11,11 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import vgg8_optimized as vgg8
 from tkp_lib.report import check_sparsity
 from tkp_lib.runtime import Dist
 from tkp_lib.sparsity import AuxRegularizer, Masker, compute_masks, topk_plan
 from tkp_lib.train import build_trainer, train_one_epoch
-import vgg8_optimized as vgg8
 
 K = 2
 

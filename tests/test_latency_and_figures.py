@@ -7,16 +7,16 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, write_cifar
 
 import tkp_common as tkp
-from tkp_lib.report import sparsity_report
-from tkp_lib.runtime import plain
-from tkp_lib.sparsity import Masker, compute_masks
-from tkp_lib import figures
 import vgg8_optimized as vgg8
 import vit_small
 from benchmarks import inference_latency as lat
-from conftest import ROOT, write_cifar
+from tkp_lib import figures
+from tkp_lib.report import sparsity_report
+from tkp_lib.runtime import plain
+from tkp_lib.sparsity import Masker, compute_masks
 
 QUICK = ["--devices", "cpu", "--threads", "1", "--batch-sizes", "1,2", "--warmup", "1", "--repeats", "2",
          "--min-repeat-ms", "0", "--no-compile"]

@@ -4,7 +4,6 @@ one direction (no cycles), short functions, scripts that talk to the engine only
 import ast
 
 import pytest
-
 from conftest import ROOT
 
 # what each module may import of the project; every module of tkp_lib must be listed

@@ -9,12 +9,12 @@ import random
 
 import numpy as np
 import pytest
+from conftest import write_images
 from PIL import Image
 from timm.data import auto_augment
 
-from tkp_lib import data as tkp_data
 import vit_small
-from conftest import write_images
+from tkp_lib import data as tkp_data
 
 FAST = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "2", "--no-pretrained",
         "--batch-size", "2", "--batch-val", "2"]

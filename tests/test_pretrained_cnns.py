@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision.models as tvm
+from conftest import write_cifar
 
 import densenet_optimized as densenet
 import googlenet_optimized as googlenet
 import tkp_common as tkp
-from conftest import write_cifar
 
 SCRIPTS = {"googlenet": googlenet, "densenet": densenet}
 pytestmark = pytest.mark.usefixtures("plain_cpu_kernels")

@@ -8,19 +8,19 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+from conftest import write_cifar
+from test_vit import FAST as VIT_FAST
+from test_vit import write_image_folder
 from torch.utils.data import DataLoader, TensorDataset
 
+import vgg8_optimized as vgg8
+import vit_small
+from tkp_lib import runtime
 from tkp_lib.qat import export_int8, freeze_qat, load_int8, prepare_qat, qat_layers, strip_qat
 from tkp_lib.report import check_sparsity
 from tkp_lib.runtime import Dist, save_atomic
 from tkp_lib.sparsity import Masker, compute_masks, topk_plan
 from tkp_lib.train import build_trainer, train_one_epoch
-from tkp_lib import runtime
-import vgg8_optimized as vgg8
-import vit_small
-from conftest import write_cifar
-from test_vit import FAST as VIT_FAST
-from test_vit import write_image_folder
 
 QAT = ["--epochs-stage1", "1", "--epochs-stage2", "1", "--qat", "--qat-epochs", "2", "--batch-train", "16",
        "--batch-val", "16", "--num-workers", "0", "--bn-recal-batches", "2", "--progress-every", "0"]
@@ -68,7 +68,7 @@ def test_masks_exact_through_fake_quantization():
             quantized = layer.weight_fq(layer.weight.detach())
             assert (quantized[~masks[f"{name}.weight"]] == 0).all()  # zero before and after fake quantization
     freeze_qat(model)
-    for name, layer in qat_layers(model).items():
+    for layer in qat_layers(model).values():
         kept = layer.weight.detach().abs().flatten(1).max(1).values
         # symmetric per-channel scale from the largest kept weight; pruned zeros cannot move it
         torch.testing.assert_close(layer.weight_fq.scale, kept / 127)
@@ -156,7 +156,8 @@ def test_qat_resume_is_exact(cifar10_root, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         vgg8.main(["--data-root", str(cifar10_root), "--output-dir", str(tmp_path / "b"), *QAT])
     monkeypatch.setattr(runtime, "save_atomic", real)
-    resumed = vgg8.main(["--data-root", str(cifar10_root), *QAT, "--resume", str(tmp_path / "b" / "checkpoint_last.pt")])
+    checkpoint = str(tmp_path / "b" / "checkpoint_last.pt")
+    resumed = vgg8.main(["--data-root", str(cifar10_root), *QAT, "--resume", checkpoint])
     assert straight["qat_top1"] == resumed["qat_top1"]
     a = torch.load(tmp_path / "a" / "final_qat.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "final_qat.pt", weights_only=True)

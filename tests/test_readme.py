@@ -4,7 +4,6 @@ install and test commands it shows."""
 import importlib
 
 import pytest
-
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()

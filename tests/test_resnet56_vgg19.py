@@ -15,11 +15,11 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, write_cifar
 
 import resnet56_optimized as resnet56
 import tkp_common as tkp
 import vgg19_optimized as vgg19
-from conftest import ROOT, write_cifar
 
 # 8 training images = 2 steps of 4 per epoch, 4 test images = 1 batch: every batch has the
 # same shape (on CPU each new shape costs kernel set-up time)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import tkp_common as tkp
+import vgg8_optimized as vgg8
+from tkp_lib import runtime
 from tkp_lib.runtime import resolve_amp
 from tkp_lib.sparsity import topk_plan
-from tkp_lib import runtime
-import vgg8_optimized as vgg8
 
 FAST = ["--epochs-stage1", "2", "--epochs-stage2", "2", "--batch-train", "16", "--batch-val", "16",
         "--num-workers", "0", "--bn-recal-batches", "2", "--progress-every", "0"]

@@ -18,11 +18,11 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import LARGE_IMAGES, REAL_FORMAT_IMAGES, write_cifar, write_images
 from timm.data import auto_augment
 
-from tkp_lib import data as tkp_data
 import vit_small
-from conftest import LARGE_IMAGES, REAL_FORMAT_IMAGES, write_cifar, write_images
+from tkp_lib import data as tkp_data
 from tkp_lib.runtime import Dist
 
 DRAWS = 20_000
@@ -160,7 +160,7 @@ def test_vit_recipe_on_real_image_files(imagenet_files):
     subset = torch.utils.data.Subset(train, small * reps)
     loader = tkp_data.make_loader(subset, 500, train=True, num_workers=0, device=CPU, dist=Dist(), seed=0)
     drawn = 0
-    for images, labels in loader:
+    for images, _ in loader:
         check(images, 32)
         drawn += len(images)
     assert drawn == len(small) * reps >= DRAWS

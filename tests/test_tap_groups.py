@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tkp_lib.sparsity import AuxRegularizer, compute_masks, group_ranks, topk_plan
 import vgg8_optimized as vgg8
+from tkp_lib.sparsity import AuxRegularizer, compute_masks, group_ranks, topk_plan
 
 FAST = ["--epochs-stage1", "2", "--epochs-stage2", "2", "--batch-train", "16", "--batch-val", "16",
         "--num-workers", "0", "--bn-recal-batches", "2", "--progress-every", "0"]

@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, write_cifar
 
 import tkp_common as tkp
-from tkp_lib.runtime import save_atomic
-from tkp_lib import runtime
 import vgg8_optimized as vgg8
-from conftest import ROOT, write_cifar
+from tkp_lib import runtime
+from tkp_lib.runtime import save_atomic
 
 FAST = ["--epochs-stage1", "2", "--epochs-stage2", "2", "--batch-train", "16", "--batch-val", "16",
         "--num-workers", "0", "--bn-recal-batches", "2", "--progress-every", "0"]

@@ -11,12 +11,12 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from conftest import ROOT
 from PIL import Image
 
 import tkp_common as tkp
-from tkp_lib.sparsity import AuxRegularizer, compute_masks
 import vit_small
-from conftest import ROOT
+from tkp_lib.sparsity import AuxRegularizer, compute_masks
 
 MODEL = "vit_tiny_patch16_224"
 FAST = ["--model", MODEL, "--img-size", "32", "--no-pretrained", "--num-classes", "4",

@@ -518,12 +518,14 @@ def make_loaders(args, train_set, val_set, device: torch.device, dist: Dist):
         kind = "device" if device.type == "cuda" and isinstance(train_set, ImageArrayDataset) else "torch"
     if kind == "device":
         try:
-            return (DeviceImageLoader(train_set, args.batch_train, train=True, device=device, dist=dist, seed=args.seed),
+            train = DeviceImageLoader(train_set, args.batch_train, train=True, device=device, dist=dist, seed=args.seed)
+            return (train,
                     DeviceImageLoader(val_set, args.batch_val, train=False, device=device, dist=dist),
                     DeviceImageLoader(train_set, args.batch_train, train=True, device=device, seed=args.seed))
         except (ValueError, AttributeError) as e:
             if args.data_loader == "device":
-                raise TKPError(f"--data-loader device cannot serve this data set ({e}); use --data-loader torch") from None
+                raise TKPError(f"--data-loader device cannot serve this data set ({e}); use --data-loader "
+                               f"torch") from None
     common = dict(num_workers=args.num_workers, device=device)
     return (make_loader(train_set, args.batch_train, train=True, dist=dist, seed=args.seed, **common),
             make_loader(val_set, args.batch_val, train=False, dist=dist, **common),

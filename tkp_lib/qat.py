@@ -44,8 +44,7 @@ class QATLinear(_FakeQuantLayer, nn.Linear):
 def prepare_qat(module: nn.Module) -> list[str]:
     """Give every trained Conv2d and Linear fake-quantized inputs and weights. Returns the
     layer names."""
-    from torch.ao.quantization import (FakeQuantize, MovingAverageMinMaxObserver,
-                                       MovingAveragePerChannelMinMaxObserver)
+    from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
     names = []
     for name, layer in list(module.named_modules()):
         if (type(layer) not in (nn.Conv2d, nn.Linear) or not layer.weight.requires_grad

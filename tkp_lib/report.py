@@ -103,7 +103,8 @@ def sparsity_report(module: nn.Module, plan, masks: dict, input_shape, device, p
     if uncounted:  # the speed-up would silently read too low
         raise RuntimeError(f"the MAC counter saw no work for pruned layers {uncounted[:3]} (a TKP bug)")
     report = {"params_total": total, "params_nonzero": total - pruned_numel + pruned_nonzero,
-              "pruned_layers": len(masks), "pruned_layer_density": pruned_nonzero / pruned_numel if pruned_numel else 1.0,
+              "pruned_layers": len(masks),
+              "pruned_layer_density": pruned_nonzero / pruned_numel if pruned_numel else 1.0,
               **_mac_totals(sum(p["macs_dense"] for p in by_part.values()), layers)}
     if parts:
         report["macs_parts"] = by_part
@@ -142,7 +143,8 @@ def format_summary(s: dict) -> str:
                     f"({p['speedup_theoretical']:.2f}x)" for name, p in s.get("macs_parts", {}).items())
     parts = f" ({parts[2:]})" if parts else ""
     masked = s["sparsity"] != "dense"
-    between = f"post-mask {pct(s.get('post_mask_top1'))}" if masked else f"between stages {pct(s.get('between_stages_top1'))}"
+    between = (f"post-mask {pct(s.get('post_mask_top1'))}" if masked
+               else f"between stages {pct(s.get('between_stages_top1'))}")
     return (f"{s['model']} {s['dataset']} {s['sparsity']}: init {pct(s.get('init_top1'))}, "
             f"stage 1 {pct(s.get('stage1_top1'))}, {between}, "
             f"final {pct(s.get('final_top1'))} (best {pct(s.get('best_top1'))}) | "

@@ -27,7 +27,6 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
 
-
 # ==== Errors and command line ============================================================
 
 

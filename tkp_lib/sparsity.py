@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from tkp_lib.runtime import Dist, TKPError, matches_prefix
 
-
 # ==== Plans, Top-K and N:M masks, mask enforcement ========================================
 
 
@@ -227,7 +226,7 @@ class AuxRegularizer:
             if beta:
                 pieces = torch.split(cw, [p.numel() // group for p in ps])
                 grads = []
-                for p, piece in zip(ps, pieces):
+                for p in ps:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                     grads.append(p.grad)

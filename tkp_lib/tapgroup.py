@@ -89,7 +89,8 @@ class TapGroupConv2d(nn.Module):
             energy = w[o:o + group].pow(2).sum(0) + (w[o:o + group] != 0).any(0).float()  # kept taps first
             taps = energy.topk(k, dim=-1).indices.sort(dim=-1).values
             m.taps[gi] = taps.int()
-            m.weights[o:o + group] = w[o:o + group].gather(-1, taps.unsqueeze(0).expand(w[o:o + group].shape[0], -1, -1))
+            block = w[o:o + group]
+            m.weights[o:o + group] = block.gather(-1, taps.unsqueeze(0).expand(block.shape[0], -1, -1))
         if conv.bias is not None:
             m.bias.copy_(conv.bias.detach())
         return m
