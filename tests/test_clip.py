@@ -151,8 +151,8 @@ def test_one_shot_masks_the_starting_weights_and_trains_nothing(tiny, tmp_path):
     start = open_clip.CLIP(**TINY).state_dict()
     torch.save(start, tmp_path / "start.pt")
     out = tmp_path / "one-shot"
-    start = ("--pretrained-path", str(tmp_path / "start.pt"))
-    summary = clip_vit.main(flags(tiny, out, "--one-shot", pretrained=start))
+    weights = ("--pretrained-path", str(tmp_path / "start.pt"))
+    summary = clip_vit.main(flags(tiny, out, "--one-shot", pretrained=weights))
     assert summary["init_top1"] is not None and summary["stage1_top1"] == summary["init_top1"]
     assert summary["final_top1"] == summary["post_mask_top1"] is not None
     assert summary["epochs_stage1"] == summary["epochs_stage2"] == 0
