@@ -364,7 +364,8 @@ def _write_args(r: Run, n_train: int, n_val: int, channels_last: bool) -> None:
               "versions": versions(), "device": device_name(r.device), "world_size": r.dist.world,
               "amp": amp_name(r.amp_dtype), "compile": r.use_compile, "channels_last": channels_last,
               "data_loader": loader, "pattern": r.plan.pattern, "pruned_layers": len(r.plan.targets),
-              "skipped_layers": r.plan.skipped, "aux_num_groups": r.plan.num_groups}
+              "skipped_layers": r.plan.skipped, "tap_group_per_kernel": r.plan.per_kernel,
+              "aux_num_groups": r.plan.num_groups}
     r.out.write_json("args.json", r.info)
     r.out.print(f"{r.script.name}: {r.plan.pattern}, {len(r.plan.targets)} pruned layers, "
                 f"{n_train} train / {n_val} val images, {r.info['device']}"
@@ -372,6 +373,11 @@ def _write_args(r: Run, n_train: int, n_val: int, channels_last: bool) -> None:
                 f"compile {'on' if r.use_compile else 'off'}, data {loader}, output {r.out.folder}")
     for line in r.plan.skipped:
         r.out.print(f"  kept dense: {line}")
+    if r.plan.per_kernel:
+        names = r.plan.per_kernel
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        r.out.print(f"  tap groups do not apply to depthwise convs (each output channel reads its own input): "
+                    f"{len(names)} layers keep per-kernel Top-K ({shown})")
 
 
 def _restore(r: Run) -> None:
