@@ -282,6 +282,8 @@ def _load_resume(args) -> dict:
                        f"the script's pretrained-weights flag)")
     saved, current = ckpt["args"], plain(vars(args))
     given = set(getattr(args, "explicit_flags", current))
+    if current.get("beta") == "auto" and saved.get("beta_auto") is not None:
+        args.beta = current["beta"] = saved["beta"]  # --beta auto continues with the beta it chose
     compared = given - OPERATIONAL_FLAGS - PRECISION_FLAGS
     diffs = [k for k in sorted(compared) if k in saved and k in current and current[k] != saved[k]]
     if diffs:
@@ -371,6 +373,8 @@ def _start(args, script: Script, dist: Dist, device: torch.device, folder: Path)
     """Check --resume, build model, data, plan and loaders, write args.json; then restore the
     checkpoint, or evaluate the starting weights of a pretrained model."""
     wall_start = time.time()
+    if "beta_ratio" in getattr(args, "explicit_flags", ()) and args.beta != "auto" and not args.resume:
+        raise TKPError("--beta-ratio is the target of --beta auto; add --beta auto, or leave --beta-ratio out")
     resume = _load_resume(args) if args.resume else None
     amp_dtype = resolve_amp(args, device)
     if resume is not None:
@@ -420,7 +424,8 @@ def _write_args(r: Run, n_train: int, n_val: int, channels_last: bool) -> None:
               "versions": versions(), "device": device_name(r.device), "world_size": r.dist.world,
               "amp": amp_name(r.amp_dtype), "compile": r.use_compile, "channels_last": channels_last,
               "data_loader": loader, "pattern": r.plan.pattern, "pruned_layers": len(r.plan.targets),
-              "skipped_layers": r.plan.skipped, "aux_num_groups": r.plan.num_groups}
+              "skipped_layers": r.plan.skipped, "tap_group_per_kernel": r.plan.per_kernel,
+              "aux_num_groups": r.plan.num_groups}
     r.out.write_json("args.json", r.info)
     r.out.print(f"{r.script.name}: {r.plan.pattern}, {len(r.plan.targets)} pruned layers, "
                 f"{n_train} train / {n_val} val images, {r.info['device']}"
@@ -428,6 +433,11 @@ def _write_args(r: Run, n_train: int, n_val: int, channels_last: bool) -> None:
                 f"compile {'on' if r.use_compile else 'off'}, data {loader}, output {r.out.folder}")
     for line in r.plan.skipped:
         r.out.print(f"  kept dense: {line}")
+    if r.plan.per_kernel:
+        names = r.plan.per_kernel
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        r.out.print(f"  tap groups do not apply to depthwise convs (each output channel reads its own input): "
+                    f"{len(names)} layers keep per-kernel Top-K ({shown})")
 
 
 def _restore(r: Run) -> None:
@@ -555,19 +565,52 @@ def train_stage1(r: Run) -> None:
     """Stage 1 (DESIGN.md §3.2): cross-entropy + beta * L_aux, no mask yet."""
     regularize = r.args.reg_type != "none" and bool(r.plan.targets)
     regularizer = AuxRegularizer(r.module, r.plan, r.args.reg_type, r.args.alpha) if regularize else None
-    if regularize and r.resume is None and r.epoch == 0 and r.epochs[1] > 0:
-        _report_aux_start(r, regularizer)
+    starting = regularize and r.resume is None and r.epoch == 0 and r.epochs[1] > 0
+    if r.args.beta == "auto":  # never on a resume: the checkpoint holds the beta chosen
+        choose_beta(r, regularizer if starting else None)
+    elif starting:
+        _report_aux_start(r, _measure_start(r, regularizer))
     trainer = _trainer(r, 1, regularizer=regularizer, beta=r.args.beta if regularize else 0.0)
     train_epochs(r, trainer)
     if r.epochs[1] == 0:
         r.metrics["stage1_top1"] = r.metrics["init_top1"]
 
 
+def choose_beta(r: Run, regularizer: AuxRegularizer | None) -> None:
+    """--beta auto (README, "Choosing --beta"): beta = --beta-ratio * CE / L_aux, both measured
+    as _report_aux_start measures them, on rank 0 and sent to every rank; 0 where stage 1 has
+    nothing to regularize (`regularizer` None) or L_aux is already 0. The value is recorded in
+    args (args.json, checkpoints, final.pt) with what it came from, `beta_auto`, and in
+    summary.json; a resumed run takes it from its checkpoint."""
+    ratio = r.args.beta_ratio
+    if regularizer is None:
+        why = ("there is no stage 1" if r.epochs[1] == 0 else "--reg-type is none" if r.args.reg_type == "none"
+               else "no layer is pruned")
+        r.args.beta, r.args.beta_auto = 0.0, {"ratio": ratio, "ce": None, "l_aux": None, "note": why}
+        r.out.print(f"--beta auto: {why}, so beta plays no part: 0")
+    else:
+        measured = torch.tensor(_measure_start(r, regularizer), dtype=torch.float64, device=r.device)
+        if r.dist.enabled:
+            torch_dist.broadcast(measured, src=0)
+        l_aux, ce = measured.tolist()
+        beta = ratio * ce / l_aux if l_aux > 0 else 0.0
+        if not math.isfinite(beta):
+            raise TKPError(f"--beta auto: the starting cross-entropy is {ce} and L_aux {l_aux}, so no beta "
+                           f"puts their ratio at {ratio:g}; give --beta a number")
+        r.args.beta, r.args.beta_auto = beta, {"ratio": ratio, "ce": ce, "l_aux": l_aux}
+        r.out.print(f"--beta auto: beta {beta:.6g} = {ratio:g} x cross-entropy {ce:.4g} / L_aux {l_aux:.4g}"
+                    if l_aux > 0 else "--beta auto: L_aux is already 0 (every kernel keeps at most K non-zero "
+                    "taps), so beta is 0")
+        _report_aux_start(r, (l_aux, ce))
+    r.info["args"] = plain(vars(r.args))
+    r.out.write_json("args.json", r.info)
+
+
 @torch.no_grad()
-def _report_aux_start(r: Run, regularizer: AuxRegularizer) -> None:
-    """Print beta * L_aux next to the cross-entropy of the starting model (on one validation
-    batch): the guide to --beta for a new model (README, "Choosing --beta")."""
-    aux = float(regularizer.add_grad_(0.0)) * r.args.beta
+def _measure_start(r: Run, regularizer: AuxRegularizer) -> tuple[float, float]:
+    """(L_aux of the starting weights, cross-entropy of the starting model on one validation
+    batch): what the starting ratio and --beta auto are made of."""
+    l_aux = float(regularizer.add_grad_(0.0))
     x, y = _to_device(next(iter(r.val_loader)), r.device, r.memory_format)
     # BatchNorm on the batch's statistics, as in training (a model trained from scratch has
     # no running statistics yet), and left as it was; dropout off
@@ -583,6 +626,14 @@ def _report_aux_start(r: Run, regularizer: AuxRegularizer) -> None:
             ce = r.script.train_loss(r.module, x, y)[0].float().item()
     for bn, state in zip(bns, saved):
         bn.load_state_dict(state)
+    return l_aux, ce
+
+
+def _report_aux_start(r: Run, measured: tuple[float, float]) -> None:
+    """Print beta * L_aux next to the cross-entropy of the starting model (on one validation
+    batch): the guide to --beta for a new model (README, "Choosing --beta")."""
+    l_aux, ce = measured
+    aux = l_aux * r.args.beta
     r.metrics["aux_start"] = {"beta_aux": aux, "ce": ce}
     r.out.print(f"stage 1 starts at beta * L_aux = {aux:.3g} next to cross-entropy {ce:.3g} (ratio {aux / ce:.2g}; "
                 f"the defaults were tuned at about 5 for VGG-8: README, 'Choosing --beta')")
@@ -671,6 +722,7 @@ def write_reports(r: Run, write_final: bool = True, quiet: bool = False) -> dict
                "epochs_stage1": r.epochs[1], "epochs_stage2": r.epochs[2], "epochs_qat": r.epochs[3],
                "device": r.info["device"], "amp": r.info["amp"], "compile": r.info["compile"],
                "world_size": r.info["world_size"], "torch": str(torch.__version__), "wall_time_s": r.wall_time(),
+               "beta": r.args.beta, "beta_auto": getattr(r.args, "beta_auto", None),
                "layers": report["layers"], "tap_frequencies": tap_frequencies(r.masks, r.plan)}
     if write_final:
         r.out.save({"model": to_cpu(r.module.state_dict()), "masks": to_cpu(r.masks), "args": plain(vars(r.args)),

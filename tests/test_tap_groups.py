@@ -110,3 +110,65 @@ def test_end_to_end_with_tap_groups_keeps_every_invariant(cifar10_root, tmp_path
             assert (mask[a:b] == mask[a:a + 1]).all(), name
     saved = json.loads((out / "args.json").read_text())["args"]
     assert saved["tap_group"] == 24
+
+
+def grouped_model(seed=0):
+    """A dense conv, a depthwise conv, a depthwise conv with channel multiplier 2, and
+    grouped convs whose conv groups hold 4 and 3 outputs."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False),                 # 0: dense
+                         nn.Conv2d(8, 8, 3, groups=8, bias=False),       # 1: depthwise
+                         nn.Conv2d(8, 16, 3, groups=8, bias=False),      # 2: 2 outputs per input
+                         nn.Conv2d(16, 8, 3, groups=2, bias=False),      # 3: 2 conv groups of 4 outputs
+                         nn.Conv2d(8, 6, 3, groups=2, bias=False))       # 4: 2 conv groups of 3 outputs
+
+
+def hand_mask_grouped(w: torch.Tensor, keep: int, share: int, conv_groups: int) -> torch.Tensor:
+    """hand_mask within each conv group's outputs (they read the same inputs; other conv groups do not)."""
+    per = w.shape[0] // conv_groups
+    return torch.cat([hand_mask(w[c * per:(c + 1) * per], keep, share) for c in range(conv_groups)])
+
+
+def test_depthwise_convs_keep_per_kernel_taps_and_grouped_convs_share_within_conv_groups():
+    model = grouped_model()
+    plan = tkp.topk_plan(model, 2, tap_group=4)
+    assert plan.per_kernel == ["1"]  # only the depthwise conv: its outputs each read their own input
+    shares = {t.name: (t.share, t.conv_groups) for t in plan.targets}
+    assert shares == {"0.weight": (4, 1), "1.weight": (1, 1), "2.weight": (2, 8), "3.weight": (4, 2),
+                      "4.weight": (3, 2)}
+    assert plan.num_groups == sum(m.weight.shape[0] * m.weight.shape[1] for m in model)
+    masks = tkp.compute_masks(model, plan)
+    for i, conv in enumerate(model):
+        w, mask = conv.weight.detach(), masks[f"{i}.weight"]
+        share = min(4, conv.out_channels // conv.groups)
+        assert torch.equal(mask, hand_mask_grouped(w, 2, share, conv.groups if share > 1 else 1)), i
+        assert (mask.reshape(-1, 9).sum(-1) == 2).all()
+    # the depthwise kernels choose their taps independently: exactly the paper's per-kernel mask
+    dw = model[1].weight.detach()
+    assert torch.equal(masks["1.weight"].reshape(-1, 9), tkp.group_ranks(dw.reshape(-1, 9).abs()) < 2)
+    assert len({tuple(m.flatten().tolist()) for m in masks["1.weight"]}) > 1
+    # grouped: the two conv groups of layer 3 choose apart, each shares over its 4 outputs
+    m3 = masks["3.weight"]
+    assert (m3[:4] == m3[:1]).all() and (m3[4:] == m3[4:5]).all() and not torch.equal(m3[0], m3[4])
+    # without tap groups nothing changes: every target plain, nothing listed
+    plain = tkp.topk_plan(model, 2)
+    assert plain.per_kernel == [] and {(t.share, t.conv_groups) for t in plain.targets} == {(1, 1)}
+
+
+def test_regularizer_of_grouped_convs_by_hand():
+    model = grouped_model(seed=1)
+    plan = tkp.topk_plan(model, 1, tap_group=4)
+    reg = tkp.AuxRegularizer(model, plan, "exponential", alpha=3.0)
+    expected = 0
+    for conv in model:
+        share = min(4, conv.out_channels // conv.groups)
+        per = conv.out_channels // conv.groups if share > 1 else conv.out_channels
+        expected = expected + sum(aux_by_hand(conv.weight[s:s + per], 1, share, 3.0, plan.num_groups)
+                                  for s in range(0, conv.out_channels, per))
+    expected.backward()
+    grads = [m.weight.grad.clone() for m in model]
+    model.zero_grad(set_to_none=True)
+    value = reg.add_grad_(beta=1.5)
+    assert float(value) == pytest.approx(float(expected.detach()), rel=1e-5)
+    for conv, grad in zip(model, grads):
+        torch.testing.assert_close(conv.weight.grad, 1.5 * grad, rtol=1e-5, atol=1e-7)

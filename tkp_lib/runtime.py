@@ -100,6 +100,16 @@ def nonneg_float(text: str) -> float:
     return value
 
 
+def beta_value(text: str) -> float | str:
+    """argparse type of --beta: a finite float >= 0, or 'auto' (chosen when stage 1 starts)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return nonneg_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 or 'auto', got {text!r}") from None
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite float > 0."""
     value = nonneg_float(text)
@@ -171,7 +181,12 @@ def base_parser(description: str) -> ArgumentParser:
     g = p.add_argument_group("regularizer (stage 1)")
     g.add_argument("--reg-type", choices=["none", "l2", "exponential"], default="exponential",
                    help="auxiliary loss on the entries outside each group's top K")
-    g.add_argument("--beta", type=nonneg_float, help="weight of the auxiliary loss")
+    g.add_argument("--beta", type=beta_value,
+                   help="weight of the auxiliary loss, or 'auto': the weight that puts beta * L_aux at "
+                        "--beta-ratio times the cross-entropy when stage 1 starts (README, 'Choosing --beta')")
+    g.add_argument("--beta-ratio", type=positive_float, default=5.0,
+                   help="with --beta auto: the starting ratio of beta * L_aux to the cross-entropy")
+    p.set_defaults(beta_auto=None)  # what --beta auto measured and chose (set by the run)
     g.add_argument("--alpha", type=nonneg_float, help="decay rate of the exponential regularizer")
     g.add_argument("--aux-loss-freq", type=int_range(1), default=1,
                    help="compute the auxiliary loss on every N-th optimizer step only")

@@ -26,11 +26,14 @@ class Target:
     or M consecutive inputs of a Linear row); each keeps its `keep` largest |w|. With
     `share` > 1 (--tap-group), the kernels of `share` consecutive output channels keep the
     same tap positions for each input channel: the `keep` positions of largest squared
-    weight summed over those channels (a smaller last group where the count does not divide)."""
+    weight summed over those channels (a smaller last group where the count does not divide).
+    A grouped conv's `conv_groups` groups of outputs read different inputs: shared taps never
+    cross them (each conv group's outputs are grouped by `share` on their own)."""
     name: str
     group: int
     keep: int
     share: int = 1
+    conv_groups: int = 1
 
 
 @dataclass
@@ -40,6 +43,7 @@ class Plan:
     targets: list[Target] = field(default_factory=list)
     num_groups: int = 0
     skipped: list[str] = field(default_factory=list)  # targeted but left dense, with the reason
+    per_kernel: list[str] = field(default_factory=list)  # depthwise convs: per-kernel Top-K despite --tap-group
 
 
 def topk_plan(model: nn.Module, topk: int, exclude: list[str] = (), dense: bool = False,
@@ -47,7 +51,10 @@ def topk_plan(model: nn.Module, topk: int, exclude: list[str] = (), dense: bool 
     """Top-K over every Conv2d kernel (DESIGN.md §1). Kernels with kh*kw <= topk stay dense but still
     count towards num_groups, as in the reference; layers in `exclude` are neither. With
     `tap_group` G > 1, each G consecutive output channels share their kept taps per input
-    channel (--tap-group; DESIGN.md §1)."""
+    channel (--tap-group; DESIGN.md §1). Only outputs that read the same inputs share taps: a
+    depthwise conv (each output channel reads its own input channel) keeps per-kernel Top-K
+    (listed in `plan.per_kernel`), and in a grouped conv the tap groups stay within each conv
+    group's outputs (at most that many outputs per tap group)."""
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     unknown = [p for p in exclude if not any(matches_prefix(n, [p]) for n in convs)]
     if unknown:
@@ -67,7 +74,11 @@ def topk_plan(model: nn.Module, topk: int, exclude: list[str] = (), dense: bool 
         kh, kw = conv.kernel_size
         plan.num_groups += conv.weight.shape[0] * conv.weight.shape[1]
         if kh * kw > topk:
-            plan.targets.append(Target(f"{name}.weight", kh * kw, topk, tap_group))
+            outputs_per_group = conv.out_channels // conv.groups  # the outputs that read the same inputs
+            share = min(tap_group, outputs_per_group)
+            if tap_group > 1 and share == 1:
+                plan.per_kernel.append(name)
+            plan.targets.append(Target(f"{name}.weight", kh * kw, topk, share, conv.groups if share > 1 else 1))
     return plan
 
 
@@ -111,14 +122,15 @@ def group_ranks(values: torch.Tensor) -> torch.Tensor:
 def rank_scores(w: torch.Tensor, t: Target) -> torch.Tensor:
     """What the entries of each group are ranked by, as (groups, t.group): |w|; or, for taps
     shared by `t.share` output channels, the squared weight summed over those channels (the
-    same score at the same tap of every kernel of an output group)."""
+    same score at the same tap of every kernel of an output group; the output groups of a
+    grouped conv are formed within each of its `t.conv_groups` conv groups)."""
     if t.share == 1:
         return w.reshape(-1, t.group).abs()
-    out = w.shape[0]
-    energy = w.reshape(out, -1, t.group).square()                   # (O, I, taps)
-    energy = F.pad(energy, (0, 0, 0, 0, 0, -out % t.share))         # zero rows: a smaller last group
-    summed = energy.reshape(-1, t.share, *energy.shape[1:]).sum(1)  # (groups of outputs, I, taps)
-    return summed.repeat_interleave(t.share, dim=0)[:out].reshape(-1, t.group)
+    cg, out = t.conv_groups, w.shape[0] // t.conv_groups
+    energy = w.reshape(cg, out, -1, t.group).square()                       # (conv groups, O/cg, I/cg, taps)
+    energy = F.pad(energy, (0, 0, 0, 0, 0, -out % t.share))                 # zero rows: a smaller last group
+    summed = energy.reshape(cg, -1, t.share, *energy.shape[2:]).sum(2)      # (cg, groups of outputs, I/cg, taps)
+    return summed.repeat_interleave(t.share, dim=1)[:, :out].reshape(-1, t.group)
 
 
 def compute_masks(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
