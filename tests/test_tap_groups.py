@@ -131,13 +131,13 @@ def hand_mask_grouped(w: torch.Tensor, keep: int, share: int, conv_groups: int) 
 
 def test_depthwise_convs_keep_per_kernel_taps_and_grouped_convs_share_within_conv_groups():
     model = grouped_model()
-    plan = tkp.topk_plan(model, 2, tap_group=4)
+    plan = topk_plan(model, 2, tap_group=4)
     assert plan.per_kernel == ["1"]  # only the depthwise conv: its outputs each read their own input
     shares = {t.name: (t.share, t.conv_groups) for t in plan.targets}
     assert shares == {"0.weight": (4, 1), "1.weight": (1, 1), "2.weight": (2, 8), "3.weight": (4, 2),
                       "4.weight": (3, 2)}
     assert plan.num_groups == sum(m.weight.shape[0] * m.weight.shape[1] for m in model)
-    masks = tkp.compute_masks(model, plan)
+    masks = compute_masks(model, plan)
     for i, conv in enumerate(model):
         w, mask = conv.weight.detach(), masks[f"{i}.weight"]
         share = min(4, conv.out_channels // conv.groups)
@@ -145,20 +145,20 @@ def test_depthwise_convs_keep_per_kernel_taps_and_grouped_convs_share_within_con
         assert (mask.reshape(-1, 9).sum(-1) == 2).all()
     # the depthwise kernels choose their taps independently: exactly the paper's per-kernel mask
     dw = model[1].weight.detach()
-    assert torch.equal(masks["1.weight"].reshape(-1, 9), tkp.group_ranks(dw.reshape(-1, 9).abs()) < 2)
+    assert torch.equal(masks["1.weight"].reshape(-1, 9), group_ranks(dw.reshape(-1, 9).abs()) < 2)
     assert len({tuple(m.flatten().tolist()) for m in masks["1.weight"]}) > 1
     # grouped: the two conv groups of layer 3 choose apart, each shares over its 4 outputs
     m3 = masks["3.weight"]
     assert (m3[:4] == m3[:1]).all() and (m3[4:] == m3[4:5]).all() and not torch.equal(m3[0], m3[4])
     # without tap groups nothing changes: every target plain, nothing listed
-    plain = tkp.topk_plan(model, 2)
+    plain = topk_plan(model, 2)
     assert plain.per_kernel == [] and {(t.share, t.conv_groups) for t in plain.targets} == {(1, 1)}
 
 
 def test_regularizer_of_grouped_convs_by_hand():
     model = grouped_model(seed=1)
-    plan = tkp.topk_plan(model, 1, tap_group=4)
-    reg = tkp.AuxRegularizer(model, plan, "exponential", alpha=3.0)
+    plan = topk_plan(model, 1, tap_group=4)
+    reg = AuxRegularizer(model, plan, "exponential", alpha=3.0)
     expected = 0
     for conv in model:
         share = min(4, conv.out_channels // conv.groups)

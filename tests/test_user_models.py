@@ -11,10 +11,11 @@ import textwrap
 import pytest
 import torch
 import torch.nn as nn
+from conftest import ROOT, write_cifar
 
 import tkp_common as tkp
-import tkp_runtime
-from conftest import ROOT, write_cifar
+from tkp_lib import runtime
+from tkp_lib.sparsity import Masker, compute_masks, group_ranks, topk_plan
 
 USER = ROOT / "tests" / "user_models"
 MODELS = {"mobilenetv2": USER / "mobilenetv2_cifar.py", "convnext": USER / "convnext_cifar.py"}
@@ -85,16 +86,16 @@ def test_short_run_beta_auto_resume_eval_and_load_trained(name, ratio, tmp_path,
     line = next(x for x in printed.splitlines() if x.startswith("stage 1 starts at"))
     assert f"(ratio {target:.2g};" in line
 
-    real_save = tkp_runtime.save_atomic
+    real_save = runtime.save_atomic
 
     def crash_after_first(obj, path):
         real_save(obj, path)
         raise Crash()
 
-    monkeypatch.setattr(tkp_runtime, "save_atomic", crash_after_first)
+    monkeypatch.setattr(runtime, "save_atomic", crash_after_first)
     with pytest.raises(Crash):
         script.main([*flags, "--output-dir", str(tmp_path / "b")])
-    monkeypatch.setattr(tkp_runtime, "save_atomic", real_save)
+    monkeypatch.setattr(runtime, "save_atomic", real_save)
     capsys.readouterr()
     resumed = script.main([*flags, "--resume", str(tmp_path / "b" / "checkpoint_last.pt")])
     assert "--beta auto" not in capsys.readouterr().out  # never measured again
@@ -138,8 +139,8 @@ def test_beta_auto_where_there_is_nothing_to_weigh(cifar10_root, tmp_path, capsy
         assert f"--beta auto: {why}" in capsys.readouterr().out
     # starting weights that already keep at most K taps per kernel: L_aux is 0, and so is beta
     model = script.MobileNetV2(10)
-    plan = tkp.topk_plan(model, 1)
-    tkp.Masker(model, tkp.compute_masks(model, plan)).apply_()
+    plan = topk_plan(model, 1)
+    Masker(model, compute_masks(model, plan)).apply_()
     torch.save(model.state_dict(), tmp_path / "masked.pt")
     s = script.main([*flags, "--pretrain-path", str(tmp_path / "masked.pt"), "--output-dir", str(tmp_path / "z")])
     assert s["beta"] == 0.0 and s["beta_auto"]["l_aux"] == 0.0 and s["aux_start"]["beta_aux"] == 0.0
@@ -182,7 +183,7 @@ def test_tap_groups_skip_depthwise_convs_end_to_end(tmp_path, capsys):
     assert f"{len(depthwise)} layers keep per-kernel Top-K" in printed and s["sparsity"] == "top-1-g8"
     for name in depthwise:  # each channel's own tap: the paper's mask, not one shared by 8 channels
         w, mask = final["model"][f"{name}.weight"], final["masks"][f"{name}.weight"]
-        assert torch.equal(mask.reshape(-1, 9), tkp.group_ranks(w.reshape(-1, 9).abs()) < 1)
+        assert torch.equal(mask.reshape(-1, 9), group_ranks(w.reshape(-1, 9).abs()) < 1)
     stem = final["masks"]["features.0.0.weight"]  # a dense 3x3 conv: groups of 8 outputs share
     assert (stem[:8] == stem[:1]).all() and (stem[8:] == stem[8:9]).all()
 
