@@ -111,7 +111,7 @@ def test_semi_structured_bookkeeping_with_a_stand_in_converter():
     assert exact["layers_sparse"] == 24 and all(r["rel_error"] == 0 and r["note"] == "sparse: faster"
                                                 for r in exact["layers"])
     assert exact["model_matches"] and [m["batch"] for m in exact["model"]] == [1, 2]
-    slow = run(lambda w: w.clone(), margin=10.0)  # nothing is 11x as fast as itself
+    slow = run(lambda w: w.clone(), margin=1e9)  # nothing is 1e9 times as fast as itself (a noisy round is)
     assert slow["layers_sparse"] == 0 and slow["model"] == []
     assert all(r["note"] == "dense: sparse not faster" for r in slow["layers"])
 
