@@ -22,7 +22,6 @@ Script flags after `--` go to the script's own parser (e.g. --topk 2, --img-size
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import tkp_common as tkp  # noqa: E402
+from tkp_lib import kernels  # noqa: E402
 from tkp_lib.data import DeviceImageLoader, ImageArrayDataset, make_loader  # noqa: E402
 from tkp_lib.runtime import Dist, amp_name, device_name, init_distributed, resolve_amp  # noqa: E402
 from tkp_lib.sparsity import AuxRegularizer, Masker, compute_masks  # noqa: E402
@@ -47,7 +47,7 @@ def get_args_parser():
     p.add_argument("--batch", type=int, default=None, help="batch (default: the script's training batch)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per round and configuration")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration first")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration first (in whole rounds of --steps)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (as in the scripts)")
     p.add_argument("--amp-dtype", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="autocast precision as in the scripts; off: fp32")
@@ -68,15 +68,6 @@ def get_args_parser():
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def timed_steps(trainer, batch, steps, device) -> float:
-    """Seconds for `steps` training steps through the engine's epoch loop."""
-    sync(device)
-    tic = time.perf_counter()
-    train_one_epoch(trainer, [batch] * steps)
-    sync(device)
-    return time.perf_counter() - tic
 
 
 def loader_rate(loader, device, limit_images) -> float:
@@ -148,7 +139,8 @@ def trainer_for(s: Setup, kind: str):
     m = copy.deepcopy(s.module)
     parts = {}
     if kind == "stage1":
-        parts = dict(regularizer=AuxRegularizer(m, s.plan, s.args.reg_type, s.args.alpha), beta=s.args.beta)
+        beta = 1.0 if s.args.beta == "auto" else s.args.beta  # --beta auto: the time is the same
+        parts = dict(regularizer=AuxRegularizer(m, s.plan, s.args.reg_type, s.args.alpha), beta=beta)
     elif kind == "stage2":
         masker = Masker(m, compute_masks(m, s.plan))
         masker.apply_()
@@ -160,15 +152,14 @@ def trainer_for(s: Setup, kind: str):
 
 
 def step_times(s: Setup, bench, trainers: dict) -> tuple[dict, dict]:
-    """Median seconds per step of each trainer over interleaved rounds (and every round)."""
-    kinds = list(trainers)
-    for k in kinds:
-        timed_steps(trainers[k], s.batch, bench.warmup, s.device)
-    rounds = {k: [] for k in kinds}
-    for r in range(bench.rounds):
-        for k in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:  # rotate the order each round
-            rounds[k].append(timed_steps(trainers[k], s.batch, bench.steps, s.device) / bench.steps)
-    return {k: statistics.median(v) for k, v in rounds.items()}, rounds
+    """Median seconds per step of each trainer (and the fastest and slowest round): rounds of
+    `--steps` steps through the engine's epoch loop, the trainers in alternation."""
+    steps = [s.batch] * bench.steps
+    t = kernels.measure_interleaved({k: (lambda tr=tr: train_one_epoch(tr, steps)) for k, tr in trainers.items()},
+                                    repeats=bench.rounds, min_round_s=0.0, warmup=-(-bench.warmup // bench.steps),
+                                    sync=lambda: sync(s.device), grad=True)
+    return ({k: v.median_ms / 1e3 / bench.steps for k, v in t.items()},
+            {k: {"min": v.min_ms / 1e3 / bench.steps, "max": v.max_ms / 1e3 / bench.steps} for k, v in t.items()})
 
 
 def tkp_work_alone(s: Setup, trainers: dict) -> dict:
@@ -179,16 +170,11 @@ def tkp_work_alone(s: Setup, trainers: dict) -> dict:
     t1, t2 = trainers["stage1"], trainers["stage2"]
     for p in [*t1.module.parameters(), *t2.module.parameters()]:
         p.grad = torch.zeros_like(p)
-    extra, calls = {}, 20
-    for name, fn in (("regularizer", lambda: t1.regularizer.add_grad_(s.args.beta)),
-                     ("masking", lambda: (t2.masker.mask_grads_(), t2.masker.apply_()))):
-        fn()
-        sync(s.device)
-        tic = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync(s.device)
-        extra[name] = (time.perf_counter() - tic) / calls
+    beta = 1.0 if s.args.beta == "auto" else s.args.beta  # its value does not change the time
+    fns = {"regularizer": lambda: t1.regularizer.add_grad_(beta),
+           "masking": lambda: (t2.masker.mask_grads_(), t2.masker.apply_())}
+    t = kernels.measure_interleaved(fns, repeats=5, sync=lambda: sync(s.device))
+    extra = {name: v.median_ms / 1e3 for name, v in t.items()}
     return extra
 
 

@@ -86,12 +86,13 @@ class Timed:
 
 def measure_interleaved(fns: dict[str, Callable], *, repeats: int = 7, min_round_s: float = 0.004,
                         warmup: int = 1, sync: Callable[[], None] | None = None,
-                        prepare: dict[str, Callable] | None = None) -> dict[str, Timed]:
+                        prepare: dict[str, Callable] | None = None, grad: bool = False) -> dict[str, Timed]:
     """{name: Timed}, the functions timed in alternation so that drift (clocks, other
     processes) hits them alike. Each function's first call is timed alone, then `warmup`
     calls; its calls per round grow until a round lasts `min_round_s`; then `repeats` rounds
     in which each function in turn (after its `prepare[name]()`, untimed, if given) runs its
-    calls back to back between two `sync()` (e.g. torch.cuda.synchronize), without gradients."""
+    calls back to back between two `sync()` (e.g. torch.cuda.synchronize); without gradients
+    unless `grad` (a training step)."""
     sync = sync or (lambda: None)
     prepare = prepare or {}
 
@@ -107,7 +108,7 @@ def measure_interleaved(fns: dict[str, Callable], *, repeats: int = 7, min_round
         return time.perf_counter() - tic
 
     calls, first = {}, {}
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         for name in fns:
             first[name] = run(name, 1)
             for _ in range(warmup):
