@@ -47,7 +47,8 @@ def get_args_parser():
     p.add_argument("--batch", type=int, default=None, help="batch (default: the script's training batch)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per round and configuration")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration first (in whole rounds of --steps)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps per configuration first (in whole rounds of --steps)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (as in the scripts)")
     p.add_argument("--amp-dtype", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="autocast precision as in the scripts; off: fp32")
