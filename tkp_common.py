@@ -831,7 +831,7 @@ def cnn_parser(description: str, *, dataset: str, pretrain_help: str,
     p = base_parser(description)
     add_topk_args(p)
     g = p.add_argument_group("model and data")
-    g.add_argument("--dataset", choices=list(CIFAR_CLASSES), default=dataset)
+    g.add_argument("--dataset", choices=list(CIFAR_CLASSES), default=dataset, help="CIFAR-10 or CIFAR-100")
     g.add_argument("--data-root", default="./data", help="folder that holds (or receives) CIFAR")
     if img_size is not None:
         g.add_argument("--img-size", type=int_range(32), default=img_size, help="training and validation crop size")

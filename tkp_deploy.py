@@ -98,7 +98,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-batch", type=int, default=32, help="inputs in the deployed-vs-masked check")
     p.add_argument("--tiles", type=tile_list, default=None,
                    help="register tiles to try per layer, e.g. 4x4,2x8 (default: every tile compiled in)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs of the check and the timing")
     p.add_argument("--json", default=None, help="write the report here")
     return p
 

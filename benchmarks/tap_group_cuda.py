@@ -40,13 +40,13 @@ SHAPES = [(64, 64, 32), (128, 128, 16), (128, 128, 32), (256, 256, 16)]  # (C_in
 def get_args_parser() -> tkp.ArgumentParser:
     p = tkp.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda or cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    p.add_argument("--batch", type=tkp.int_range(1), default=256)
-    p.add_argument("--topk", type=tkp.int_range(1, 8), default=1)
-    p.add_argument("--tap-group", type=tkp.int_range(1), default=32)
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="precision of both variants")
+    p.add_argument("--batch", type=tkp.int_range(1), default=256, help="images per call")
+    p.add_argument("--topk", type=tkp.int_range(1, 8), default=1, help="taps kept per kernel")
+    p.add_argument("--tap-group", type=tkp.int_range(1), default=32, help="output channels sharing their taps")
     p.add_argument("--repeats", type=tkp.int_range(1), default=20, help="interleaved rounds (medians)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager only")
-    p.add_argument("--json", default=None, metavar="PATH")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the results here")
     return p
 
 

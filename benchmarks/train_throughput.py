@@ -48,10 +48,13 @@ def get_args_parser():
     p.add_argument("--steps", type=int, default=5, help="timed steps per round and configuration")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration first")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp-dtype", choices=["auto", "bf16", "fp16", "off"], default="auto")
-    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
-    p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (as in the scripts)")
+    p.add_argument("--amp-dtype", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="autocast precision as in the scripts; off: fp32")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile (auto: on with CUDA, as in the scripts)")
+    p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                   help="channels_last memory format (auto: on with CUDA for CNNs)")
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers for the loader benchmark")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (on a shared machine, 1 is the least disturbed)")
