@@ -392,3 +392,25 @@ def test_deployment_refuses_what_deploy_pt_cannot_hold_naming_the_module(block, 
     with pytest.raises(D.DeployError) as info:
         deploy_layers.fold_batchnorm(Net())
     assert match in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_deployment_refuses_a_module_name_load_would_refuse():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleDict({"conv-1": nn.Conv2d(3, 4, 3)})
+
+        def forward(self, x):
+            return self.blocks["conv-1"](x)
+
+    with pytest.raises(D.DeployError, match=r"cannot hold the call_module \(in the model's blocks.conv-1 \(Conv2d\)\): "
+                                            r"path 'blocks.conv-1' refused .* rename that attribute"):
+        deploy_layers.fold_batchnorm(Net())
+
+
+def test_dropout_and_identity_leave_the_graph():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.5), nn.Identity(), nn.Dropout1d(0.1), nn.AlphaDropout(0.1),
+                          nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+    gm = deploy_layers.fold_batchnorm(model)
+    assert [type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"] == \
+        ["Conv2d", "Flatten", "Linear"]

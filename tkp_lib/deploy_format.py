@@ -78,7 +78,7 @@ def to_spec(gm: torch.fx.GraphModule, tensors: bool = True) -> dict:
         elif n.op == "output":
             step = {"op": "output", "args": [_encode(n.args[0], index, n)]}
         elif n.op == "get_attr":
-            reads.append(n)
+            reads.append(_checked_path(n))
             step = {"op": "get_attr", "target": n.target}
         else:
             step = _call_step(gm, n, index, modules, tensors)
@@ -99,6 +99,7 @@ def to_spec(gm: torch.fx.GraphModule, tensors: bool = True) -> dict:
 def _call_step(gm, n: torch.fx.Node, index: dict, modules: dict, tensors: bool) -> dict:
     target = n.target
     if n.op == "call_module":
+        _checked_path(n)
         if target not in modules:
             modules[target] = _module_spec(gm.get_submodule(target), n, tensors)
     elif n.op == "call_function":
@@ -119,6 +120,15 @@ def _call_step(gm, n: torch.fx.Node, index: dict, modules: dict, tensors: bool) 
 
 _HINT = ("rewrite it with the modules, functions and methods tkp_lib/deploy_ops.py lists, add it there, or open "
          "an issue")
+
+
+def _checked_path(n: torch.fx.Node) -> torch.fx.Node:
+    """`n`, if its target is a path `load` will take (see _path), else why not, naming it."""
+    try:
+        _path(n.target)
+    except DeployError as e:
+        raise DeployError(f"deploy.pt cannot hold the {n.op} {_where(n)}: {e}; rename that attribute") from None
+    return n
 
 
 def _where(n: torch.fx.Node) -> str:

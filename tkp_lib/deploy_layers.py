@@ -88,13 +88,17 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(tracer.root, graph)
 
 
+_NO_OPS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)  # in eval mode
+
+
 def _passes_input_on(node: torch.fx.Node, modules: dict) -> bool:
     """An Identity or Dropout module, or F.dropout with training=False: no-ops in eval mode."""
     if node.op == "call_module":
-        return type(modules[node.target]) in (nn.Identity, nn.Dropout, nn.Dropout2d) and len(node.args) == 1 \
-            and not node.kwargs
-    return node.op == "call_function" and node.target is F.dropout and node.kwargs.get("training") is False \
-        and len(node.args) == 1
+        return type(modules[node.target]) in _NO_OPS and len(node.args) == 1 and not node.kwargs
+    if node.op != "call_function" or node.target is not F.dropout:
+        return False
+    training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+    return training is False and (len(node.args) < 4 or node.args[3] is False)
 
 
 def fold_batchnorm(model: nn.Module) -> torch.fx.GraphModule:
@@ -106,7 +110,7 @@ def fold_batchnorm(model: nn.Module) -> torch.fx.GraphModule:
     model = copy.deepcopy(model).eval()
     gm = fuse(trace(model), inplace=True, no_trace=True).eval()
     modules = dict(gm.named_modules())
-    for node in list(gm.graph.nodes):  # in eval mode an Identity or a Dropout passes its input on
+    for node in list(gm.graph.nodes):
         if _passes_input_on(node, modules):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)

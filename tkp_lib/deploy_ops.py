@@ -42,7 +42,8 @@ _NN = {
     nn.ReLU: ("inplace",), nn.ReLU6: ("inplace",), nn.SiLU: ("inplace",), nn.Hardswish: ("inplace",),
     nn.Hardsigmoid: ("inplace",), nn.Mish: ("inplace",), nn.GELU: ("approximate",), nn.ELU: ("alpha", "inplace"),
     nn.LeakyReLU: ("negative_slope", "inplace"), nn.Sigmoid: (), nn.Tanh: (), nn.Softmax: ("dim",),
-    nn.Identity: (), nn.Dropout: ("p", "inplace"), nn.Dropout2d: ("p", "inplace"), nn.Flatten: ("start_dim", "end_dim"),
+    nn.Identity: (), nn.Dropout: ("p", "inplace"), nn.Dropout1d: ("p", "inplace"), nn.Dropout2d: ("p", "inplace"),
+    nn.AlphaDropout: ("p", "inplace"), nn.Flatten: ("start_dim", "end_dim"),
     nn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode"),
     nn.AvgPool2d: ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
     nn.AdaptiveAvgPool2d: ("output_size",), nn.AdaptiveMaxPool2d: ("output_size", "return_indices"),
@@ -59,15 +60,11 @@ FUNCTIONS = {
         torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.chunk, torch.split,
         torch.mean, torch.sum, torch.amax, torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.sqrt,
         torch.rsqrt, torch.pow, torch.exp, torch.erf, torch.abs, torch.neg, torch.clamp, torch.softmax)},
-    **{f"F.{name}": f for name, f in (
-        ("relu", F.relu), ("relu6", F.relu6), ("gelu", F.gelu), ("silu", F.silu), ("hardswish", F.hardswish),
-        ("hardsigmoid", F.hardsigmoid), ("sigmoid", F.sigmoid), ("tanh", F.tanh), ("leaky_relu", F.leaky_relu),
-        ("elu", F.elu), ("mish", F.mish), ("softplus", F.softplus), ("softmax", F.softmax),
-        ("log_softmax", F.log_softmax), ("layer_norm", F.layer_norm), ("group_norm", F.group_norm),
-        ("batch_norm", F.batch_norm), ("linear", F.linear), ("conv2d", F.conv2d), ("pad", F.pad),
-        ("adaptive_avg_pool2d", F.adaptive_avg_pool2d), ("adaptive_max_pool2d", F.adaptive_max_pool2d),
-        ("avg_pool2d", F.avg_pool2d), ("max_pool2d", F.max_pool2d), ("dropout", F.dropout),
-        ("interpolate", F.interpolate), ("normalize", F.normalize))},
+    **{f"F.{f.__name__}": f for f in (
+        F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.hardtanh, F.sigmoid, F.tanh, F.leaky_relu,
+        F.elu, F.mish, F.prelu, F.softplus, F.softmax, F.log_softmax, F.layer_norm, F.group_norm, F.batch_norm,
+        F.linear, F.conv2d, F.conv_transpose2d, F.pad, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d,
+        F.max_pool2d, F.dropout, F.interpolate, F.normalize)},
 }
 _FUNCTION_NAMES = {id(f): name for name, f in reversed(FUNCTIONS.items())}
 
