@@ -244,7 +244,8 @@ def test_module_types_outside_the_registry_are_refused(legit, tmp_path, kind):
     ("dw", "padding_mode", "__import__('os')", "refused"),
     ("fc.1", "approximate", "gelu; rm -rf", "refused"),
     ("conv", "k", "1", "refused"),
-    ("conv", "k", -1, "its arguments are refused"),
+    ("conv", "k", -1, "argument k=-1 refused (below 0)"),
+    ("conv", "in_channels", 10 ** 12, "its arguments are refused"),
 ])
 def test_configs_with_unexpected_keys_or_wrong_types_are_refused(legit, tmp_path, module, key, value, match):
     _, spec, _, _ = legit
@@ -296,6 +297,39 @@ def test_kernel_taps_outside_the_kernel_are_refused(legit, tmp_path):
     refused(tmp_path, {**spec, "modules": modules}, "tap indices -1..-1 outside its 3x3 kernel")
 
 
+def test_kernel_sizes_the_kernels_divide_by_are_refused_when_not_positive(legit, tmp_path):
+    _, spec, _, _ = legit
+    for key, value in (("stride", [0, 0]), ("padding", [-1, 1]), ("tile", [0, 4]), ("kernel_size", [0, 3])):
+        modules = copy.deepcopy(spec["modules"])
+        modules["conv"]["config"][key] = value
+        refused(tmp_path, {**spec, "modules": modules}, f"argument {key}=")
+
+
+EXAMPLES = [nn.Conv2d(3, 4, 3, padding="same", groups=1, bias=False), nn.Conv2d(4, 4, (1, 3), 2, (0, 1), groups=2),
+            nn.Linear(4, 5), nn.BatchNorm2d(4, momentum=None), nn.BatchNorm1d(4, affine=False), nn.LayerNorm(8),
+            nn.LayerNorm([4, 8], eps=1e-6, elementwise_affine=False), nn.GroupNorm(2, 4), nn.ReLU(inplace=True),
+            nn.ReLU6(), nn.SiLU(), nn.Hardswish(), nn.Hardsigmoid(), nn.Mish(), nn.GELU(approximate="tanh"),
+            nn.ELU(0.5), nn.LeakyReLU(0.2), nn.Sigmoid(), nn.Tanh(), nn.Softmax(dim=1), nn.LogSoftmax(dim=-1),
+            nn.Identity(), nn.Dropout(0.3), nn.Dropout1d(), nn.Dropout2d(), nn.AlphaDropout(0.1), nn.Flatten(2),
+            nn.MaxPool2d(3, 2, 1, ceil_mode=True), nn.AvgPool2d(2, count_include_pad=False, divisor_override=3),
+            nn.AdaptiveAvgPool2d((2, 1)), nn.AdaptiveMaxPool2d(1)]
+
+
+def test_every_registered_module_round_trips():
+    from tkp_lib.tapgroup import TapGroupConv2d
+    from tkp_lib.topk_conv import TopKConv2d
+    kernels = [TopKConv2d(3, 8, (3, 5), 2, (1, 2), k=2, bias=False, relu=True, pool=2),
+               TapGroupConv2d(4, 8, 3, padding=1, k=1, group=4)]
+    assert {type(m).__name__ for m in EXAMPLES} == set(deploy_ops.NN_MODULES)
+    assert {type(m).__name__ for m in kernels} == set(deploy_ops.KERNEL_LAYERS)
+    for m in EXAMPLES + kernels:
+        kind = deploy_ops.module_type(m)
+        spec = {"type": kind, "config": deploy_format._config(m, kind), "state": m.state_dict()}
+        back = deploy_format._module_from_spec("m", copy.deepcopy(spec))
+        assert type(back) is type(m) and deploy_format._config(back, kind) == spec["config"], kind
+        assert all(torch.equal(v, back.state_dict()[k]) for k, v in m.state_dict().items())
+
+
 # ---- arguments ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arg, match", [
@@ -329,7 +363,7 @@ def test_keyword_names_with_code_are_refused(legit, tmp_path):
     g = copy.deepcopy(spec["graph"])
     g[step_index(spec, "call_method", "mean")]["kwargs"] = {f"keepdim=({payload(tmp_path)}),x": True}
     refused(tmp_path, {**spec, "graph": g}, "keyword argument name")
-    g[step_index(spec, "call_method", "mean")]["kwargs"] = {"_private": True}
+    g[step_index(spec, "call_method", "mean")]["kwargs"] = {"__class__": True}
     refused(tmp_path, {**spec, "graph": g}, "keyword argument name")
     assert not (tmp_path / "PWNED").exists()
 

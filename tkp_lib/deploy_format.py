@@ -68,8 +68,8 @@ class DeployError(TKPError):
 def to_spec(gm: torch.fx.GraphModule, tensors: bool = True) -> dict:
     """The plain-values description of a GraphModule (graph steps, modules, attributes).
     Refuses, naming the model's module it comes from, any operation outside deploy_ops'
-    tables; with `tensors=False` it only checks (tkp_lib.deploy_layers.trace calls it so,
-    before any timing)."""
+    tables; with `tensors=False` it only checks (tkp_lib.deploy_layers.fold_batchnorm calls
+    it so, before any timing)."""
     steps, index, modules, reads = [], {}, {}, []
     for n in gm.graph.nodes:
         index[n] = len(steps)
@@ -114,6 +114,9 @@ def _call_step(gm, n: torch.fx.Node, index: dict, modules: dict, tensors: bool) 
             raise DeployError(f"deploy.pt cannot hold the function {what.lstrip('.')} {_where(n)}: {_HINT}")
     elif n.op == "call_method" and target not in METHODS:
         raise DeployError(f"deploy.pt cannot hold the method .{target}() {_where(n)}: {_HINT}")
+    bad = [k for k in n.kwargs if not _is_keyword(k)]
+    if bad:
+        raise DeployError(f"deploy.pt cannot hold the keyword arguments {bad} of {n.op} {target} {_where(n)}")
     return {"op": n.op, "target": target, "args": list(_encode(tuple(n.args), index, n)),
             "kwargs": {k: _encode(v, index, n) for k, v in n.kwargs.items()}}
 
@@ -166,7 +169,7 @@ def _encode(a, index: dict, n: torch.fx.Node):
         return tuple(_encode(v, index, n) for v in a)
     if isinstance(a, list):
         return [_encode(v, index, n) for v in a]
-    if isinstance(a, dict):
+    if isinstance(a, dict) and all(isinstance(k, str) and _is_keyword(k) for k in a):
         return {"dict": {str(k): _encode(v, index, n) for k, v in a.items()}}
     if isinstance(a, slice):
         return {"slice": [_encode(a.start, index, n), _encode(a.stop, index, n), _encode(a.step, index, n)]}
@@ -174,8 +177,11 @@ def _encode(a, index: dict, n: torch.fx.Node):
         return {"ellipsis": True}
     if isinstance(a, torch.dtype) and str(a).removeprefix("torch.") in DTYPES:
         return {"dtype": str(a).removeprefix("torch.")}
-    if a is None or isinstance(a, (bool, int, float)) or (isinstance(a, str) and a in STRINGS):
-        return a
+    for kind in (bool, int, float):  # subclasses (an IntEnum, numpy's float64) as the plain value
+        if isinstance(a, kind):
+            return kind(a)
+    if a is None or (isinstance(a, str) and a in STRINGS):
+        return None if a is None else str(a)
     raise DeployError(f"deploy.pt cannot hold the argument {a!r} ({type(a).__name__}) of {n.op} {n.target} "
                       f"{_where(n)}: {_HINT}")
 
@@ -333,8 +339,12 @@ def _holds_node(a) -> bool:
     return isinstance(a, dict) and any(_holds_node(v) for v in a.values())
 
 
+def _is_keyword(k) -> bool:
+    return isinstance(k, str) and k.isidentifier() and not keyword.iskeyword(k) and not k.startswith("__")
+
+
 def _keyword(k) -> str:
-    if not isinstance(k, str) or not k.isidentifier() or keyword.iskeyword(k) or k.startswith("_"):
+    if not _is_keyword(k):
         raise DeployError(f"keyword argument name {_short(k)} refused")
     return k
 
@@ -453,6 +463,8 @@ def _module_from_spec(name: str, spec) -> nn.Module:
     for k, v in config.items():
         if not _plain_config(v) or (type(v) is bool) != (type(defaults.get(k)) is bool):  # flags are bools, only
             raise DeployError(f"module {name} ({kind}): argument {k}={_short(v)} refused")
+    if kind in KERNEL_LAYERS:
+        _check_kernel_config(config, name, kind)
     try:
         m = cls(**config)
     except Exception as e:  # noqa: BLE001 - a config its constructor rejects
@@ -487,6 +499,19 @@ def _typed(v):
     if isinstance(v, dict):
         return ("dict", tuple(sorted((k, _typed(x)) for k, x in v.items())))
     return (type(v).__name__, v)
+
+
+_AT_LEAST_ONE = ("kernel_size", "stride", "group", "tile")  # kernel-layer arguments the C++ kernels divide by
+
+
+def _check_kernel_config(config: dict, name: str, kind: str) -> None:
+    """A kernel layer's sizes are non-negative, its kernel, stride, group and tile positive:
+    the C++ kernels index and divide with them."""
+    for k, v in config.items():
+        values = v if isinstance(v, (list, tuple)) else [v]
+        low = 1 if k in _AT_LEAST_ONE else 0
+        if any(type(x) is int and x < low for x in values):
+            raise DeployError(f"module {name} ({kind}): argument {k}={_short(v)} refused (below {low})")
 
 
 def _check_taps(m: nn.Module, name: str) -> None:

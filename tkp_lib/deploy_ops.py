@@ -42,6 +42,7 @@ _NN = {
     nn.ReLU: ("inplace",), nn.ReLU6: ("inplace",), nn.SiLU: ("inplace",), nn.Hardswish: ("inplace",),
     nn.Hardsigmoid: ("inplace",), nn.Mish: ("inplace",), nn.GELU: ("approximate",), nn.ELU: ("alpha", "inplace"),
     nn.LeakyReLU: ("negative_slope", "inplace"), nn.Sigmoid: (), nn.Tanh: (), nn.Softmax: ("dim",),
+    nn.LogSoftmax: ("dim",),
     nn.Identity: (), nn.Dropout: ("p", "inplace"), nn.Dropout1d: ("p", "inplace"), nn.Dropout2d: ("p", "inplace"),
     nn.AlphaDropout: ("p", "inplace"), nn.Flatten: ("start_dim", "end_dim"),
     nn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode"),
