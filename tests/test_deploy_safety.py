@@ -375,6 +375,8 @@ def test_malformed_graphs_are_refused(legit, tmp_path):
     refused(tmp_path, {**spec, "graph": [*g, g[1]]}, "a step after the output")
     refused(tmp_path, {**spec, "graph": [g[0], g[1], g[0], *g[2:]]}, "an input after other steps")
     refused(tmp_path, {**spec, "graph": [*g[:3], {"op": "exec", "target": "x"}, *g[3:]]}, "unknown step")
+    refused(tmp_path, {**spec, "graph": [*g[:3], {"op": ["call_function"]}, *g[3:]]}, "unknown step")
+    refused(tmp_path, {**spec, "graph": [*g[:3], "import os", *g[3:]]}, "unknown step 'import os'")
     refused(tmp_path, {**spec, "graph": "x = 1"}, "not a list of steps")
     refused(tmp_path, {**spec, "code": "import os"}, "unexpected entries ['code']")
     refused(tmp_path, {**spec, "input_shape": [3, 10 ** 9, 1]}, "input_shape refused")

@@ -276,7 +276,7 @@ def from_spec(spec: dict) -> torch.fx.GraphModule:
 
 def _add_step(graph: torch.fx.Graph, step, nodes: list, root: nn.Module, held: set) -> torch.fx.Node:
     op = step.get("op") if isinstance(step, dict) else None
-    if op not in _STEP_KEYS:
+    if not isinstance(op, str) or op not in _STEP_KEYS:
         raise DeployError(f"unknown step {_short(op if isinstance(step, dict) else step)}")
     if set(step) - _STEP_KEYS[op]:
         raise DeployError(f"{op} step with unexpected fields {sorted(map(str, set(step) - _STEP_KEYS[op]))}")
