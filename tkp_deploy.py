@@ -12,10 +12,12 @@ What `python tkp_deploy.py` does:
 1. rebuilds the trained model with the script that trained it (tkp_common.load_trained:
    --script, else the script final.pt's metrics name, else the model script next to this
    file whose model the weights fit);
-2. traces it with torch.fx and folds eval-mode BatchNorm into the preceding convolution
-   (tkp_lib.deploy_layers.fold_batchnorm); a model torch.fx cannot trace is refused with the
-   reason;
-3. replaces every pruned Conv2d the kernels take by a TopKConv2d (tkp_lib.topk_conv: the
+2. traces it with torch.fx (the modules deploy.pt holds as leaves, every other module
+   traced through: tkp_lib.deploy_layers.trace) and folds eval-mode BatchNorm into the
+   preceding convolution (fold_batchnorm); a model torch.fx cannot trace, or one that uses an
+   operation deploy.pt cannot hold (tkp_lib.deploy_ops), is refused here in one line naming
+   the module, before any timing;
+3. replaces every pruned (ungrouped) Conv2d the kernels take by a TopKConv2d (tkp_lib.topk_conv: the
    kept taps of every kernel) or, for tap-group masks, a TapGroupConv2d (tkp_lib.tapgroup),
    where it measures faster than its dense convolution at every --batch-sizes on this
    machine (tkp_lib.deploy_layers.choose_layers), and folds a residual add, ReLU and 2x2 max
@@ -25,7 +27,8 @@ What `python tkp_deploy.py` does:
    training input shape: the training data need not be on the deploying machine);
 5. prints a per-layer and whole-model table (dense ms, deploy ms, measured and theoretical
    speed-up; dense = the same model with BatchNorm folded, eager) and saves deploy.pt
-   (tkp_lib.deploy_format: plain values and tensors, opened with weights_only=True).
+   (tkp_lib.deploy_format: plain values and tensors, opened with weights_only=True; nothing
+   read from it becomes code).
 
 The kernels are compiled from source on first use (tkp_lib.kernels). Where they cannot be
 built (no compiler, no AVX-512, or TKP_DEPLOY_NO_KERNEL=1), deployment keeps every
@@ -52,6 +55,7 @@ from tkp_lib.deploy_layers import (
     choose_layers,
     fold_batchnorm,
     layer_macs,
+    summary,
     theoretical_speedup,
     time_models,
     verify,
@@ -168,7 +172,7 @@ def main(argv=None) -> dict:
     meta = {k: report[k] for k in ("checkpoint", "script", "threads", "batch_sizes", "torch", "kernel", "theoretical")}
     meta["check"] = check
     save(deployed, args.output, input_shape=input_shape, layers=plain(records), meta=plain(meta))
-    print(f"wrote {args.output} ({sum(r['deploy'] == 'topk' for r in records)} of {len(records)} convolutions Top-K)")
+    print(f"wrote {args.output} ({summary(records)})")
     if args.json:
         Path(args.json).write_text(json.dumps(plain(report), indent=1))
     return report

@@ -3,6 +3,7 @@
     python benchmarks/deploy_latency.py --checkpoint runs/vgg8-.../final.pt --json deploy_latency.json
     python benchmarks/deploy_latency.py --checkpoint final.pt --threads 1,2 --batch-sizes 1,32
     python benchmarks/deploy_latency.py --script vgg8 --topk 2        # random init, magnitude Top-K
+    python benchmarks/deploy_latency.py --checkpoint final.pt --script my_model.py   # a script of your own
 
 For each thread count (torch.set_num_threads) the model is deployed as `python tkp_deploy.py`
 deploys it (BatchNorm folded, each pruned layer's register tile chosen by measurement) and
@@ -19,7 +20,8 @@ then, fp32, at every batch size, with every variant timed interleaved in one run
 "theory" is dense MACs / non-zero MACs (the README's speedup_theoretical). torch.compile is
 skipped with the reason where it does not work on this CPU (it needs a C++ compiler) or with
 --no-compile. The per-layer table shows every pruned layer, also those deployment keeps
-dense because the kernel is not faster there ("kept": dense).
+dense because the kernel is not faster there ("kept": dense); grouped and depthwise
+convolutions stay dense (the summary line counts every kind).
 
 On a machine other processes keep busy, OpenMP threads that spin while they wait for each
 other can make a 2-thread run 10-100x slower than a 1-thread one (dense and Top-K alike);
@@ -54,9 +56,10 @@ from tkp_lib.sparsity import Masker, compute_masks, topk_plan  # noqa: E402
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a run's final.pt")
-    src.add_argument("--script", help="a model script (e.g. vgg8): random init, each kernel's --topk largest taps")
+    p.add_argument("--checkpoint", help="a run's final.pt")
+    p.add_argument("--script", help="the model script (file or short name, e.g. vgg8): with --checkpoint, the one "
+                                    "that trained it (when final.pt does not record it); without, the model from "
+                                    "random init, each kernel's --topk largest taps")
     p.add_argument("--topk", type=int, default=1, help="with --script: taps kept per kernel")
     p.add_argument("--tap-group", type=int, default=1,
                    help="with --script: G consecutive outputs share their --topk taps per input channel (the "
@@ -181,7 +184,7 @@ def time_whole(dense: nn.Module, deployed: nn.Module, input_shape: tuple, batche
 # ---- report -----------------------------------------------------------------------------------------
 
 def format_threads(r: dict, batches: list[int]) -> str:
-    lines = [f"threads {r['threads']}"]
+    lines = [f"threads {r['threads']}: {r['summary']}"]
     head = f"  {'layer':<26} {'shape':<20} {'K':>2} {'theory':>7} " + " ".join(
         f"| b{b}: {'NCHW':>7} {'NHWC':>7} {'comp.':>7} {'Top-K':>7} {'speed-up':>8} " for b in batches) + "| tile  kept"
     lines += [head, "  " + "-" * (len(head) - 2)]
@@ -208,8 +211,10 @@ def main(argv=None) -> dict:
     args = get_args_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     if args.checkpoint:
-        model, input_shape, script = D.rebuild_model(args.checkpoint)
+        model, input_shape, script = D.rebuild_model(args.checkpoint, args.script)
         source = args.checkpoint
+    elif not args.script:
+        raise D.DeployError("pass --checkpoint FINAL.pt (a run's final.pt) or --script NAME (random init)")
     else:
         model, input_shape, script = random_topk_model(args.script, args.topk, args.script_args.split(),
                                                        args.tap_group)
@@ -234,6 +239,7 @@ def main(argv=None) -> dict:
         if not check["ok"]:
             raise D.DeployError(f"the deployed model does not match the masked model: {check}")
         run = {"threads": threads, "theoretical": theoretical, "check": check,
+               "summary": deploy_layers.summary(records),
                "layers": time_layers(folded, records, input_shape, args.batch_sizes, args.compile, timing),
                "whole": time_whole(folded, deployed, input_shape, args.batch_sizes, args.compile, timing)}
         result["runs"].append(run)

@@ -17,9 +17,14 @@ one. Dense kernels multiply zeros like any other value, so the measured speed-up
   * Top-K CNNs on the CPU, deployed: the model as tkp_deploy.py deploys it (BatchNorm folded,
     pruned layers on its Top-K / tap-group kernels where those are faster), timed against the
     masked model (`--no-deploy` skips it).
-  * Top-K CNNs, the "arithmetic floor": each kxk conv layer timed against a 1x1 conv with the
-    same channels and output size (a kernel that keeps one tap is a 1x1 conv on a shifted
-    input). The ratio bounds what K=1 can gain with dense 1x1 kernels at that shape.
+  * Top-K CNNs, the "arithmetic floor": each pruned kxk conv layer timed against the same
+    conv reduced to 1x1 (a kernel that keeps one tap is a 1x1 conv on a shifted input), at
+    the kxk conv's output size, like with like: an ungrouped conv against a 1x1 conv with
+    the same channels, a grouped one against a 1x1 conv with the same groups, a depthwise
+    one (groups = channels) against what a depthwise 1x1 conv computes, a per-channel
+    scale and bias (torch.addcmul: oneDNN has no fast path for depthwise 1x1 convs, which
+    would make the floor look below 1x). The ratio bounds what K=1 can gain with dense
+    kernels at that shape; each row names its 1x1 ("floor_op").
   * N:M ViTs (2:4), deployment: every pruned Linear converted to a semi-structured sparse
     weight (torch.sparse.to_sparse_semi_structured: cuSPARSELt, else CUTLASS; fp16/bf16; a
     CUDA GPU with compute capability >= 8.0), its output checked against the masked dense
@@ -324,11 +329,27 @@ def input_shapes(model: nn.Module, names: list[str], x: torch.Tensor) -> dict:
     return shapes
 
 
+def one_by_one(conv: nn.Conv2d, memory_format: torch.memory_format) -> tuple[Callable, str]:
+    """(fn, name): what `conv` computes for one kept tap, like with like: a 1x1 Conv2d with
+    its channels and groups; for a depthwise conv (groups = in = out channels), the
+    per-channel scale and bias a depthwise 1x1 conv computes, as one torch.addcmul."""
+    device, dtype = conv.weight.device, conv.weight.dtype
+    if conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels:
+        scale = torch.randn(1, conv.out_channels, 1, 1, device=device, dtype=dtype)
+        bias = torch.zeros(1, conv.out_channels, 1, 1, device=device, dtype=dtype) if conv.bias is None \
+            else conv.bias.detach().reshape(1, -1, 1, 1)
+        return (lambda x: torch.addcmul(bias, x, scale)), "depthwise 1x1 (per-channel scale)"
+    one = nn.Conv2d(conv.in_channels, conv.out_channels, 1, groups=conv.groups,
+                    bias=conv.bias is not None).to(device, dtype, memory_format=memory_format)
+    return one, "1x1 conv" if conv.groups == 1 else f"1x1 conv, groups {conv.groups}"
+
+
 def arithmetic_floor(bench: Bench, setup: DeviceSetup, batch: int, timing: Timing, seed: int) -> dict:
-    """Each pruned kxk Conv2d timed against a 1x1 Conv2d with the same in/out channels and
-    groups, applied to an input of the kxk conv's output size (stride and padding done by the
-    shift). A kernel keeping K taps costs at best K such 1x1 convs; the kxk/1x1 ratio is the
-    speed-up K=1 could reach with dense 1x1 kernels at that shape (kh*kw in arithmetic)."""
+    """Each pruned kxk Conv2d timed against its 1x1 (`one_by_one`: the same channels and
+    groups; a per-channel scale for a depthwise conv), applied to an input of the kxk conv's
+    output size (stride and padding done by the shift). A kernel keeping K taps costs at
+    best K such 1x1s; the kxk/1x1 ratio is the speed-up K=1 could reach with dense kernels at
+    that shape (kh*kw in arithmetic)."""
     modules = dict(setup.model.named_modules())
     keep = {t.name.removesuffix(".weight"): t.keep for t in bench.plan.targets}
     convs = [n for n in keep if isinstance(modules[n], nn.Conv2d)]
@@ -341,8 +362,7 @@ def arithmetic_floor(bench: Bench, setup: DeviceSetup, batch: int, timing: Timin
         x = torch.randn(shapes[name], device=setup.device, dtype=setup.dtype)
         x = x.contiguous(memory_format=setup.memory_format)
         y = conv(x)
-        one = nn.Conv2d(conv.in_channels, conv.out_channels, 1, groups=conv.groups,
-                        bias=conv.bias is not None).to(setup.device, setup.dtype, memory_format=setup.memory_format)
+        one, floor_op = one_by_one(conv, setup.memory_format)
         x1 = torch.randn(x.shape[0], x.shape[1], *y.shape[2:], device=setup.device, dtype=setup.dtype)
         x1 = x1.contiguous(memory_format=setup.memory_format)
         times = measure_interleaved({"kxk": (None, lambda: conv(x)), "1x1": (None, lambda: one(x1))},
@@ -351,7 +371,8 @@ def arithmetic_floor(bench: Bench, setup: DeviceSetup, batch: int, timing: Timin
         kh, kw = conv.kernel_size
         rows.append({"layer": name, "in": conv.in_channels, "out": conv.out_channels,
                      "input_hw": list(x.shape[2:]), "output_hw": list(y.shape[2:]), "kernel": [kh, kw],
-                     "stride": list(conv.stride), "keep": keep[name], "kxk_ms": t_k, "1x1_ms": t_1,
+                     "stride": list(conv.stride), "groups": conv.groups, "floor_op": floor_op,
+                     "keep": keep[name], "kxk_ms": t_k, "1x1_ms": t_1,
                      "ratio": t_k / t_1, "theoretical": kh * kw / keep[name],
                      "floor_speedup": t_k / (keep[name] * t_1)})
     total_k = sum(r["kxk_ms"] for r in rows)
@@ -568,8 +589,7 @@ def format_report(r: dict) -> str:
         if "rows" not in d:
             lines += ["", f"deployed ({d['device']}): {d.get('skipped') or 'failed: ' + d.get('error', '')}"]
             continue
-        lines += ["", f"deployed with tkp_deploy ({d['layers_on_kernel']} of {d['pruned_layers']} pruned layers on "
-                      f"the sparse kernels) against the masked model, {d['device']}:"]
+        lines += ["", f"deployed with tkp_deploy ({d['summary']}) against the masked model, {d['device']}:"]
         lines += [f"  batch {x['batch']:>4}: masked {x['masked_ms']:.3f} ms, deployed {x['deployed_ms']:.3f} ms: "
                   f"{x['speedup']:.2f}x measured ({th['speedup_theoretical']:.2f}x theoretical; rel. error "
                   f"{x['rel_error']:.1e})" for x in d["rows"]]
@@ -578,14 +598,15 @@ def format_report(r: dict) -> str:
             lines += ["", f"arithmetic floor ({floor['device']}, batch {floor['batch']}) failed: {floor['error']}"]
             continue
         lines += ["", f"arithmetic floor ({r['device_names'].get(floor['device'], floor['device'])}, "
-                      f"{floor['dtype']}, batch {floor['batch']}): each kxk conv vs a 1x1 conv with the same "
-                      f"channels and output size",
+                      f"{floor['dtype']}, batch {floor['batch']}): each kxk conv vs its 1x1 (same channels, "
+                      f"groups and output size; depthwise: a per-channel scale)",
                   f"{'layer':<28} {'in->out':>11} {'out HxW':>9} {'kernel':>6} {'kxk ms':>9} {'1x1 ms':>9} "
-                  f"{'kxk/1x1':>8} {'K':>2} {'floor':>7} {'theory':>7}"]
+                  f"{'kxk/1x1':>8} {'K':>2} {'floor':>7} {'theory':>7}  1x1"]
         for x in floor["layers"]:
             lines.append(f"{x['layer'][:28]:<28} {x['in']:>5}->{x['out']:<5} {'x'.join(map(str, x['output_hw'])):>9} "
                          f"{'x'.join(map(str, x['kernel'])):>6} {x['kxk_ms']:>9.4f} {x['1x1_ms']:>9.4f} "
-                         f"{x['ratio']:>7.2f}x {x['keep']:>2} {x['floor_speedup']:>6.2f}x {x['theoretical']:>6.2f}x")
+                         f"{x['ratio']:>7.2f}x {x['keep']:>2} {x['floor_speedup']:>6.2f}x {x['theoretical']:>6.2f}x  "
+                         f"{x['floor_op']}")
         t = floor["total"]
         if t["floor_speedup"]:
             lines.append(f"{'all pruned convs':<28} {'':>11} {'':>9} {'':>6} {t['kxk_ms']:>9.4f} {t['floor_ms']:>9.4f} "
@@ -648,9 +669,10 @@ def time_deployed(bench: Bench, setup: DeviceSetup, batches: list[int], timing: 
         rows.append({"batch": batch, "masked_ms": t["masked"]["median_ms"], "deployed_ms": t["deployed"]["median_ms"],
                      "speedup": t["masked"]["median_ms"] / t["deployed"]["median_ms"],
                      "rel_error": _relative_error(deployed(x), setup.model(x))})
+    pruned = [r for r in records if r["why"] != "dense"]  # "dense": every tap kept
     return {"device": str(setup.device), "kernel": topk_conv.kernel_available(),
-            "layers_on_kernel": sum(r["deploy"] != "dense" for r in records), "pruned_layers": len(records),
-            "rows": rows}
+            "layers_on_kernel": sum(r["deploy"] != "dense" for r in records), "pruned_layers": len(pruned),
+            "convolutions": len(records), "summary": deploy_layers.summary(records), "rows": rows}
 
 
 def bench_device(bench: Bench, device: torch.device, args, timing: Timing, modes: list[str], result: dict,

@@ -1,19 +1,23 @@
 """Deployment, layer by layer: trace and fold, choose a kernel per convolution, fuse, check.
 
-Owns the steps of `python tkp_deploy.py` between the rebuilt model and deploy.pt:
-`fold_batchnorm` (torch.fx trace; eval-mode BatchNorm folded into the preceding conv: a
-per-output-channel scale, so the Top-K pattern survives), `choose_layers` (each pruned conv
-timed against its dense self on this machine, every register tile, every batch size; the
-kernel kept only where it is faster at every batch size), `apply_layers` and
-`fuse_epilogues` (a residual add, ReLU and 2x2 max pool that a kernel layer alone feeds run
-in its epilogue), `verify` (deployed vs masked outputs) and `time_models`.
-May import: tkp_lib.kernels, tkp_lib.topk_conv, tkp_lib.tapgroup, tkp_lib.deploy_format.
+Owns the steps of `python tkp_deploy.py` between the rebuilt model and deploy.pt: `trace`
+(torch.fx, with the module types deploy.pt holds as leaves and every other module traced
+through; what deploy.pt could not hold is refused here, before any timing), `fold_batchnorm`
+(eval-mode BatchNorm folded into the preceding conv: a per-output-channel scale, so the
+Top-K pattern survives), `choose_layers` (each pruned conv timed against its dense self on
+this machine, every register tile, every batch size; the kernel kept only where it is
+faster at every batch size; `_candidates` alone decides which kernel may replace a conv),
+`apply_layers` and `fuse_epilogues` (a residual add, ReLU and 2x2 max pool that a kernel
+layer alone feeds run in its epilogue), `verify` (deployed vs masked outputs), `summary`
+and `time_models`.
+May import: tkp_lib.kernels, tkp_lib.topk_conv, tkp_lib.tapgroup, tkp_lib.deploy_ops, tkp_lib.deploy_format.
 """
 
 from __future__ import annotations
 
 import copy
 import operator
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -22,39 +26,98 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from tkp_lib import kernels, tapgroup, topk_conv
+from tkp_lib import deploy_format, deploy_ops, kernels, tapgroup, topk_conv
 from tkp_lib.deploy_format import DeployError
 from tkp_lib.tapgroup import TapGroupConv2d
 from tkp_lib.topk_conv import TopKConv2d
 
 REL_TOLERANCE = 1e-4  # deployed vs masked: max |difference| / max |reference|
-KERNEL_LAYERS = (TopKConv2d, TapGroupConv2d)
+KERNEL_LAYERS = tuple(deploy_ops.KERNEL_LAYERS.values())
+KIND_NAMES = {"topk": "Top-K", "tapgroup": "tap-group"}  # choose_layers' "deploy" kinds, as the summary names them
+GROUPED = "grouped/depthwise: dense"
 
 
 # ==== Tracing and BatchNorm folding ==========================================================
 
 
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer with the module types deploy.pt holds (tkp_lib.deploy_ops) as the
+    only leaves: every other module, a user's LayerNorm or block included, is traced through
+    into functions and methods. Each node records the module it came from; a failure, the
+    innermost module it happened in."""
+
+    def __init__(self):
+        super().__init__()
+        self.failed_in = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return deploy_ops.module_type(m) is not None
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        node.meta["tkp_scope"] = (self.scope.module_path, getattr(self.scope.module_type, "__name__", None))
+        return node
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                try:
+                    self.failed_in = (self.path_of_module(m), type(m).__name__)
+                except Exception:  # noqa: BLE001 - a module outside the model's tree: name its type only
+                    self.failed_in = ("", type(m).__name__)
+            raise
+
+
+def trace(model: nn.Module) -> torch.fx.GraphModule:
+    """`model` as a torch.fx GraphModule (see _Tracer); refuses, naming the module, a model
+    torch.fx cannot trace."""
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:
+        path, kind = tracer.failed_in or ("", type(model).__name__)
+        where = f"the model's {path} ({kind})" if path else kind
+        raise DeployError(f"torch.fx cannot trace {where} ({kernels.one_line(e)}); deployment needs a model "
+                          f"torch.fx can trace: rewrite that forward without data-dependent Python control flow, "
+                          f"or open an issue") from e
+    for node in graph.nodes:
+        if node.meta.get("tkp_scope", ("", None))[0] == "":
+            node.meta["tkp_scope"] = ("", type(model).__name__)
+    return torch.fx.GraphModule(tracer.root, graph)
+
+
+_NO_OPS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)  # in eval mode
+
+
+def _passes_input_on(node: torch.fx.Node, modules: dict) -> bool:
+    """An Identity or Dropout module, or F.dropout with training=False: no-ops in eval mode."""
+    if node.op == "call_module":
+        return type(modules[node.target]) in _NO_OPS and len(node.args) == 1 and not node.kwargs
+    if node.op != "call_function" or node.target is not F.dropout:
+        return False
+    training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+    return training is False and (len(node.args) < 4 or node.args[3] is False)
+
+
 def fold_batchnorm(model: nn.Module) -> torch.fx.GraphModule:
-    """The model as a torch.fx GraphModule (eval mode) with every BatchNorm2d that directly
-    follows a Conv2d (its only consumer) folded into the Conv2d's weight and bias, and the
-    Identity and Dropout modules (no-ops in eval mode) taken out of the graph."""
+    """The model traced (`trace`, eval mode) with every BatchNorm2d that directly follows a
+    Conv2d (its only consumer) folded into the Conv2d's weight and bias, and the Identity and
+    Dropout modules (no-ops in eval mode) taken out of the graph. Refuses, in one line naming
+    the module, a model deploy.pt could not hold (tkp_lib.deploy_format.to_spec)."""
     from torch.fx.experimental.optimization import fuse
     model = copy.deepcopy(model).eval()
-    try:
-        traced = torch.fx.symbolic_trace(model)
-    except Exception as e:
-        raise DeployError(f"torch.fx cannot trace {type(model).__name__} ({kernels.one_line(e)}); deployment needs a "
-                          f"traceable model") from e
-    gm = fuse(traced, inplace=True, no_trace=True).eval()
+    gm = fuse(trace(model), inplace=True, no_trace=True).eval()
     modules = dict(gm.named_modules())
-    for node in list(gm.graph.nodes):  # in eval mode an Identity or a Dropout passes its input on
-        if node.op == "call_module" and type(modules[node.target]) in (nn.Identity, nn.Dropout, nn.Dropout2d) \
-                and len(node.args) == 1 and not node.kwargs:
+    for node in list(gm.graph.nodes):
+        if _passes_input_on(node, modules):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
+    deploy_format.to_spec(gm, tensors=False)
     return gm
 
 
@@ -131,8 +194,9 @@ def choose_layers(gm: torch.fx.GraphModule, input_shape: tuple, batch_sizes: lis
         kh, kw = conv.kernel_size
         nnz = (conv.weight.detach().reshape(conv.out_channels, conv.in_channels // conv.groups, -1) != 0).sum(-1)
         rec = {"name": name, "in_channels": conv.in_channels, "out_channels": conv.out_channels,
-               "kernel_size": [kh, kw], "stride": list(conv.stride), "input_hw": list(in_shape[2:]),
-               "k": int(nnz.max()), "theoretical": kh * kw * nnz.numel() / max(int(nnz.sum()), 1),
+               "groups": conv.groups, "kernel_size": [kh, kw], "stride": list(conv.stride),
+               "input_hw": list(in_shape[2:]), "k": int(nnz.max()),
+               "theoretical": kh * kw * nnz.numel() / max(int(nnz.sum()), 1),
                "deploy": "dense", "why": None, "tile": None, "timings": {}}
         records.append(rec)
         candidates = _candidates(conv, tiles)
@@ -156,7 +220,10 @@ def choose_layers(gm: torch.fx.GraphModule, input_shape: tuple, batch_sizes: lis
 
 def _candidates(conv: nn.Conv2d, tiles) -> list[tuple] | str:
     """[(kind, make(tile) -> module, tiles, record fields)] of the kernels that may replace
-    `conv`, in order of preference, or why none may."""
+    `conv`, in order of preference, or why none may. Grouped and depthwise convs stay dense."""
+    if conv.groups != 1:
+        taps = conv.weight.detach().flatten(2)  # (C_out, C_in / groups, kh * kw)
+        return "dense" if int((taps != 0).sum(-1).max()) >= taps.shape[-1] else GROUPED
     out = []
     gk = tapgroup.tap_group_of(conv)
     if gk is not None and tapgroup.kernel_available():
@@ -297,6 +364,15 @@ def verify(deployed: nn.Module, reference: nn.Module, x: torch.Tensor) -> dict:
             "ok": rel <= REL_TOLERANCE and same}
 
 
+def summary(records: list[dict]) -> str:
+    """"N of M convolutions on kernels: a Top-K, b tap-group, c kept dense (why, ...)" of
+    choose_layers' records: every kind of layer counted ("not pruned": every tap kept)."""
+    kinds = Counter(r["deploy"] for r in records if r["deploy"] != "dense")
+    parts = [f"{kinds.pop(k, 0)} {name}" for k, name in KIND_NAMES.items()] + [f"{n} {k}" for k, n in kinds.items()]
+    dense = Counter("not pruned" if r["why"] == "dense" else r["why"] for r in records if r["deploy"] == "dense")
+    text = f"{len(records) - sum(dense.values())} of {len(records)} convolutions on kernels: {', '.join(parts)}, " \
+           f"{sum(dense.values())} kept dense"
+    return text + (f" ({', '.join(f'{n} {why}' for why, n in dense.most_common())})" if dense else "")
 
 
 def time_models(models: dict[str, nn.Module], input_shape: tuple, batch_sizes: list[int], repeats: int = 9) -> dict:
