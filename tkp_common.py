@@ -55,7 +55,7 @@ from tkp_runtime import (ArgumentParser, Dist, HelpFormatter, Output, TKPError, 
                          device_name, format_duration, fraction, gpu_has_bf16, init_distributed, int_range, load_file,
                          load_weights, main_process_first, matches_prefix, nm_pattern, nonneg_float, plain, positive_float,
                          pretrained_state, read_state_dict, resolve_amp, save_atomic, seed_all, to_cpu, to_device,
-                         versions)
+                         versions, weights_only_loads)
 
 CHECKPOINT_FORMAT = "tkp-checkpoint-1"
 ROOT = Path(__file__).resolve().parent  # the folder of the model scripts

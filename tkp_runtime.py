@@ -11,13 +11,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
 import platform
 import random
+import re
 import sys
 import tempfile
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -484,16 +487,55 @@ def pretrained_state(path: str | None, weights) -> tuple[dict, str]:
     return download_weights(weights), str(weights)
 
 
+# torchvision's file names carry the first digits of their SHA-256: googlenet-1378be20.pth
+HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.")
+
+
 def download_weights(weights) -> dict:
-    """The state_dict of a torchvision weights enum, through torch.hub's cache (no network
-    when the file is already there); offline, one line naming the alternatives."""
+    """The state_dict of a torchvision weights enum, from torch.hub's cache (downloaded there
+    first when missing; offline, one line naming the alternatives). We read the file ourselves,
+    with weights_only=True, and check it against the SHA-256 prefix its name carries: torch.hub
+    checks the hash only while downloading and unpickles a cached file with code
+    (weights_only=False), so a file planted in the cache would run."""
+    name = os.path.basename(urllib.parse.urlparse(weights.url).path)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    expected = HASH_IN_NAME.search(name)
+    if not cached.is_file():
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(weights.url, str(cached), expected and expected.group(1), progress=True)
+        except Exception as e:
+            raise TKPError(f"could not download the pretrained weights {weights} ({type(e).__name__}); "
+                           f"offline, pass --pretrain-path FILE (a copy of {weights.url}; a copy at {cached} "
+                           f"is found too) or train from scratch with --no-pretrain") from None
+    if expected and not file_sha256(cached).startswith(expected.group(1)):
+        raise TKPError(f"{cached} is not {weights.url}: its SHA-256 does not start with {expected.group(1)}; "
+                       f"delete it to download it again, or pass --pretrain-path FILE")
+    return read_state_dict(str(cached), "cached weights file")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Within the block every torch.load reads tensors and plain values only, whatever the
+    caller asks for (torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD): for libraries that load
+    pretrained files themselves (timm, open_clip), whose older versions pass weights_only=False."""
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
-        return weights.get_state_dict(progress=True, check_hash=True)
-    except Exception as e:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-        raise TKPError(f"could not download the pretrained weights {weights} ({type(e).__name__}); "
-                       f"offline, pass --pretrain-path FILE (a copy of {weights.url}; a copy at {cached} "
-                       f"is found too) or train from scratch with --no-pretrain") from None
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
 
 
 class Output:
