@@ -55,7 +55,7 @@ from tkp_runtime import (ArgumentParser, Dist, HelpFormatter, Output, TKPError, 
                          device_name, format_duration, fraction, gpu_has_bf16, init_distributed, int_range, load_file,
                          load_weights, main_process_first, matches_prefix, nm_pattern, nonneg_float, plain, positive_float,
                          pretrained_state, read_state_dict, resolve_amp, save_atomic, seed_all, to_cpu, to_device,
-                         versions, weights_only_loads)
+                         versions, weights_only_loads, lock_folder, unlock_folder)
 
 CHECKPOINT_FORMAT = "tkp-checkpoint-1"
 ROOT = Path(__file__).resolve().parent  # the folder of the model scripts
@@ -69,11 +69,11 @@ ROOT = Path(__file__).resolve().parent  # the folder of the model scripts
 # (every other flag given on the command line must equal the checkpoint's).
 OPERATIONAL_FLAGS = {"output_dir", "resume", "eval", "num_workers", "data_loader", "compile", "device", "channels_last",
                      "progress_every", "batch_val", "val_freq", "data_root", "data_path",
-                     "checkpoint_dir", "pretrain_path", "pretrained_path", "explicit_flags"}
+                     "checkpoint_dir", "pretrain_path", "pretrained_path", "explicit_flags", "overwrite"}
 # Flags a resumed run does not take from its checkpoint (every other flag that the command
 # line does not give does, so that `--resume CKPT` alone continues the run exactly; the
 # workers count too, as they draw the augmentations).
-MACHINE_FLAGS = {"output_dir", "resume", "eval", "explicit_flags", "device", "progress_every"}
+MACHINE_FLAGS = {"output_dir", "resume", "overwrite", "eval", "explicit_flags", "device", "progress_every"}
 # Precision flags: a resume is checked on the precision they resolve to on this machine.
 PRECISION_FLAGS = {"amp_dtype", "no_amp"}
 
@@ -163,9 +163,18 @@ def _mac_parts(script: Script, args) -> dict | None:
     return script.mac_parts(args) if script.mac_parts is not None else None
 
 
-def _prepare_output_dir(args, script: Script, dist: Dist) -> tuple[Path, bool]:
-    """Resolve --output-dir and create it; never adopt a folder that holds another run.
-    Returns the folder and whether this call created it."""
+# What a run writes into its folder: --overwrite removes these (and only these) of an earlier
+# run; the temporary files of their interrupted saves (".checkpoint_last.pt.*.tmp") go at the
+# next start. A folder holding one of FINISHED_FILES holds a finished run.
+RUN_FILES = ("args.json", "log.jsonl", "checkpoint_last.pt", "final.pt", "final_qat.pt", "summary.json",
+             "tap_frequencies.png", "training_curves.png")
+FINISHED_FILES = ("final.pt", "final_qat.pt", "summary.json")
+
+
+def _prepare_output_dir(args, script: Script, dist: Dist):
+    """Resolve --output-dir, create it and lock it for the run (rank 0; every process stops if
+    that fails); never adopt a folder that holds another run, unless --overwrite.
+    Returns the folder, whether this call created it, and the lock."""
     temporary = False
     if args.output_dir is None:
         if args.resume:
@@ -176,35 +185,75 @@ def _prepare_output_dir(args, script: Script, dist: Dist) -> tuple[Path, bool]:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             args.output_dir = str(Path("runs") / f"{script.name}-{stamp}")
     folder = Path(args.output_dir)
-    existing = folder / "checkpoint_last.pt"
-    if existing.exists() and not (args.resume and existing.resolve() == Path(args.resume).resolve()):
-        raise TKPError(f"{folder} already holds a run; continue it with --resume {existing} "
-                       f"or choose another --output-dir")
     created = temporary or not folder.exists()
+    lock, error = None, None
     if dist.is_main:
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TKPError(f"cannot create --output-dir {folder}: {e.strerror}") from None
-    return folder, created
+            lock = _claim_folder(folder, args)
+        except TKPError as e:
+            error = str(e)
+    if dist.enabled:  # the other processes wait for rank 0's verdict
+        verdict = [error]
+        torch_dist.broadcast_object_list(verdict, src=0)
+        error = verdict[0]
+    if error is not None:
+        if dist.is_main:
+            raise TKPError(error)
+        raise SystemExit(2)  # rank 0 says why, in one line
+    return folder, created, lock
 
 
-def _clean_up(folder: Path, created: bool, temporary: bool, out: Output) -> None:
-    """After a run: remove a --dry-run's temporary folder; after a failure, remove the folder
-    this run created if no epoch was saved in it (only the files the run writes first)."""
-    if not out.dist.is_main or not created or not folder.is_dir():
-        return
-    if temporary:
-        shutil.rmtree(folder, ignore_errors=True)
-        out.print(f"dry run: removed {folder} (pass --output-dir to keep the outputs)")
-        return
-    if (folder / "checkpoint_last.pt").exists():
-        return
-    for name in ("args.json", "log.jsonl"):
-        with contextlib.suppress(FileNotFoundError):
-            (folder / name).unlink()
-    with contextlib.suppress(OSError):
-        folder.rmdir()  # only if nothing else is in it
+def _claim_folder(folder: Path, args):
+    """Rank 0: create and lock `folder`; refuse another run's folder (a run in progress, a
+    checkpoint that is not the one resumed, a finished run), or clear it with --overwrite;
+    remove the temporary files of an interrupted save. Returns the lock."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TKPError(f"cannot create --output-dir {folder}: {e.strerror}") from None
+    lock = lock_folder(folder)
+    try:
+        existing = folder / "checkpoint_last.pt"
+        resumed_here = bool(args.resume) and existing.exists() and existing.resolve() == Path(args.resume).resolve()
+        finished = [name for name in FINISHED_FILES if (folder / name).exists()]
+        if resumed_here and args.overwrite:
+            raise TKPError(f"--overwrite would delete {existing}, which --resume continues; leave --overwrite out")
+        if existing.exists() and not resumed_here and not args.overwrite:
+            raise TKPError(f"{folder} already holds a run; continue it with --resume {existing}, start it over "
+                           f"with --overwrite, or choose another --output-dir")
+        if finished and not resumed_here and not args.overwrite:
+            raise TKPError(f"{folder} holds a finished run ({', '.join(finished)}); choose another --output-dir, "
+                           f"or pass --overwrite to replace it")
+        stale = [p for name in RUN_FILES for p in folder.glob(f".{name}.*tmp")]
+        old = [folder / name for name in RUN_FILES if args.overwrite and (folder / name).exists()]
+        for path in stale + old:
+            path.unlink()
+    except BaseException:
+        unlock_folder(lock, folder)
+        raise
+    if stale:
+        print(f"removed {len(stale)} temporary file(s) of an interrupted save from {folder}", flush=True)
+    if old:
+        print(f"--overwrite: removed the earlier run's {', '.join(p.name for p in old)} from {folder}", flush=True)
+    return lock
+
+
+def _clean_up(folder: Path, created: bool, temporary: bool, failed: bool, lock, out: Output) -> None:
+    """After a run: remove a --dry-run's temporary folder; after a failure with no checkpoint
+    saved, remove the files the run wrote first (args.json, log.jsonl) and the folder if this
+    run created it and nothing else is in it. Releases the folder's lock."""
+    if out.dist.is_main and folder.is_dir():
+        if temporary:
+            shutil.rmtree(folder, ignore_errors=True)
+            out.print(f"dry run: removed {folder} (pass --output-dir to keep the outputs)")
+        elif failed and not (folder / "checkpoint_last.pt").exists():
+            for name in ("args.json", "log.jsonl"):
+                with contextlib.suppress(FileNotFoundError):
+                    (folder / name).unlink()
+    unlock_folder(lock, folder)
+    if out.dist.is_main and failed and created:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if nothing else is in it
 
 
 def _apply_dry_run(args) -> None:
@@ -263,7 +312,8 @@ def _restore_rng(state: dict, device) -> None:
 
 
 def run(args, script: Script) -> dict:
-    """Run the two-stage pipeline of DESIGN.md §3 (or --eval) for one script. Returns the summary."""
+    """Run the two-stage pipeline of DESIGN.md §3 (or --eval) for one script. Returns the summary.
+    The output folder is locked for the run."""
     if args.eval:
         return evaluate_checkpoint(args, script)
     dist, device = init_distributed(args.device)
@@ -277,37 +327,46 @@ def run(args, script: Script) -> dict:
         torch.backends.mkldnn.enabled = False
         torch.set_num_threads(1)
     temporary = args.dry_run and args.output_dir is None and not args.resume
-    folder, created = _prepare_output_dir(args, script, dist)
-    finished = False
+    folder, created, lock, finished = None, False, None, False
     try:
+        folder, created, lock = _prepare_output_dir(args, script, dist)
         summary = _run(args, script, dist, device, folder)
         finished = True
         return summary
+    except KeyboardInterrupt as e:  # Ctrl-C
+        if folder is not None:
+            _say_interrupted(e, folder, args, Output(folder, dist))
+        raise
     finally:
-        if temporary or not finished:
-            _clean_up(folder, created, temporary, Output(folder, dist))
+        if folder is not None:
+            _clean_up(folder, created, temporary, not finished, lock, Output(folder, dist))
         torch.backends.mkldnn.enabled = onednn
         torch.set_num_threads(threads)
         if dist.enabled and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
 
 
+def _say_interrupted(e: KeyboardInterrupt, folder: Path, args, out: Output) -> None:
+    how = "interrupted"
+    saved = folder / "checkpoint_last.pt"
+    if saved.exists():
+        out.print(f"{how}: continue with --resume {saved}")
+    elif args.resume:
+        out.print(f"{how} before the first epoch finished: continue with --resume {args.resume}")
+    else:
+        out.print(f"{how} before the first epoch finished: nothing was saved")
+
+
 def _run(args, script: Script, dist: Dist, device: torch.device, folder: Path) -> dict:
     """The method, step by step: stage 1, mask, recalibrate, stage 2, QAT, reports."""
     r = _start(args, script, dist, device, folder)
-    try:
-        if r.stage == 1:
-            train_stage1(r)
-            apply_masks(r)
-        if r.stage == 2:
-            summary = train_stage2(r)
-        if args.qat:
-            train_qat(r)
-    except KeyboardInterrupt:
-        saved = r.out.folder / "checkpoint_last.pt"
-        r.out.print(f"interrupted: continue with --resume {saved}" if saved.exists() else
-                    "interrupted before the first epoch finished: nothing was saved")
-        raise
+    if r.stage == 1:
+        train_stage1(r)
+        apply_masks(r)
+    if r.stage == 2:
+        summary = train_stage2(r)
+    if args.qat:
+        train_qat(r)
     return finish_qat(r) if args.qat else summary
 
 

@@ -216,6 +216,10 @@ def base_parser(description: str) -> ArgumentParser:
                         "(default: runs/<script>-<time>, or the folder of --resume)")
     g.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue the run saved in CKPT (a checkpoint_last.pt)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an --output-dir that holds another run: its args.json, log.jsonl, "
+                        "checkpoint_last.pt, final.pt, final_qat.pt, summary.json and figures are removed "
+                        "first (other files stay)")
     g.add_argument("--eval", default=None, metavar="CKPT",
                    help="evaluate a final.pt on the validation set and print its summary")
     g.add_argument("--dry-run", action="store_true",
@@ -441,6 +445,52 @@ def load_file(path: str, what: str) -> dict:
     if not isinstance(obj, dict):
         raise TKPError(f"{what} {path} holds a {type(obj).__name__}, not a dict")
     return obj
+
+
+LOCK_FILE = ".tkp.lock"
+
+
+def lock_folder(folder: Path):
+    """Lock `folder` for one run: an exclusive flock on folder/.tkp.lock, held until
+    unlock_folder(). The OS drops it when the process ends, however it ends, so a killed run
+    leaves no stale lock. Another process that asks gets one line naming the folder and the
+    holder. Returns the lock (an open file), or None where the platform or the file system has
+    no flock (Windows, some network file systems): the run then goes on unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = folder / LOCK_FILE
+    while True:
+        fh = open(path, "a+")  # "a+": opening does not erase the holder's line
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip()
+            fh.close()
+            raise TKPError(f"{folder} is in use by another run{f' ({holder})' if holder else ''}; wait for it "
+                           f"to end, or choose another --output-dir") from None
+        except OSError:
+            fh.close()
+            return None
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino:
+                break
+        fh.close()  # the run that held it removed the file as it ended: lock the new one
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"process {os.getpid()} on {platform.node()}\n")
+    fh.flush()
+    return fh
+
+
+def unlock_folder(lock, folder: Path) -> None:
+    """Release lock_folder()'s lock and remove its file."""
+    if lock is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(Path(folder) / LOCK_FILE)
+        lock.close()
 
 
 def read_state_dict(path: str, what: str = "weights file") -> dict:

@@ -3,7 +3,11 @@ output folder, a finished run is not overwritten, SIGTERM stops like Ctrl-C, a f
 damaged final.pt are one line, and a run that diverged (but stayed finite) says so."""
 
 import hashlib
+import json
 import os
+import signal
+import subprocess
+import sys
 import types
 
 import pytest
@@ -15,7 +19,9 @@ import clip_vit
 import googlenet_optimized as googlenet
 import tkp_common as tkp
 import tkp_runtime
+import vgg8_optimized as vgg8
 import vit_small
+from conftest import ROOT
 
 
 class Payload:
@@ -105,3 +111,112 @@ def test_open_clip_loads_a_local_file_without_code(tmp_path, monkeypatch):
     with pytest.raises(tkp.TKPError, match="could not load pretrained weights"):
         clip_vit.create_clip(args, clip_vit.model_config(args))
     assert not marker.exists()
+
+
+# ---- 3. one run per output folder; a finished run is not overwritten ----------------------
+
+TINY = ["--epochs-stage1", "1", "--epochs-stage2", "1", "--batch-train", "20", "--batch-val", "20",
+        "--num-workers", "0", "--bn-recal-batches", "1", "--progress-every", "0", "--topk", "2"]
+
+
+def vgg8_run(data, out, *extra):
+    return vgg8.main(["--data-root", str(data), "--output-dir", str(out), *TINY, *extra])
+
+
+def test_a_second_run_into_a_folder_in_use_ends_in_one_line(cifar10_root, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = tkp_runtime.lock_folder(out)  # what the first run holds while it trains
+    try:
+        with pytest.raises(tkp.TKPError, match=f"{out} is in use by another run .process {os.getpid()} on "):
+            vgg8_run(cifar10_root, out)
+        assert sorted(p.name for p in out.iterdir()) == [".tkp.lock"]  # nothing of the first run touched
+    finally:
+        tkp_runtime.unlock_folder(lock, out)
+    vgg8_run(cifar10_root, out)
+    assert not (out / ".tkp.lock").exists()  # released and removed when the run ends
+    tkp_runtime.unlock_folder(tkp_runtime.lock_folder(out), out)
+
+
+def test_resume_into_the_folder_of_a_live_run_is_refused(cifar10_root, tmp_path, crash_after_first_save):
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        vgg8_run(cifar10_root, out)
+    lock = tkp_runtime.lock_folder(out)
+    try:
+        with pytest.raises(tkp.TKPError, match="is in use by another run"):
+            vgg8.main(["--resume", str(out / "checkpoint_last.pt")])
+    finally:
+        tkp_runtime.unlock_folder(lock, out)
+
+
+@pytest.fixture
+def crash_after_first_save(monkeypatch):
+    real = tkp_runtime.save_atomic
+
+    def save(obj, path):
+        real(obj, path)
+        monkeypatch.setattr(tkp_runtime, "save_atomic", real)
+        raise Crash()
+
+    monkeypatch.setattr(tkp_runtime, "save_atomic", save)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_finished_run_is_refused_and_replaced_only_with_overwrite(cifar10_root, tmp_path):
+    out = tmp_path / "run"
+    vgg8_run(cifar10_root, out)
+    (out / "checkpoint_last.pt").unlink()  # kept: final.pt, summary.json, log.jsonl, args.json
+    (out / "training_curves.png").write_bytes(b"the earlier run's figure")
+    (out / "notes.txt").write_text("mine")
+    before = (out / "final.pt").read_bytes()
+    with pytest.raises(tkp.TKPError, match=r"holds a finished run \(final.pt, summary.json\); .* --overwrite"):
+        vgg8_run(cifar10_root, out, "--epochs-stage1", "0")
+    assert (out / "final.pt").read_bytes() == before
+    vgg8_run(cifar10_root, out, "--epochs-stage1", "0", "--overwrite")
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(e["stage"], e["epoch"]) for e in log] == [(2, 1)]  # the earlier run's stage 1 is gone
+    assert json.loads((out / "summary.json").read_text())["epochs_stage1"] == 0
+    assert not (out / "training_curves.png").exists() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_is_not_inherited_by_a_resume_nor_allowed_with_one(cifar10_root, tmp_path, crash_after_first_save):
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        vgg8_run(cifar10_root, out, "--overwrite")
+    ckpt = str(out / "checkpoint_last.pt")
+    with pytest.raises(tkp.TKPError, match="--overwrite would delete .*checkpoint_last.pt, which --resume continues"):
+        vgg8.main(["--resume", ckpt, "--overwrite"])
+    assert vgg8.main(["--resume", ckpt])["final_top1"] is not None
+
+
+def test_temporary_files_of_an_interrupted_save_go_at_the_next_start(cifar10_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [".checkpoint_last.pt.k3j2h1.tmp", ".final.pt.a8b7c6.tmp", ".log.jsonl.tmp"]
+    for name in stale + [".mine.tmp"]:
+        (out / name).write_bytes(b"x" * 100)
+    vgg8_run(cifar10_root, out)
+    assert "removed 3 temporary file(s) of an interrupted save" in capsys.readouterr().out
+    assert not [name for name in stale if (out / name).exists()] and (out / ".mine.tmp").exists()
+
+
+def test_a_run_under_torchrun_into_a_folder_in_use_ends_in_one_line(cifar10_root, tmp_path):
+    """Only rank 0 takes the lock; the other ranks wait for its verdict and end quietly."""
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = tkp_runtime.lock_folder(out)
+    try:
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "vgg8_optimized.py", "--data-root", str(cifar10_root), "--output-dir", str(out),
+                            "--device", "cpu", *TINY], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        tkp_runtime.unlock_folder(lock, out)
+    assert r.returncode != 0
+    ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "is in use by another run" in ours[0], r.stderr
+    assert "vgg8_optimized.py\", line" not in r.stderr  # no traceback from any rank
