@@ -55,7 +55,7 @@ from tkp_runtime import (ArgumentParser, Dist, HelpFormatter, Output, TKPError, 
                          device_name, format_duration, fraction, gpu_has_bf16, init_distributed, int_range, load_file,
                          load_weights, main_process_first, matches_prefix, nm_pattern, nonneg_float, plain, positive_float,
                          pretrained_state, read_state_dict, resolve_amp, save_atomic, seed_all, to_cpu, to_device,
-                         versions, weights_only_loads, lock_folder, unlock_folder)
+                         versions, weights_only_loads, Terminated, lock_folder, sigterm_stops, unlock_folder)
 
 CHECKPOINT_FORMAT = "tkp-checkpoint-1"
 ROOT = Path(__file__).resolve().parent  # the folder of the model scripts
@@ -313,7 +313,7 @@ def _restore_rng(state: dict, device) -> None:
 
 def run(args, script: Script) -> dict:
     """Run the two-stage pipeline of DESIGN.md §3 (or --eval) for one script. Returns the summary.
-    The output folder is locked for the run."""
+    The output folder is locked for the run; SIGTERM stops it as Ctrl-C does (Terminated)."""
     if args.eval:
         return evaluate_checkpoint(args, script)
     dist, device = init_distributed(args.device)
@@ -329,11 +329,12 @@ def run(args, script: Script) -> dict:
     temporary = args.dry_run and args.output_dir is None and not args.resume
     folder, created, lock, finished = None, False, None, False
     try:
-        folder, created, lock = _prepare_output_dir(args, script, dist)
-        summary = _run(args, script, dist, device, folder)
+        with sigterm_stops():
+            folder, created, lock = _prepare_output_dir(args, script, dist)
+            summary = _run(args, script, dist, device, folder)
         finished = True
         return summary
-    except KeyboardInterrupt as e:  # Ctrl-C
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
         if folder is not None:
             _say_interrupted(e, folder, args, Output(folder, dist))
         raise
@@ -347,7 +348,7 @@ def run(args, script: Script) -> dict:
 
 
 def _say_interrupted(e: KeyboardInterrupt, folder: Path, args, out: Output) -> None:
-    how = "interrupted"
+    how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
     saved = folder / "checkpoint_last.pt"
     if saved.exists():
         out.print(f"{how}: continue with --resume {saved}")

@@ -18,8 +18,10 @@ import os
 import platform
 import random
 import re
+import signal
 import sys
 import tempfile
+import threading
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +75,8 @@ def cli(main: Callable[[], object]) -> None:
         print("error: the GPU ran out of memory; use a smaller --batch-train/--batch-size (with "
               "--grad-accum to keep the effective batch) and --resume if an epoch was saved", file=sys.stderr)
         sys.exit(2)
+    except Terminated:
+        sys.exit(143)  # 128 + SIGTERM, as if the signal had ended it; run() has said how to continue
     except KeyboardInterrupt:
         sys.exit(130)  # run() has said where the last finished epoch is
 
@@ -300,6 +304,39 @@ def main_process_first(dist: Dist):
     yield
     if dist.enabled and dist.is_main:
         torch_dist.barrier()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster's preemption, `kill`), raised where the run is, as Ctrl-C raises
+    KeyboardInterrupt: whatever stops a run on Ctrl-C stops it on SIGTERM."""
+
+
+@contextlib.contextmanager
+def sigterm_stops():
+    """For the life of the block, SIGTERM raises Terminated in the main thread (the previous
+    handler is restored after): the step in flight is dropped, the last checkpoint kept. A
+    second SIGTERM is ignored while the run stops. An error that follows a SIGTERM (a
+    DataLoader worker or another process of the job, killed by the same signal) is raised as
+    Terminated. Outside the main thread, where Python sets no handlers, it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except Exception as e:
+        if received:
+            raise Terminated() from e
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def resolve_amp(args, device: torch.device) -> torch.dtype | None:

@@ -220,3 +220,78 @@ def test_a_run_under_torchrun_into_a_folder_in_use_ends_in_one_line(cifar10_root
     ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(ours) == 1 and "is in use by another run" in ours[0], r.stderr
     assert "vgg8_optimized.py\", line" not in r.stderr  # no traceback from any rank
+
+
+# ---- 4. SIGTERM stops a run as Ctrl-C does ----------------------------------------------
+
+# Runs vgg8_optimized.py's command line with a SIGTERM sent at a chosen moment: WHEN=step:N
+# to the whole process group (as a cluster does: DataLoader workers too) before optimizer step
+# N, WHEN=data to the process itself while the data set is being built.
+CHILD = """
+import os, signal, sys
+import tkp_common as tkp, tkp_train, vgg8_optimized as vgg8
+when, real_step, steps = os.environ["WHEN"], tkp_train.optimizer_step, [0]
+
+def step(t):
+    steps[0] += 1
+    if when == f"step:{steps[0]}":
+        os.killpg(os.getpgrp(), signal.SIGTERM)
+    return real_step(t)
+
+def build_data(args, build=vgg8.SCRIPT.build_data):
+    if when == "data":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return build(args)
+
+tkp_train.optimizer_step, vgg8.SCRIPT.build_data = step, build_data
+tkp.cli(vgg8.main)
+"""
+
+
+def terminated_run(tmp_path, when, *args):
+    (tmp_path / "child.py").write_text(CHILD)
+    return subprocess.run([sys.executable, str(tmp_path / "child.py"), *args], capture_output=True, text=True,
+                          timeout=300, start_new_session=True,  # its own process group, away from pytest's
+                          env={**os.environ, "WHEN": when, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+
+
+def test_sigterm_keeps_the_last_checkpoint_and_says_how_to_continue(cifar10_root, tmp_path):
+    out = tmp_path / "run"
+    # 60 images in batches of 20: step 5 is the middle of stage 1's second epoch
+    r = terminated_run(tmp_path, "step:5", "--data-root", str(cifar10_root), "--output-dir", str(out), *TINY,
+                       "--epochs-stage1", "2", "--epochs-stage2", "0", "--num-workers", "1")
+    assert r.returncode == 143, r.stderr
+    assert r.stderr == ""  # no traceback, from the run or its DataLoader worker
+    assert r.stdout.splitlines()[-1] == f"terminated (SIGTERM): continue with --resume {out / 'checkpoint_last.pt'}"
+    ckpt = torch.load(out / "checkpoint_last.pt", weights_only=True)
+    assert (ckpt["stage"], ckpt["epoch"]) == (1, 1)
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "checkpoint_last.pt", "log.jsonl"]
+    vgg8.main(["--resume", str(out / "checkpoint_last.pt"), "--num-workers", "0"])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(e["stage"], e["epoch"]) for e in log] == [(1, 1), (1, 2)]
+
+
+def test_sigterm_before_the_first_epoch_leaves_no_folder(cifar10_root, tmp_path):
+    out = tmp_path / "run"
+    r = terminated_run(tmp_path, "data", "--data-root", str(cifar10_root), "--output-dir", str(out), *TINY)
+    assert r.returncode == 143 and r.stderr == ""
+    assert r.stdout.splitlines()[-1] == "terminated (SIGTERM) before the first epoch finished: nothing was saved"
+    assert not out.exists()
+
+
+def test_the_sigterm_handler_lives_as_long_as_the_run(cifar10_root, tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+    real = tkp_runtime.save_atomic
+
+    def save(obj, path):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        real(obj, path)
+
+    tkp_runtime.save_atomic = save
+    try:
+        vgg8_run(cifar10_root, tmp_path / "run", "--epochs-stage1", "0")
+    finally:
+        tkp_runtime.save_atomic = real
+    assert seen and all(h is not before and callable(h) for h in seen)
+    assert signal.getsignal(signal.SIGTERM) is before
