@@ -273,6 +273,7 @@ def _load_resume(args) -> dict:
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise TKPError(f"{args.resume} is not a TKP checkpoint_last.pt (to start from weights, use "
                        f"the script's pretrained-weights flag)")
+    check_final(ckpt, args.resume, finite=False)  # model, masks and args as a final.pt holds them
     saved, current = ckpt["args"], plain(vars(args))
     given = set(getattr(args, "explicit_flags", current))
     compared = given - OPERATIONAL_FLAGS - PRECISION_FLAGS
@@ -697,12 +698,82 @@ def checkpoint_args(base: dict, ckpt_args: dict, path: str) -> argparse.Namespac
     return saved
 
 
+def check_final(ckpt: dict, path: str, parser: argparse.ArgumentParser | None = None, finite: bool = True) -> None:
+    """Refuse a damaged final.pt (or final_qat.pt) before anything is built from it, in one line
+    that blames the file: model, masks or args that are not dicts, weights that are not
+    tensors (not finite ones, with `finite`: a checkpoint of QAT holds observers' infinite
+    starting values), masks that are not bool tensors of their weight's shape, and (given the
+    script's parser) args the script's command line could not have produced."""
+    missing = sorted({"model", "masks", "args"} - set(ckpt))
+    if missing:
+        raise TKPError(f"{path} is not a TKP final.pt (it lacks {'/'.join(missing)})")
+    for part in ("model", "masks", "args"):
+        if not isinstance(ckpt[part], dict) or not all(isinstance(k, str) for k in ckpt[part]):
+            raise TKPError(f"{path} is damaged: its {part} is a {type(ckpt[part]).__name__}, not a dict by name")
+    state = ckpt["model"]
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor) or (finite and value.is_floating_point() and not value.isfinite().all()):
+            raise TKPError(f"{path} is damaged: its weight {name} is not a finite tensor")
+    state = clean_state_dict(state)
+    for name, mask in ckpt["masks"].items():
+        if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and name in state
+                and mask.shape == state[name].shape):
+            raise TKPError(f"{path} is damaged: its mask {name} is not a bool tensor of that weight's shape")
+    if parser is not None:
+        _check_saved_args(ckpt["args"], parser, path)
+
+
+def _check_saved_args(saved: dict, parser: argparse.ArgumentParser, path: str) -> None:
+    """Every science flag of a final.pt must hold a value that one of the parser's actions for
+    it produces (its type and choices): a damaged value would fail deep in model building."""
+    actions = {}
+    for action in parser._actions:
+        actions.setdefault(action.dest, []).append(action)
+    for key, value in saved.items():
+        if key in actions and key not in OPERATIONAL_FLAGS and not any(_produces(a, value) for a in actions[key]):
+            raise TKPError(f"{path} is damaged: its args give --{key.replace('_', '-')} the value {value!r}, "
+                           f"which the script's command line cannot produce")
+
+
+def _produces(action: argparse.Action, value) -> bool:
+    """Whether the command line can give `action.dest` the value `value` through `action`."""
+    if type(value) is type(action.default) and value == action.default:
+        return True
+    if action.nargs == 0:  # store_true, store_false, store_const
+        return type(value) is type(action.const) and value == action.const
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, list)):
+        return False
+    if action.choices is not None and value not in action.choices:
+        return False
+    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    try:
+        return (action.type or str)(text) == value
+    except (argparse.ArgumentTypeError, TypeError, ValueError):
+        return False
+
+
+def _check_file_masks(module: nn.Module, plan: Plan, masks: dict, path: str, model_name: str) -> None:
+    """A final.pt's masks against the model rebuilt from it: one per pruned layer, and every
+    pruned weight zero (a violation is the file's fault here, not the training's)."""
+    if set(masks) != {t.name for t in plan.targets}:
+        raise TKPError(f"{path}: its masks do not match the pruned layers of its {model_name} model")
+    try:
+        check_sparsity(module, plan, masks)
+    except RuntimeError as e:
+        raise TKPError(f"{path} is damaged: {str(e).split(' (a TKP bug')[0]}") from None
+
+
+def _script_parser(script: Script) -> argparse.ArgumentParser | None:
+    """The command line of the script that defines `script` (its get_args_parser()), if any."""
+    make = getattr(sys.modules.get(script.build_model.__module__), "get_args_parser", None)
+    return make() if callable(make) else None
+
+
 def evaluate_checkpoint(args, script: Script) -> dict:
     """--eval CKPT: rebuild the model from a final.pt (or a final_qat.pt, evaluated with its
     int8 weights and input quantization, in fp32), evaluate it, print its summary."""
     ckpt = load_file(args.eval, "--eval checkpoint")
-    if not {"model", "masks", "args"} <= set(ckpt):
-        raise TKPError(f"{args.eval} is not a TKP final.pt (it lacks model/masks/args)")
+    check_final(ckpt, args.eval, _script_parser(script))
     dist, device = init_distributed(args.device)
     try:
         return _evaluate_checkpoint(args, script, ckpt, dist, device)
@@ -717,7 +788,7 @@ def _evaluate_checkpoint(args, script: Script, ckpt: dict, dist: Dist, device: t
     load_weights(module, clean_state_dict(ckpt["model"]), args.eval)
     plan = script.build_plan(module, saved)
     masks = {k: v.to(device) for k, v in ckpt["masks"].items()}
-    check_sparsity(module, plan, masks)
+    _check_file_masks(module, plan, masks, args.eval, script.name)
     _, val_set = script.build_data(saved)
     loader = make_loader(val_set, args.batch_val, train=False, num_workers=args.num_workers,
                          device=device, dist=dist)
@@ -794,20 +865,30 @@ def _script_candidates(ckpt: dict, script: str | None) -> list:
     if script:
         return [import_script(script)]
     modules = [import_script(str(p)) for p in script_files()]
-    named = str(ckpt.get("metrics", {}).get("model"))
+    metrics = ckpt.get("metrics")
+    named = str(metrics.get("model")) if isinstance(metrics, dict) else None
     return sorted(modules, key=lambda m: m.SCRIPT.name != named)
 
 
 def load_trained(path: str, script: str | None = None, what: str = "checkpoint") -> Trained:
     """Rebuild the model of a final.pt with the script that trained it: `script` when given,
     else the one final.pt's metrics name, else the first model script whose model its
-    weights fit. The script's defaults are overlaid with final.pt's science flags."""
+    weights fit. The script's defaults are overlaid with final.pt's science flags. A damaged
+    file is one line that blames it (check_final)."""
     ckpt = load_file(path, what)
-    if not {"model", "masks", "args"} <= set(ckpt):
-        raise TKPError(f"{path} is not a TKP final.pt (it lacks model/masks/args)")
+    check_final(ckpt, path)
     state = clean_state_dict(ckpt["model"])
+    metrics = ckpt.get("metrics")
+    named = metrics.get("model") if isinstance(metrics, dict) else None
     for module in _script_candidates(ckpt, script):
-        args = checkpoint_args(vars(module.get_args_parser().parse_args([])), ckpt["args"], path)
+        parser = module.get_args_parser()
+        try:
+            _check_saved_args(ckpt["args"], parser, path)
+        except TKPError:
+            if script or module.SCRIPT.name == named:
+                raise
+            continue  # the args of another script's model
+        args = checkpoint_args(vars(parser.parse_args([])), ckpt["args"], path)
         model = module.build_model(args)
         if not _fits(model, state):
             if script:
@@ -816,10 +897,8 @@ def load_trained(path: str, script: str | None = None, what: str = "checkpoint")
             continue
         load_weights(model, state, path)
         plan = module.SCRIPT.build_plan(model, args)
-        masks = {k: v.bool() for k, v in ckpt["masks"].items()}
-        if set(masks) != {t.name for t in plan.targets}:
-            raise TKPError(f"{path}: its masks do not match the pruned layers of its {module.SCRIPT.name} model")
-        check_sparsity(model, plan, masks)
+        masks = dict(ckpt["masks"])
+        _check_file_masks(model, plan, masks, path, module.SCRIPT.name)
         return Trained(module.SCRIPT, args, model.eval(), plan, masks, ckpt)
     raise TKPError(f"{path}: no model script in {ROOT} builds a model these weights fit; name the script")
 

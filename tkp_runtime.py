@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import errno
 import hashlib
 import json
 import math
@@ -452,10 +453,11 @@ def clean_state_dict(state: dict) -> dict:
 
 def save_atomic(obj, path: Path) -> None:
     """torch.save to a temporary file in the same folder, then rename: a crash mid-write
-    never leaves a half-written file under `path`."""
+    never leaves a half-written file under `path`. A full disk is one line (TKPError)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
@@ -464,10 +466,46 @@ def save_atomic(obj, path: Path) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a saved run is for sharing
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(e, Exception):
+            raise_if_disk_full(e, path)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary file and a rename; a full disk is one line."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise_if_disk_full(e, path)
+        raise
+
+
+def raise_if_disk_full(e: BaseException, path: Path) -> None:
+    """A TKPError naming the folder when writing `path` failed for want of space: an OSError
+    ENOSPC/EDQUOT in `e` or the exceptions it was raised from (torch's zip writer reports it as
+    RuntimeError "[enforce fail at inline_container.cc...]" raised while handling it), or that
+    RuntimeError alone (torch writing to a path itself, when the disk is full). The file that
+    was there before is left as it was."""
+    cause, reason = e, None
+    while cause is not None and reason is None:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason = os.strerror(cause.errno).lower()
+        cause = cause.__cause__ or cause.__context__
+    if reason is None and isinstance(e, RuntimeError) and "inline_container" in str(e):
+        reason = f"no space left on device (torch's writer failed: {str(e).splitlines()[0][:80]})"
+    if reason is not None:
+        kept = f"; the previous {path.name} is intact" if path.exists() else ""
+        checkpoint = path.parent / "checkpoint_last.pt"
+        then = f"continue with --resume {checkpoint}" if checkpoint.exists() else "run again"
+        raise TKPError(f"cannot write {path.name} in {path.parent}: {reason}{kept}; free some space, then {then}") from None
 
 
 def load_file(path: str, what: str) -> dict:
@@ -637,15 +675,11 @@ class Output:
 
     def write_json(self, name: str, obj) -> None:
         if self.dist.is_main:
-            tmp = self.folder / f".{name}.tmp"
-            tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-            os.replace(tmp, self.folder / name)
+            write_text_atomic(self.folder / name, json.dumps(obj, indent=2, default=str) + "\n")
 
     def write_log(self, history: list[dict]) -> None:
         if self.dist.is_main:
-            tmp = self.folder / ".log.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-            os.replace(tmp, self.folder / "log.jsonl")
+            write_text_atomic(self.folder / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
     def save(self, obj, name: str) -> None:
         if self.dist.is_main:

@@ -2,6 +2,7 @@
 output folder, a finished run is not overwritten, SIGTERM stops like Ctrl-C, a full disk and a
 damaged final.pt are one line, and a run that diverged (but stayed finite) says so."""
 
+import errno
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ import tkp_common as tkp
 import tkp_runtime
 import vgg8_optimized as vgg8
 import vit_small
-from conftest import ROOT
+from conftest import ROOT, write_cifar
 
 
 class Payload:
@@ -295,3 +296,125 @@ def test_the_sigterm_handler_lives_as_long_as_the_run(cifar10_root, tmp_path):
         tkp_runtime.save_atomic = real
     assert seen and all(h is not before and callable(h) for h in seen)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ---- 5. a full disk, and a damaged final.pt, are one line --------------------------------
+
+ZIP_WRITER = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+
+
+def disk_full(kind):
+    """What torch.save raises when the disk fills: through a Python file, an OSError ENOSPC and
+    torch's zip-writer RuntimeError raised while handling it; writing a path, that RuntimeError."""
+    if kind == "oserror":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if kind == "zip-writer":
+        raise RuntimeError(ZIP_WRITER)
+    try:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:
+        raise RuntimeError(ZIP_WRITER)
+
+
+@pytest.mark.parametrize("kind", ["oserror", "zip-writer", "both"])
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_file(kind, tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint_last.pt"
+    tkp_runtime.save_atomic({"epoch": 1}, path)
+
+    def save(obj, fh):
+        fh.write(b"x" * 1000)  # part of the file was written
+        disk_full(kind)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(tkp.TKPError) as err:
+        tkp_runtime.save_atomic({"epoch": 2}, path)
+    assert str(err.value).startswith(f"cannot write checkpoint_last.pt in {tmp_path}: no space left on device")
+    assert "the previous checkpoint_last.pt is intact" in str(err.value) and "\n" not in str(err.value)
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_last.pt"]  # no temporary file left
+
+
+def test_a_full_disk_during_a_run_ends_in_one_line(cifar10_root, tmp_path, monkeypatch):
+    out, real, calls = tmp_path / "run", torch.save, []
+
+    def save(obj, fh):
+        calls.append(1)
+        if len(calls) == 2:  # the checkpoint of stage 1's second epoch
+            disk_full("both")
+        real(obj, fh)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(tkp.TKPError, match=f"cannot write checkpoint_last.pt in {out}: no space left on device; "
+                                           f"the previous checkpoint_last.pt is intact; free some space, then "
+                                           f"continue with --resume {out / 'checkpoint_last.pt'}"):
+        vgg8_run(cifar10_root, out, "--epochs-stage1", "2")
+    assert torch.load(out / "checkpoint_last.pt", weights_only=True)["epoch"] == 1
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_a_full_disk_while_writing_json_is_one_line(tmp_path, monkeypatch):
+    def write_text(self, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tkp_runtime.Path, "write_text", write_text)
+    with pytest.raises(tkp.TKPError, match=f"cannot write summary.json in {tmp_path}: no space left on device"):
+        tkp_runtime.Output(tmp_path, tkp_runtime.Dist()).write_json("summary.json", {})
+
+
+@pytest.fixture(scope="module")
+def final_pt(tmp_path_factory):
+    """(data root, a vgg8 final.pt) to damage in copies."""
+    root = tmp_path_factory.mktemp("final")
+    data = write_cifar(root / "data", "cifar10", n_train=60, n_test=20)
+    vgg8_run(data, root / "run", "--epochs-stage1", "0")
+    return data, root / "run" / "final.pt"
+
+
+def nan_weight(ckpt):
+    ckpt["model"]["features.0.weight"][0, 0, 0, 0] = float("nan")
+
+
+def float_masks(ckpt):
+    ckpt["masks"] = {k: v.float() for k, v in ckpt["masks"].items()}
+
+
+def short_mask(ckpt):
+    ckpt["masks"]["features.0.weight"] = ckpt["masks"]["features.0.weight"][:1]
+
+
+def revived_weight(ckpt):
+    w, keep = ckpt["model"]["features.3.weight"], ckpt["masks"]["features.3.weight"]
+    w[~keep] = 0.5  # the mask says pruned, the weight is not zero
+
+
+DAMAGES = {
+    "nan weights": (nan_weight, "is damaged: its weight features.0.weight is not a finite tensor"),
+    "no masks": (lambda c: c.pop("masks"), "is not a TKP final.pt .it lacks masks."),
+    "float masks": (float_masks, "is damaged: its mask features.0.weight is not a bool tensor"),
+    "short mask": (short_mask, "is damaged: its mask features.0.weight is not a bool tensor of that weight's shape"),
+    "args a list": (lambda c: c.update(args=[1, 2]), "is damaged: its args is a list, not a dict"),
+    "topk a string": (lambda c: c["args"].update(topk="2"), "its args give --topk the value '2', which"),
+    "unknown dataset": (lambda c: c["args"].update(dataset="cifar1000"), "give --dataset the value 'cifar1000'"),
+    "revived weight": (revived_weight, "is damaged: features.3.weight: a pruned weight is non-zero$"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_final_pt_is_one_line_that_blames_the_file(damage, final_pt, tmp_path):
+    data, good = final_pt
+    ckpt = torch.load(good, weights_only=True)
+    change, message = DAMAGES[damage]
+    change(ckpt)
+    path = tmp_path / "final.pt"
+    torch.save(ckpt, path)
+    with pytest.raises(tkp.TKPError, match=message) as err:
+        vgg8.main(["--eval", str(path), "--data-root", str(data), "--num-workers", "0"])
+    assert str(err.value).startswith(str(path)) and "TKP bug" not in str(err.value)
+    with pytest.raises(tkp.TKPError, match=message):
+        tkp.load_trained(str(path))
+
+
+def test_the_undamaged_final_pt_evaluates_and_loads(final_pt):
+    data, good = final_pt
+    assert vgg8.main(["--eval", str(good), "--data-root", str(data), "--num-workers", "0"])["sparsity"] == "top-2"
+    assert tkp.load_trained(str(good)).script.name == "vgg8"
