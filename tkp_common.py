@@ -397,7 +397,7 @@ def _start(args, script: Script, dist: Dist, device: torch.device, folder: Path)
     r = Run(args, script, dist, device, amp_dtype, use_compile, Output(folder, dist), module, module, plan,
             *loaders, memory_format, epochs, info={}, resume=resume, wall_start=wall_start,
             metrics={"init_top1": None, "stage1_top1": None, "post_mask_top1": None,
-                     "final_top1": None, "best_top1": None, "val_images": None})
+                     "final_top1": None, "best_top1": None, "val_images": None, "warnings": []})
     r.model = _wrap(r)
     _write_args(r, len(train_set), len(val_set), channels_last)
     if resume is not None:
@@ -538,12 +538,42 @@ def train_epochs(r: Run, trainer: Trainer) -> None:
                 r.metrics.update({f"{name}_top{k}": val[f"top{k}"] for k in r.script.topk_metrics})
         r.history.append({"stage": stage, "epoch": r.epoch + 1, **stats, "val_loss": val and val["loss"],
                           **{f"val_top{k}": val and val[f"top{k}"] for k in r.script.topk_metrics}})
+        warnings = stage_warnings(stage, [e for e in r.history if e["stage"] == stage], val) if last else []
+        if warnings:  # in the stage's last record, and in summary.json
+            r.history[-1]["warnings"] = warnings
+            r.metrics["warnings"] = r.metrics.get("warnings", []) + warnings
         r.durations.append(time.perf_counter() - tic)
         r.epoch += 1
         # the checkpoint first, then the log: a logged epoch is always a saved epoch
         r.out.save(_checkpoint(r, trainer), "checkpoint_last.pt")
         r.out.write_log(r.history)
         r.out.print(_epoch_line(r, label, stats, val))
+        for line in warnings:
+            r.out.print(f"warning: {line}")
+
+
+def stage_warnings(stage: int, epochs: list[dict], val: dict) -> list[str]:
+    """Signs that stage `stage` failed although its loss stayed finite (a NaN/inf loss stops
+    the run instead), from its epochs' log records and its last validation:
+    - diverged: its last epoch's mean training loss (cross-entropy, or the script's own loss)
+      is more than 10x the loss of its first batch, and above ln(classes), a uniform guess's
+      (--lr 1e4 on VGG-8: 2.3 at the start, 1e13 after it);
+    - at chance: its validation top-1 is within three standard errors of chance (100/classes
+      percent), judged only on at least 10 validation images per class and 100 in all: on
+      fewer the figure is noise (20 images at chance are no finding)."""
+    name = {1: "stage 1", 2: "stage 2", 3: "QAT"}[stage]
+    classes, images, out = val["classes"], val["images"], []
+    first, last = epochs[0].get("train_ce_first_batch"), epochs[-1]["train_ce"]
+    if first is not None and classes > 1 and last > 10 * first and last > math.log(classes):
+        out.append(f"{name}: the training loss ended at {last:.3g}, {last / first:.3g} times the {first:.3g} it "
+                   f"started at: training diverged; try a lower --lr, or --clip-grad 1.0")
+    chance = 1 / classes if classes > 1 else 0.0
+    margin = 3 * math.sqrt(chance * (1 - chance) / images) if images else 0.0
+    if classes > 1 and images >= max(10 * classes, 100) and val["top1"] <= 100 * (chance + margin):
+        out.append(f"{name}: validation top-1 {val['top1']:.2f}% is at chance ({100 * chance:.2f}% for {classes} "
+                   f"classes, on {images} images): the model learned nothing; check the data and labels, or "
+                   f"lower --lr")
+    return out
 
 
 def _epoch_line(r: Run, label: str, stats: dict, val: dict | None) -> str:

@@ -418,3 +418,40 @@ def test_the_undamaged_final_pt_evaluates_and_loads(final_pt):
     data, good = final_pt
     assert vgg8.main(["--eval", str(good), "--data-root", str(data), "--num-workers", "0"])["sparsity"] == "top-2"
     assert tkp.load_trained(str(good)).script.name == "vgg8"
+
+
+# ---- 6. a run that diverged but stayed finite says so ------------------------------------
+
+
+def test_a_diverged_run_warns_and_records_it(tmp_path, capsys):
+    data = write_cifar(tmp_path / "data", "cifar10", n_train=60, n_test=100)  # 10 validation images per class
+    out = tmp_path / "run"
+    summary = vgg8_run(data, out, "--lr", "1e4", "--batch-val", "50")
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    assert any(line.startswith("warning: stage 1: the training loss ended at") and "training diverged" in line
+               for line in printed), printed
+    assert any(line.startswith("warning: stage 2: validation top-1") and "is at chance (10.00% for 10 classes, "
+               "on 100 images)" in line for line in printed), printed
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["warnings"] == summary["warnings"] == [line.removeprefix("warning: ") for line in printed]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [len(e["warnings"]) for e in log] == [2, 1]  # in each stage's last epoch record
+
+
+def test_a_small_run_is_not_flagged(cifar10_root, tmp_path):
+    """20 validation images of 10 classes at chance are noise, not a finding."""
+    assert vgg8_run(cifar10_root, tmp_path / "run")["warnings"] == []
+
+
+@pytest.mark.parametrize("first,last,top1,images,classes,expected", [
+    (2.3, 1e13, 50.0, 10000, 10, ["diverged"]),       # --lr 1e4: finite, and far above its start
+    (0.05, 0.6, 70.0, 50000, 1000, []),                 # 12x a small start, still far better than a guess
+    (2.3, 2.0, 10.0, 10000, 10, ["at chance"]),
+    (2.3, 2.0, 12.0, 10000, 10, []),                    # 2 points above chance on 10,000 images: learned
+    (2.3, 2.0, 10.0, 50, 10, []),                       # 5 images per class: too few to tell
+    (6.9, 6.9, 0.1, 50000, 1000, ["at chance"]),
+])
+def test_divergence_thresholds(first, last, top1, images, classes, expected):
+    epochs = [{"train_ce_first_batch": first, "train_ce": last}]
+    warnings = tkp.stage_warnings(2, epochs, {"top1": top1, "images": images, "classes": classes})
+    assert [w for w in ("diverged", "at chance") if any(w in line for line in warnings)] == expected
