@@ -538,17 +538,17 @@ def train_epochs(r: Run, trainer: Trainer) -> None:
                 r.metrics.update({f"{name}_top{k}": val[f"top{k}"] for k in r.script.topk_metrics})
         r.history.append({"stage": stage, "epoch": r.epoch + 1, **stats, "val_loss": val and val["loss"],
                           **{f"val_top{k}": val and val[f"top{k}"] for k in r.script.topk_metrics}})
-        warnings = stage_warnings(stage, [e for e in r.history if e["stage"] == stage], val) if last else []
-        if warnings:  # in the stage's last record, and in summary.json
-            r.history[-1]["warnings"] = warnings
-            r.metrics["warnings"] = r.metrics.get("warnings", []) + warnings
+        flagged = stage_warnings(stage, [e for e in r.history if e["stage"] == stage], val) if last else []
+        if flagged:  # in the stage's last record, and in summary.json
+            r.history[-1]["warnings"] = flagged
+            r.metrics["warnings"] = r.metrics.get("warnings", []) + flagged
         r.durations.append(time.perf_counter() - tic)
         r.epoch += 1
         # the checkpoint first, then the log: a logged epoch is always a saved epoch
         r.out.save(_checkpoint(r, trainer), "checkpoint_last.pt")
         r.out.write_log(r.history)
         r.out.print(_epoch_line(r, label, stats, val))
-        for line in warnings:
+        for line in flagged:
             r.out.print(f"warning: {line}")
 
 

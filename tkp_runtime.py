@@ -546,8 +546,10 @@ def lock_folder(folder: Path):
             fh.close()
             raise TKPError(f"{folder} is in use by another run{f' ({holder})' if holder else ''}; wait for it "
                            f"to end, or choose another --output-dir") from None
-        except OSError:
+        except OSError as e:  # e.g. a network file system without locks
             fh.close()
+            print(f"warning: cannot lock {folder} ({e.strerror}); another run into it would not be stopped",
+                  file=sys.stderr, flush=True)
             return None
         with contextlib.suppress(OSError):
             if os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino:
@@ -630,7 +632,8 @@ def download_weights(weights) -> dict:
             cached.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(weights.url, str(cached), expected and expected.group(1), progress=True)
         except Exception as e:
-            raise TKPError(f"could not download the pretrained weights {weights} ({type(e).__name__}); "
+            detail = (str(e).splitlines() or [""])[0][:100]
+            raise TKPError(f"could not download the pretrained weights {weights} ({type(e).__name__}: {detail}); "
                            f"offline, pass --pretrain-path FILE (a copy of {weights.url}; a copy at {cached} "
                            f"is found too) or train from scratch with --no-pretrain") from None
     if expected and not file_sha256(cached).startswith(expected.group(1)):
