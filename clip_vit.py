@@ -223,7 +223,8 @@ def load_clip_weights(args, load):
     before = logging.root.manager.disable
     logging.disable(logging.CRITICAL)
     try:
-        return load()
+        with tkp.weights_only_loads():  # safetensors from the hub; a .pt/.bin file never runs code
+            return load()
     except Exception as e:  # noqa: BLE001 - network, hub, file and key errors alike
         source = args.pretrained_path or f"open_clip's tag {args.pretrained!r} (the Hugging Face hub)"
         hub = tag_config(args).get("hf_hub", "")

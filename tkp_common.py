@@ -62,6 +62,7 @@ from tkp_lib.runtime import (
     ArgumentParser,
     Dist,
     Output,
+    Terminated,
     TKPError,
     add_topk_args,
     all_reduce_sum,
@@ -78,6 +79,7 @@ from tkp_lib.runtime import (
     int_range,
     load_file,
     load_weights,
+    lock_folder,
     main_process_first,
     nm_pattern,
     plain,
@@ -85,9 +87,12 @@ from tkp_lib.runtime import (
     read_state_dict,
     resolve_amp,
     seed_all,
+    sigterm_stops,
     to_cpu,
     to_device,
+    unlock_folder,
     versions,
+    weights_only_loads,
 )
 from tkp_lib.sparsity import (
     AuxRegularizer,
@@ -110,7 +115,7 @@ __all__ = [
     "cnn_parser", "cnn_script", "loads_imagenet_weights", "loads_pretrain_path", "start_from_pretrain_path",
     # flags, weights and data for scripts of their own (vit_small.py, clip_vit.py)
     "ArgumentParser", "base_parser", "int_range", "comma_list", "nm_pattern", "load_weights", "pretrained_state",
-    "CIFAR_CLASSES", "image_folder", "fake_splits", "Plan", "nm_plan", "nm_param_plan",
+    "CIFAR_CLASSES", "image_folder", "fake_splits", "Plan", "nm_plan", "nm_param_plan", "weights_only_loads",
 ]
 
 CHECKPOINT_FORMAT = "tkp-checkpoint-1"
@@ -125,11 +130,11 @@ ROOT = Path(__file__).resolve().parent  # the folder of the model scripts
 # (every other flag given on the command line must equal the checkpoint's).
 OPERATIONAL_FLAGS = {"output_dir", "resume", "eval", "num_workers", "data_loader", "compile", "device", "channels_last",
                      "progress_every", "batch_val", "val_freq", "data_root", "data_path",
-                     "checkpoint_dir", "pretrain_path", "pretrained_path", "explicit_flags"}
+                     "checkpoint_dir", "pretrain_path", "pretrained_path", "explicit_flags", "overwrite"}
 # Flags a resumed run does not take from its checkpoint (every other flag that the command
 # line does not give does, so that `--resume CKPT` alone continues the run exactly; the
 # workers count too, as they draw the augmentations).
-MACHINE_FLAGS = {"output_dir", "resume", "eval", "explicit_flags", "device", "progress_every"}
+MACHINE_FLAGS = {"output_dir", "resume", "overwrite", "eval", "explicit_flags", "device", "progress_every"}
 # Precision flags: a resume is checked on the precision they resolve to on this machine.
 PRECISION_FLAGS = {"amp_dtype", "no_amp"}
 
@@ -219,9 +224,18 @@ def _mac_parts(script: Script, args) -> dict | None:
     return script.mac_parts(args) if script.mac_parts is not None else None
 
 
-def _prepare_output_dir(args, script: Script, dist: Dist) -> tuple[Path, bool]:
-    """Resolve --output-dir and create it; never adopt a folder that holds another run.
-    Returns the folder and whether this call created it."""
+# What a run writes into its folder: --overwrite removes these (and only these) of an earlier
+# run; the temporary files of their interrupted saves (".checkpoint_last.pt.*.tmp") go at the
+# next start. A folder holding one of FINISHED_FILES holds a finished run.
+RUN_FILES = ("args.json", "log.jsonl", "checkpoint_last.pt", "final.pt", "final_qat.pt", "summary.json",
+             "tap_frequencies.png", "training_curves.png")
+FINISHED_FILES = ("final.pt", "final_qat.pt", "summary.json")
+
+
+def _prepare_output_dir(args, script: Script, dist: Dist):
+    """Resolve --output-dir, create it and lock it for the run (rank 0; every process stops if
+    that fails); never adopt a folder that holds another run, unless --overwrite.
+    Returns the folder, whether this call created it, and the lock."""
     temporary = False
     if args.output_dir is None:
         if args.resume:
@@ -232,35 +246,75 @@ def _prepare_output_dir(args, script: Script, dist: Dist) -> tuple[Path, bool]:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             args.output_dir = str(Path("runs") / f"{script.name}-{stamp}")
     folder = Path(args.output_dir)
-    existing = folder / "checkpoint_last.pt"
-    if existing.exists() and not (args.resume and existing.resolve() == Path(args.resume).resolve()):
-        raise TKPError(f"{folder} already holds a run; continue it with --resume {existing} "
-                       f"or choose another --output-dir")
     created = temporary or not folder.exists()
+    lock, error = None, None
     if dist.is_main:
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TKPError(f"cannot create --output-dir {folder}: {e.strerror}") from None
-    return folder, created
+            lock = _claim_folder(folder, args)
+        except TKPError as e:
+            error = str(e)
+    if dist.enabled:  # the other processes wait for rank 0's verdict
+        verdict = [error]
+        torch_dist.broadcast_object_list(verdict, src=0)
+        error = verdict[0]
+    if error is not None:
+        if dist.is_main:
+            raise TKPError(error)
+        raise SystemExit(2)  # rank 0 says why, in one line
+    return folder, created, lock
 
 
-def _clean_up(folder: Path, created: bool, temporary: bool, out: Output) -> None:
-    """After a run: remove a --dry-run's temporary folder; after a failure, remove the folder
-    this run created if no epoch was saved in it (only the files the run writes first)."""
-    if not out.dist.is_main or not created or not folder.is_dir():
-        return
-    if temporary:
-        shutil.rmtree(folder, ignore_errors=True)
-        out.print(f"dry run: removed {folder} (pass --output-dir to keep the outputs)")
-        return
-    if (folder / "checkpoint_last.pt").exists():
-        return
-    for name in ("args.json", "log.jsonl"):
-        with contextlib.suppress(FileNotFoundError):
-            (folder / name).unlink()
-    with contextlib.suppress(OSError):
-        folder.rmdir()  # only if nothing else is in it
+def _claim_folder(folder: Path, args):
+    """Rank 0: create and lock `folder`; refuse another run's folder (a run in progress, a
+    checkpoint that is not the one resumed, a finished run), or clear it with --overwrite;
+    remove the temporary files of an interrupted save. Returns the lock."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TKPError(f"cannot create --output-dir {folder}: {e.strerror}") from None
+    lock = lock_folder(folder)
+    try:
+        existing = folder / "checkpoint_last.pt"
+        resumed_here = bool(args.resume) and existing.exists() and existing.resolve() == Path(args.resume).resolve()
+        finished = [name for name in FINISHED_FILES if (folder / name).exists()]
+        if resumed_here and args.overwrite:
+            raise TKPError(f"--overwrite would delete {existing}, which --resume continues; leave --overwrite out")
+        if existing.exists() and not resumed_here and not args.overwrite:
+            raise TKPError(f"{folder} already holds a run; continue it with --resume {existing}, start it over "
+                           f"with --overwrite, or choose another --output-dir")
+        if finished and not resumed_here and not args.overwrite:
+            raise TKPError(f"{folder} holds a finished run ({', '.join(finished)}); choose another --output-dir, "
+                           f"or pass --overwrite to replace it")
+        stale = [p for name in RUN_FILES for p in folder.glob(f".{name}.*tmp")]
+        old = [folder / name for name in RUN_FILES if args.overwrite and (folder / name).exists()]
+        for path in stale + old:
+            path.unlink()
+    except BaseException:
+        unlock_folder(lock, folder)
+        raise
+    if stale:
+        print(f"removed {len(stale)} temporary file(s) of an interrupted save from {folder}", flush=True)
+    if old:
+        print(f"--overwrite: removed the earlier run's {', '.join(p.name for p in old)} from {folder}", flush=True)
+    return lock
+
+
+def _clean_up(folder: Path, created: bool, temporary: bool, failed: bool, lock, out: Output) -> None:
+    """After a run: remove a --dry-run's temporary folder; after a failure with no checkpoint
+    saved, remove the files the run wrote first (args.json, log.jsonl) and the folder if this
+    run created it and nothing else is in it. Releases the folder's lock."""
+    if out.dist.is_main and folder.is_dir():
+        if temporary:
+            shutil.rmtree(folder, ignore_errors=True)
+            out.print(f"dry run: removed {folder} (pass --output-dir to keep the outputs)")
+        elif failed and not (folder / "checkpoint_last.pt").exists():
+            for name in ("args.json", "log.jsonl"):
+                with contextlib.suppress(FileNotFoundError):
+                    (folder / name).unlink()
+    unlock_folder(lock, folder)
+    if out.dist.is_main and failed and created:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if nothing else is in it
 
 
 def _apply_dry_run(args) -> None:
@@ -280,6 +334,7 @@ def _load_resume(args) -> dict:
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise TKPError(f"{args.resume} is not a TKP checkpoint_last.pt (to start from weights, use "
                        f"the script's pretrained-weights flag)")
+    check_final(ckpt, args.resume, finite=False)  # model, masks and args as a final.pt holds them
     saved, current = ckpt["args"], plain(vars(args))
     given = set(getattr(args, "explicit_flags", current))
     if current.get("beta") == "auto" and saved.get("beta_auto") is not None:
@@ -321,7 +376,8 @@ def _restore_rng(state: dict, device) -> None:
 
 
 def run(args, script: Script) -> dict:
-    """Run the two-stage pipeline of DESIGN.md §3 (or --eval) for one script. Returns the summary."""
+    """Run the two-stage pipeline of DESIGN.md §3 (or --eval) for one script. Returns the summary.
+    The output folder is locked for the run; SIGTERM stops it as Ctrl-C does (Terminated)."""
     if args.eval:
         return evaluate_checkpoint(args, script)
     dist, device = init_distributed(args.device)
@@ -335,37 +391,47 @@ def run(args, script: Script) -> dict:
         torch.backends.mkldnn.enabled = False
         torch.set_num_threads(1)
     temporary = args.dry_run and args.output_dir is None and not args.resume
-    folder, created = _prepare_output_dir(args, script, dist)
-    finished = False
+    folder, created, lock, finished = None, False, None, False
     try:
-        summary = _run(args, script, dist, device, folder)
+        with sigterm_stops():
+            folder, created, lock = _prepare_output_dir(args, script, dist)
+            summary = _run(args, script, dist, device, folder)
         finished = True
         return summary
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+        if folder is not None:
+            _say_interrupted(e, folder, args, Output(folder, dist))
+        raise
     finally:
-        if temporary or not finished:
-            _clean_up(folder, created, temporary, Output(folder, dist))
+        if folder is not None:
+            _clean_up(folder, created, temporary, not finished, lock, Output(folder, dist))
         torch.backends.mkldnn.enabled = onednn
         torch.set_num_threads(threads)
         if dist.enabled and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
 
 
+def _say_interrupted(e: KeyboardInterrupt, folder: Path, args, out: Output) -> None:
+    how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+    saved = folder / "checkpoint_last.pt"
+    if saved.exists():
+        out.print(f"{how}: continue with --resume {saved}")
+    elif args.resume:
+        out.print(f"{how} before the first epoch finished: continue with --resume {args.resume}")
+    else:
+        out.print(f"{how} before the first epoch finished: nothing was saved")
+
+
 def _run(args, script: Script, dist: Dist, device: torch.device, folder: Path) -> dict:
     """The method, step by step: stage 1, mask, recalibrate, stage 2, QAT, reports."""
     r = _start(args, script, dist, device, folder)
-    try:
-        if r.stage == 1:
-            train_stage1(r)
-            apply_masks(r)
-        if r.stage == 2:
-            summary = train_stage2(r)
-        if args.qat:
-            train_qat(r)
-    except KeyboardInterrupt:
-        saved = r.out.folder / "checkpoint_last.pt"
-        r.out.print(f"interrupted: continue with --resume {saved}" if saved.exists() else
-                    "interrupted before the first epoch finished: nothing was saved")
-        raise
+    if r.stage == 1:
+        train_stage1(r)
+        apply_masks(r)
+    if r.stage == 2:
+        summary = train_stage2(r)
+    if args.qat:
+        train_qat(r)
     return finish_qat(r) if args.qat else summary
 
 
@@ -396,7 +462,7 @@ def _start(args, script: Script, dist: Dist, device: torch.device, folder: Path)
     r = Run(args, script, dist, device, amp_dtype, use_compile, Output(folder, dist), module, module, plan,
             *loaders, memory_format, epochs, info={}, resume=resume, wall_start=wall_start,
             metrics={"init_top1": None, "stage1_top1": None, "post_mask_top1": None,
-                     "final_top1": None, "best_top1": None, "val_images": None})
+                     "final_top1": None, "best_top1": None, "val_images": None, "warnings": []})
     r.model = _wrap(r)
     _write_args(r, len(train_set), len(val_set), channels_last)
     if resume is not None:
@@ -543,12 +609,42 @@ def train_epochs(r: Run, trainer: Trainer) -> None:
                 r.metrics.update({f"{name}_top{k}": val[f"top{k}"] for k in r.script.topk_metrics})
         r.history.append({"stage": stage, "epoch": r.epoch + 1, **stats, "val_loss": val and val["loss"],
                           **{f"val_top{k}": val and val[f"top{k}"] for k in r.script.topk_metrics}})
+        flagged = stage_warnings(stage, [e for e in r.history if e["stage"] == stage], val) if last else []
+        if flagged:  # in the stage's last record, and in summary.json
+            r.history[-1]["warnings"] = flagged
+            r.metrics["warnings"] = r.metrics.get("warnings", []) + flagged
         r.durations.append(time.perf_counter() - tic)
         r.epoch += 1
         # the checkpoint first, then the log: a logged epoch is always a saved epoch
         r.out.save(_checkpoint(r, trainer), "checkpoint_last.pt")
         r.out.write_log(r.history)
         r.out.print(_epoch_line(r, label, stats, val))
+        for line in flagged:
+            r.out.print(f"warning: {line}")
+
+
+def stage_warnings(stage: int, epochs: list[dict], val: dict) -> list[str]:
+    """Signs that stage `stage` failed although its loss stayed finite (a NaN/inf loss stops
+    the run instead), from its epochs' log records and its last validation:
+    - diverged: its last epoch's mean training loss (cross-entropy, or the script's own loss)
+      is more than 10x the loss of its first batch, and above ln(classes), a uniform guess's
+      (--lr 1e4 on VGG-8: 2.3 at the start, 1e13 after it);
+    - at chance: its validation top-1 is within three standard errors of chance (100/classes
+      percent), judged only on at least 10 validation images per class and 100 in all: on
+      fewer the figure is noise (20 images at chance are no finding)."""
+    name = {1: "stage 1", 2: "stage 2", 3: "QAT"}[stage]
+    classes, images, out = val["classes"], val["images"], []
+    first, last = epochs[0].get("train_ce_first_batch"), epochs[-1]["train_ce"]
+    if first is not None and classes > 1 and last > 10 * first and last > math.log(classes):
+        out.append(f"{name}: the training loss ended at {last:.3g}, {last / first:.3g} times the {first:.3g} it "
+                   f"started at: training diverged; try a lower --lr, or --clip-grad 1.0")
+    chance = 1 / classes if classes > 1 else 0.0
+    margin = 3 * math.sqrt(chance * (1 - chance) / images) if images else 0.0
+    if classes > 1 and images >= max(10 * classes, 100) and val["top1"] <= 100 * (chance + margin):
+        out.append(f"{name}: validation top-1 {val['top1']:.2f}% is at chance ({100 * chance:.2f}% for {classes} "
+                   f"classes, on {images} images): the model learned nothing; check the data and labels, or "
+                   f"lower --lr")
+    return out
 
 
 def _epoch_line(r: Run, label: str, stats: dict, val: dict | None) -> str:
@@ -744,12 +840,82 @@ def checkpoint_args(base: dict, ckpt_args: dict, path: str) -> argparse.Namespac
     return saved
 
 
+def check_final(ckpt: dict, path: str, parser: argparse.ArgumentParser | None = None, finite: bool = True) -> None:
+    """Refuse a damaged final.pt (or final_qat.pt) before anything is built from it, in one line
+    that blames the file: model, masks or args that are not dicts, weights that are not
+    tensors (not finite ones, with `finite`: a checkpoint of QAT holds observers' infinite
+    starting values), masks that are not bool tensors of their weight's shape, and (given the
+    script's parser) args the script's command line could not have produced."""
+    missing = sorted({"model", "masks", "args"} - set(ckpt))
+    if missing:
+        raise TKPError(f"{path} is not a TKP final.pt (it lacks {'/'.join(missing)})")
+    for part in ("model", "masks", "args"):
+        if not isinstance(ckpt[part], dict) or not all(isinstance(k, str) for k in ckpt[part]):
+            raise TKPError(f"{path} is damaged: its {part} is a {type(ckpt[part]).__name__}, not a dict by name")
+    state = ckpt["model"]
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor) or (finite and value.is_floating_point() and not value.isfinite().all()):
+            raise TKPError(f"{path} is damaged: its weight {name} is not a finite tensor")
+    state = clean_state_dict(state)
+    for name, mask in ckpt["masks"].items():
+        if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and name in state
+                and mask.shape == state[name].shape):
+            raise TKPError(f"{path} is damaged: its mask {name} is not a bool tensor of that weight's shape")
+    if parser is not None:
+        _check_saved_args(ckpt["args"], parser, path)
+
+
+def _check_saved_args(saved: dict, parser: argparse.ArgumentParser, path: str) -> None:
+    """Every science flag of a final.pt must hold a value that one of the parser's actions for
+    it produces (its type and choices): a damaged value would fail deep in model building."""
+    actions = {}
+    for action in parser._actions:
+        actions.setdefault(action.dest, []).append(action)
+    for key, value in saved.items():
+        if key in actions and key not in OPERATIONAL_FLAGS and not any(_produces(a, value) for a in actions[key]):
+            raise TKPError(f"{path} is damaged: its args give --{key.replace('_', '-')} the value {value!r}, "
+                           f"which the script's command line cannot produce")
+
+
+def _produces(action: argparse.Action, value) -> bool:
+    """Whether the command line can give `action.dest` the value `value` through `action`."""
+    if type(value) is type(action.default) and value == action.default:
+        return True
+    if action.nargs == 0:  # store_true, store_false, store_const
+        return type(value) is type(action.const) and value == action.const
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, list)):
+        return False
+    if action.choices is not None and value not in action.choices:
+        return False
+    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    try:
+        return (action.type or str)(text) == value
+    except (argparse.ArgumentTypeError, TypeError, ValueError):
+        return False
+
+
+def _check_file_masks(module: nn.Module, plan: Plan, masks: dict, path: str, model_name: str) -> None:
+    """A final.pt's masks against the model rebuilt from it: one per pruned layer, and every
+    pruned weight zero (a violation is the file's fault here, not the training's)."""
+    if set(masks) != {t.name for t in plan.targets}:
+        raise TKPError(f"{path}: its masks do not match the pruned layers of its {model_name} model")
+    try:
+        check_sparsity(module, plan, masks)
+    except RuntimeError as e:
+        raise TKPError(f"{path} is damaged: {str(e).split(' (a TKP bug')[0]}") from None
+
+
+def _script_parser(script: Script) -> argparse.ArgumentParser | None:
+    """The command line of the script that defines `script` (its get_args_parser()), if any."""
+    make = getattr(sys.modules.get(script.build_model.__module__), "get_args_parser", None)
+    return make() if callable(make) else None
+
+
 def evaluate_checkpoint(args, script: Script) -> dict:
     """--eval CKPT: rebuild the model from a final.pt (or a final_qat.pt, evaluated with its
     int8 weights and input quantization, in fp32), evaluate it, print its summary."""
     ckpt = load_file(args.eval, "--eval checkpoint")
-    if not {"model", "masks", "args"} <= set(ckpt):
-        raise TKPError(f"{args.eval} is not a TKP final.pt (it lacks model/masks/args)")
+    check_final(ckpt, args.eval, _script_parser(script))
     dist, device = init_distributed(args.device)
     try:
         return _evaluate_checkpoint(args, script, ckpt, dist, device)
@@ -764,7 +930,7 @@ def _evaluate_checkpoint(args, script: Script, ckpt: dict, dist: Dist, device: t
     load_weights(module, clean_state_dict(ckpt["model"]), args.eval)
     plan = script.build_plan(module, saved)
     masks = {k: v.to(device) for k, v in ckpt["masks"].items()}
-    check_sparsity(module, plan, masks)
+    _check_file_masks(module, plan, masks, args.eval, script.name)
     _, val_set = script.build_data(saved)
     loader = make_loader(val_set, args.batch_val, train=False, num_workers=args.num_workers,
                          device=device, dist=dist)
@@ -841,20 +1007,30 @@ def _script_candidates(ckpt: dict, script: str | None) -> list:
     if script:
         return [import_script(script)]
     modules = [import_script(str(p)) for p in script_files()]
-    named = str(ckpt.get("metrics", {}).get("model"))
+    metrics = ckpt.get("metrics")
+    named = str(metrics.get("model")) if isinstance(metrics, dict) else None
     return sorted(modules, key=lambda m: m.SCRIPT.name != named)
 
 
 def load_trained(path: str, script: str | None = None, what: str = "checkpoint") -> Trained:
     """Rebuild the model of a final.pt with the script that trained it: `script` when given,
     else the one final.pt's metrics name, else the first model script whose model its
-    weights fit. The script's defaults are overlaid with final.pt's science flags."""
+    weights fit. The script's defaults are overlaid with final.pt's science flags. A damaged
+    file is one line that blames it (check_final)."""
     ckpt = load_file(path, what)
-    if not {"model", "masks", "args"} <= set(ckpt):
-        raise TKPError(f"{path} is not a TKP final.pt (it lacks model/masks/args)")
+    check_final(ckpt, path)
     state = clean_state_dict(ckpt["model"])
+    metrics = ckpt.get("metrics")
+    named = metrics.get("model") if isinstance(metrics, dict) else None
     for module in _script_candidates(ckpt, script):
-        args = checkpoint_args(vars(module.get_args_parser().parse_args([])), ckpt["args"], path)
+        parser = module.get_args_parser()
+        try:
+            _check_saved_args(ckpt["args"], parser, path)
+        except TKPError:
+            if script or module.SCRIPT.name == named:
+                raise
+            continue  # the args of another script's model
+        args = checkpoint_args(vars(parser.parse_args([])), ckpt["args"], path)
         model = module.build_model(args)
         if not _fits(model, state):
             if script:
@@ -863,10 +1039,8 @@ def load_trained(path: str, script: str | None = None, what: str = "checkpoint")
             continue
         load_weights(model, state, path)
         plan = module.SCRIPT.build_plan(model, args)
-        masks = {k: v.bool() for k, v in ckpt["masks"].items()}
-        if set(masks) != {t.name for t in plan.targets}:
-            raise TKPError(f"{path}: its masks do not match the pruned layers of its {module.SCRIPT.name} model")
-        check_sparsity(model, plan, masks)
+        masks = dict(ckpt["masks"])
+        _check_file_masks(model, plan, masks, path, module.SCRIPT.name)
         return Trained(module.SCRIPT, args, model.eval(), plan, masks, ckpt)
     raise TKPError(f"{path}: no model script in {ROOT} builds a model these weights fit; name the script")
 

@@ -88,7 +88,8 @@ def build_model(args) -> nn.Module:
             raise tkp.TKPError(f"--pretrained-path {args.pretrained_path} does not exist")
         kwargs["pretrained_cfg_overlay"] = dict(file=args.pretrained_path)
     try:  # timm loads the file, drops a classifier of another class count, resizes pos. embeddings
-        return timm.create_model(args.model, pretrained=True, **kwargs)
+        with tkp.weights_only_loads():  # safetensors from the hub; a .pth (or old timm) never runs code
+            return timm.create_model(args.model, pretrained=True, **kwargs)
     except Exception as e:
         source = args.pretrained_path or "the Hugging Face hub"
         raise tkp.TKPError(f"could not load pretrained weights for {args.model} from {source} "

@@ -11,13 +11,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import errno
+import hashlib
 import json
 import math
 import os
 import platform
 import random
+import re
+import signal
 import sys
 import tempfile
+import threading
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -69,6 +75,8 @@ def cli(main: Callable[[], object]) -> None:
         print("error: the GPU ran out of memory; use a smaller --batch-train/--batch-size (with "
               "--grad-accum to keep the effective batch) and --resume if an epoch was saved", file=sys.stderr)
         sys.exit(2)
+    except Terminated:
+        sys.exit(143)  # 128 + SIGTERM, as if the signal had ended it; run() has said how to continue
     except KeyboardInterrupt:
         sys.exit(130)  # run() has said where the last finished epoch is
 
@@ -242,6 +250,10 @@ def base_parser(description: str) -> ArgumentParser:
                         "(default: runs/<script>-<time>, or the folder of --resume)")
     g.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue the run saved in CKPT (a checkpoint_last.pt)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an --output-dir that holds another run: its args.json, log.jsonl, "
+                        "checkpoint_last.pt, final.pt, final_qat.pt, summary.json and figures are removed "
+                        "first (other files stay)")
     g.add_argument("--eval", default=None, metavar="CKPT",
                    help="evaluate a final.pt on the validation set and print its summary")
     g.add_argument("--dry-run", action="store_true",
@@ -322,6 +334,39 @@ def main_process_first(dist: Dist):
     yield
     if dist.enabled and dist.is_main:
         torch_dist.barrier()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster's preemption, `kill`), raised where the run is, as Ctrl-C raises
+    KeyboardInterrupt: whatever stops a run on Ctrl-C stops it on SIGTERM."""
+
+
+@contextlib.contextmanager
+def sigterm_stops():
+    """For the life of the block, SIGTERM raises Terminated in the main thread (the previous
+    handler is restored after): the step in flight is dropped, the last checkpoint kept. A
+    second SIGTERM is ignored while the run stops. An error that follows a SIGTERM (a
+    DataLoader worker or another process of the job, killed by the same signal) is raised as
+    Terminated. Outside the main thread, where Python sets no handlers, it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except Exception as e:
+        if received:
+            raise Terminated() from e
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def resolve_amp(args, device: torch.device) -> torch.dtype | None:
@@ -442,10 +487,11 @@ def clean_state_dict(state: dict) -> dict:
 
 def save_atomic(obj, path: Path) -> None:
     """torch.save to a temporary file in the same folder, then rename: a crash mid-write
-    never leaves a half-written file under `path`."""
+    never leaves a half-written file under `path`. A full disk is one line (TKPError)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
@@ -454,10 +500,47 @@ def save_atomic(obj, path: Path) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a saved run is for sharing
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(e, Exception):
+            raise_if_disk_full(e, path)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary file and a rename; a full disk is one line."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise_if_disk_full(e, path)
+        raise
+
+
+def raise_if_disk_full(e: BaseException, path: Path) -> None:
+    """A TKPError naming the folder when writing `path` failed for want of space: an OSError
+    ENOSPC/EDQUOT in `e` or the exceptions it was raised from (torch's zip writer reports it as
+    RuntimeError "[enforce fail at inline_container.cc...]" raised while handling it), or that
+    RuntimeError alone (torch writing to a path itself, when the disk is full). The file that
+    was there before is left as it was."""
+    cause, reason = e, None
+    while cause is not None and reason is None:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason = os.strerror(cause.errno).lower()
+        cause = cause.__cause__ or cause.__context__
+    if reason is None and isinstance(e, RuntimeError) and "inline_container" in str(e):
+        reason = f"no space left on device (torch's writer failed: {str(e).splitlines()[0][:80]})"
+    if reason is not None:
+        kept = f"; the previous {path.name} is intact" if path.exists() else ""
+        checkpoint = path.parent / "checkpoint_last.pt"
+        then = f"continue with --resume {checkpoint}" if checkpoint.exists() else "run again"
+        raise TKPError(f"cannot write {path.name} in {path.parent}: {reason}{kept}; free some space, "
+                       f"then {then}") from None
 
 
 def load_file(path: str, what: str) -> dict:
@@ -472,6 +555,54 @@ def load_file(path: str, what: str) -> dict:
     if not isinstance(obj, dict):
         raise TKPError(f"{what} {path} holds a {type(obj).__name__}, not a dict")
     return obj
+
+
+LOCK_FILE = ".tkp.lock"
+
+
+def lock_folder(folder: Path):
+    """Lock `folder` for one run: an exclusive flock on folder/.tkp.lock, held until
+    unlock_folder(). The OS drops it when the process ends, however it ends, so a killed run
+    leaves no stale lock. Another process that asks gets one line naming the folder and the
+    holder. Returns the lock (an open file), or None where the platform or the file system has
+    no flock (Windows, some network file systems): the run then goes on unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = folder / LOCK_FILE
+    while True:
+        fh = open(path, "a+")  # "a+": opening does not erase the holder's line
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip()
+            fh.close()
+            raise TKPError(f"{folder} is in use by another run{f' ({holder})' if holder else ''}; wait for it "
+                           f"to end, or choose another --output-dir") from None
+        except OSError as e:  # e.g. a network file system without locks
+            fh.close()
+            print(f"warning: cannot lock {folder} ({e.strerror}); another run into it would not be stopped",
+                  file=sys.stderr, flush=True)
+            return None
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino:
+                break
+        fh.close()  # the run that held it removed the file as it ended: lock the new one
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"process {os.getpid()} on {platform.node()}\n")
+    fh.flush()
+    return fh
+
+
+def unlock_folder(lock, folder: Path) -> None:
+    """Release lock_folder()'s lock and remove its file."""
+    if lock is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(Path(folder) / LOCK_FILE)
+        lock.close()
 
 
 def read_state_dict(path: str, what: str = "weights file") -> dict:
@@ -518,16 +649,56 @@ def pretrained_state(path: str | None, weights) -> tuple[dict, str]:
     return download_weights(weights), str(weights)
 
 
+# torchvision's file names carry the first digits of their SHA-256: googlenet-1378be20.pth
+HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.")
+
+
 def download_weights(weights) -> dict:
-    """The state_dict of a torchvision weights enum, through torch.hub's cache (no network
-    when the file is already there); offline, one line naming the alternatives."""
+    """The state_dict of a torchvision weights enum, from torch.hub's cache (downloaded there
+    first when missing; offline, one line naming the alternatives). We read the file ourselves,
+    with weights_only=True, and check it against the SHA-256 prefix its name carries: torch.hub
+    checks the hash only while downloading and unpickles a cached file with code
+    (weights_only=False), so a file planted in the cache would run."""
+    name = os.path.basename(urllib.parse.urlparse(weights.url).path)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    expected = HASH_IN_NAME.search(name)
+    if not cached.is_file():
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(weights.url, str(cached), expected and expected.group(1), progress=True)
+        except Exception as e:
+            detail = (str(e).splitlines() or [""])[0][:100]
+            raise TKPError(f"could not download the pretrained weights {weights} ({type(e).__name__}: {detail}); "
+                           f"offline, pass --pretrain-path FILE (a copy of {weights.url}; a copy at {cached} "
+                           f"is found too) or train from scratch with --no-pretrain") from None
+    if expected and not file_sha256(cached).startswith(expected.group(1)):
+        raise TKPError(f"{cached} is not {weights.url}: its SHA-256 does not start with {expected.group(1)}; "
+                       f"delete it to download it again, or pass --pretrain-path FILE")
+    return read_state_dict(str(cached), "cached weights file")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Within the block every torch.load reads tensors and plain values only, whatever the
+    caller asks for (torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD): for libraries that load
+    pretrained files themselves (timm, open_clip), whose older versions pass weights_only=False."""
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
-        return weights.get_state_dict(progress=True, check_hash=True)
-    except Exception as e:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-        raise TKPError(f"could not download the pretrained weights {weights} ({type(e).__name__}); "
-                       f"offline, pass --pretrain-path FILE (a copy of {weights.url}; a copy at {cached} "
-                       f"is found too) or train from scratch with --no-pretrain") from None
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
 
 
 class Output:
@@ -542,15 +713,11 @@ class Output:
 
     def write_json(self, name: str, obj) -> None:
         if self.dist.is_main:
-            tmp = self.folder / f".{name}.tmp"
-            tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-            os.replace(tmp, self.folder / name)
+            write_text_atomic(self.folder / name, json.dumps(obj, indent=2, default=str) + "\n")
 
     def write_log(self, history: list[dict]) -> None:
         if self.dist.is_main:
-            tmp = self.folder / ".log.jsonl.tmp"
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-            os.replace(tmp, self.folder / "log.jsonl")
+            write_text_atomic(self.folder / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
     def save(self, obj, name: str) -> None:
         if self.dist.is_main:

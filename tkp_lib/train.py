@@ -116,6 +116,7 @@ def train_one_epoch(t: Trainer, loader, *, progress: Callable[[str], None] | Non
     sums = torch.zeros(2, dtype=torch.float64, device=t.device)  # sum of ce * n, correct
     count = 0
     aux_sum, aux_count = torch.zeros((), device=t.device), 0
+    ce_first = torch.zeros((), dtype=torch.float64, device=t.device)  # the first micro-batch's: where the epoch starts
     lr_first = t.optimizer.param_groups[0]["lr"]
     start = last_print = time.perf_counter()
     for i, batch in enumerate(loader):
@@ -133,6 +134,8 @@ def train_one_epoch(t: Trainer, loader, *, progress: Callable[[str], None] | Non
                     ce, out, target = t.loss_fn(t.model, x, y)
             t.scaler.scale(ce / group_size).backward()
         with torch.no_grad():
+            if i == 0:
+                ce_first += ce.detach().double()
             sums[0] += ce.detach().double() * len(y)
             sums[1] += (out.argmax(1) == target).sum()
         count += len(y)
@@ -153,13 +156,14 @@ def train_one_epoch(t: Trainer, loader, *, progress: Callable[[str], None] | Non
     if t.device.type == "cuda":
         torch.cuda.synchronize(t.device)
     seconds = time.perf_counter() - start
-    totals = torch.cat([sums, torch.tensor([count], dtype=torch.float64, device=t.device)])
-    ce_sum, correct, count = all_reduce_sum(totals, t.dist).tolist()
+    totals = torch.cat([sums, torch.tensor([count], dtype=torch.float64, device=t.device), ce_first[None]])
+    ce_sum, correct, count, ce_first = all_reduce_sum(totals, t.dist).tolist()
     ce_mean = ce_sum / max(count, 1)
     aux_mean = (aux_sum / aux_count).item() if aux_count else 0.0
     _check_finite(ce_mean + t.beta * aux_mean, label)
     return {"lr": lr_first, "train_loss": ce_mean + t.beta * aux_mean, "train_ce": ce_mean,
-            "train_aux": aux_mean, "train_acc": 100.0 * correct / max(count, 1),
+            "train_ce_first_batch": ce_first / t.dist.world, "train_aux": aux_mean,
+            "train_acc": 100.0 * correct / max(count, 1),
             "epoch_seconds": seconds, "images_per_s": count / seconds if seconds > 0 else 0.0}
 
 
@@ -167,14 +171,17 @@ def train_one_epoch(t: Trainer, loader, *, progress: Callable[[str], None] | Non
 def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None, dist: Dist = Dist(),
              topk: tuple[int, ...] = (1,), memory_format=torch.preserve_format) -> dict:
     """Top-k accuracies (percent) and mean cross-entropy over the whole loader, summed across
-    processes (each holds a disjoint shard)."""
+    processes (each holds a disjoint shard); also the images counted and the classes (the
+    width of the model's output)."""
     model.eval()
     sums = torch.zeros(2 + len(topk), dtype=torch.float64, device=device)  # loss, n, correct@k
+    classes = 0
     for batch in loader:
         x, y = _to_device(batch, device, memory_format)
         with autocast(device, amp_dtype):
             out = model(x)
         out = out.float()
+        classes = out.shape[1]
         pred = out.topk(min(max(topk), out.shape[1]), dim=1).indices
         hits = pred == y[:, None]
         sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(),
@@ -182,7 +189,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None, dis
                             + [hits[:, :k].any(1).sum().double() for k in topk])
     sums = all_reduce_sum(sums, dist).tolist()
     n = max(sums[1], 1)
-    result = {"loss": sums[0] / n, "images": int(sums[1])}
+    result = {"loss": sums[0] / n, "images": int(sums[1]), "classes": classes}
     for k, c in zip(topk, sums[2:]):
         result[f"top{k}"] = 100.0 * c / n
     return result
