@@ -43,6 +43,24 @@ def plant(path, marker):
 # ---- 2. pretrained weights never run code ------------------------------------------------
 
 
+def test_a_planted_cifar_batch_is_refused_not_run(tmp_path):
+    """CIFAR's batches are pickles: they are read with an unpickler that builds arrays and
+    lists only, so a planted data_batch_1 is one line and runs nothing."""
+    import pickle
+
+    root = write_cifar(tmp_path / "data", "cifar10", n_train=20, n_test=10)
+    folder = root / "cifar-10-batches-py"
+    from tkp_lib.data import load_cifar
+    assert load_cifar(str(root), "cifar10", download=False)[0].shape == (20, 32, 32, 3)  # the real format reads
+    marker = tmp_path / "PWNED"
+    with open(folder / "data_batch_1", "wb") as fh:
+        pickle.dump({"data": Payload(marker), "labels": [0]}, fh, protocol=2)
+    with pytest.raises(tkp.TKPError, match=r"data_batch_1 is not a readable cifar10 batch .*(posix|os)\.mkdir"):
+        load_cifar(str(root), "cifar10", download=False)
+    assert not marker.exists()
+
+
+
 def hub_copy(tmp_path, monkeypatch, name="googlenet-1378be20.pth"):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,20 @@ def _cifar_class(name: str):
     return {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler of plain containers and numpy arrays only: a CIFAR batch is data, so a
+    planted file is refused instead of running code (torch's weights_only loader allows the
+    same `_codecs.encode`, which Python 3's protocol-2 pickles use for bytes)."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               *((f"numpy.{core}.multiarray", name) for core in ("core", "_core")  # numpy 1 and 2
+                 for name in ("_reconstruct", "scalar"))}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}; a CIFAR batch holds only arrays and lists")
+        return super().find_class(module, name)
+
+
 def load_cifar(root: str, name: str, download: bool = True):
     """CIFAR-10/100 as uint8 arrays: (train_x, train_y, test_x, test_y), x of shape (N, 32, 32, 3).
 
@@ -89,7 +103,7 @@ def load_cifar(root: str, name: str, download: bool = True):
         for f in files:
             try:
                 with open(folder / f, "rb") as fh:
-                    entry = pickle.load(fh, encoding="latin1")
+                    entry = _ArraysOnly(fh, encoding="latin1").load()
                 entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
                 x = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
                 y = entry["labels"] if "labels" in entry else entry["fine_labels"]
