@@ -80,6 +80,9 @@ class TopKConv2d(nn.Module):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, tile=(4, 4)) -> "TopKConv2d":
+        why = kernels.unsupported_conv(conv)
+        if why:
+            raise ValueError(f"TopKConv2d cannot compute this Conv2d: {why}")
         values, taps, k = topk_pattern(conv.weight)
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, k,
                 conv.bias is not None, tile)
@@ -153,7 +156,7 @@ def kernel_takes(conv: nn.Module) -> str | None:
     if type(conv) is not nn.Conv2d:
         return "not a Conv2d"
     kh, kw = conv.kernel_size
-    if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+    if kernels.unsupported_conv(conv):
         return "groups, dilation or padding the kernel does not take"
     k = int((conv.weight.detach().reshape(conv.out_channels, conv.in_channels, -1) != 0).sum(-1).max())
     if k >= kh * kw:
