@@ -163,8 +163,9 @@ def test_fallback_module_gives_the_same_predictions(grouped_final):
 
 def test_tap_group_network_runs_channels_last_from_its_input(kernel):
     gen = torch.Generator().manual_seed(5)
-    model = nn.Sequential(grouped_conv(3, 32, 3, 1, 1, 9, 32, gen), nn.ReLU(), grouped_conv(32, 32, 3, 1, 1, 1, 16, gen),
-                          nn.ReLU(), nn.MaxPool2d(2), grouped_conv(32, 48, 3, 2, 1, 2, 16, gen), nn.Flatten(),
+    model = nn.Sequential(grouped_conv(3, 32, 3, 1, 1, 9, 32, gen), nn.ReLU(),
+                          grouped_conv(32, 32, 3, 1, 1, 1, 16, gen), nn.ReLU(), nn.MaxPool2d(2),
+                          grouped_conv(32, 48, 3, 2, 1, 2, 16, gen), nn.Flatten(),
                           nn.Linear(48 * 4 * 4, 10)).eval()
     gm = deploy_layers.fold_batchnorm(model)
     records = [{"name": "2", "deploy": "tapgroup", "group": 16, "group_k": 1, "tile": list(kernel[0])},
