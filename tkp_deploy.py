@@ -28,7 +28,7 @@ What `python tkp_deploy.py` does:
    (tkp_lib.deploy_format: plain values and tensors, opened with weights_only=True).
 
 The kernels are compiled from source on first use (tkp_lib.kernels). Where they cannot be
-built (no compiler, no AVX-512, or TKP_DEPLOY_NO_KERNEL=1), deployment keeps every
+built (no compiler, neither AVX-512 nor AVX2, or TKP_DEPLOY_NO_KERNEL=1), deployment keeps every
 convolution dense and prints one line that says why; a deploy.pt loaded there runs its
 kernel layers with their plain torch fallback. Measured speed-ups: RESULTS.md.
 """

@@ -233,6 +233,26 @@ def time_whole(dense: nn.Module, deployed: nn.Module, input_shape: tuple, batche
     return out
 
 
+def time_parts(gm: torch.fx.GraphModule, x: torch.Tensor, rounds: int = 20) -> dict[str, float]:
+    """{node name: median ms} of each node of the deployed graph run eagerly on x, node by
+    node (torch.fx.Interpreter; the sum is a little more than a whole run's time)."""
+    import statistics
+    import time
+
+    class Timer(torch.fx.Interpreter):
+        def run_node(self, n):
+            tic = time.perf_counter()
+            out = super().run_node(n)
+            times.setdefault(n.name, []).append((time.perf_counter() - tic) * 1e3)
+            return out
+
+    times: dict[str, list] = {}
+    with torch.no_grad():
+        for _ in range(rounds):
+            Timer(gm).run(x)
+    return {k: statistics.median(v) for k, v in times.items() if k != "output"}
+
+
 # ---- report -----------------------------------------------------------------------------------------
 
 def format_layers(r: dict, batches: list[int]) -> str:
@@ -264,6 +284,11 @@ def format_threads(r: dict, batches: list[int]) -> str:
         lines.append(f"  whole model, batch {b}: {parts} ms -> {w['speedup']:.2f}x ({w['best_deploy']} vs "
                      f"{w['best_dense']}; eager vs eager {w['speedup_eager']:.2f}x; theory {r['theoretical']:.2f}x)"
                      + (f" [{notes}]" if notes else ""))
+        if r.get("parts", {}).get(b):
+            total = sum(r["parts"][b].values())
+            top = sorted(r["parts"][b].items(), key=lambda kv: -kv[1])[:8]
+            lines.append(f"    deployed, node by node ({total:.3f} ms): " + ", ".join(
+                f"{k} {v:.3f} ({v / total:.0%})" for k, v in top))
     return "\n".join(lines)
 
 
@@ -303,7 +328,8 @@ def main(argv=None) -> dict:
             raise D.DeployError(f"the deployed model does not match the masked model: {check}")
         run = {"threads": threads, "theoretical": theoretical, "check": check,
                "layers": time_layers(folded, records, input_shape, args.batch_sizes, args.compile, timing),
-               "whole": time_whole(folded, deployed, input_shape, args.batch_sizes, args.compile, timing)}
+               "whole": time_whole(folded, deployed, input_shape, args.batch_sizes, args.compile, timing),
+               "parts": {b: time_parts(deployed, torch.randn(b, *input_shape)) for b in args.batch_sizes}}
         result["runs"].append(run)
         print(format_threads(run, args.batch_sizes), flush=True)
         if args.json:

@@ -3,7 +3,7 @@
 Every kernel W[o, i] of a TKP model keeps at most K of its kh*kw taps; a dense convolution
 (oneDNN) multiplies the zeros like any other value. TopKConv2d stores only the kept taps
 (values and tap indices, (C_out, C_in, K) each) and runs tkp::topk_conv2d, the kernel of
-csrc/topk_conv.cpp (built on first use by tkp_lib.kernels; it needs AVX-512), registered as a
+csrc/topk_conv.cpp (built on first use by tkp_lib.kernels; AVX-512 or AVX2), registered as a
 torch op with a shape function so that torch.compile and torch.export can trace it, on
 torch's intra-op threads. What the convolution alone feeds (a residual add, then a ReLU,
 then a 2x2 max pool) can be done in its epilogue. Where the kernel cannot be built, or for
