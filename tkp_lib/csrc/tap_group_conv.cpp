@@ -22,10 +22,10 @@
 // positions run over rows of Wq pixels; the columns past the output width are computed and
 // dropped. The epilogue (residual add, ReLU, 2x2 max pool) is applied as the tile is stored.
 //
-// Threads: one at::parallel_for per call, over (image, block, rows) units sized so that
-// every thread gets several; each thread pads the images it needs into its own buffer (a
-// copy of a few percent of the work, and no second fork/join). Small calls run on the
-// calling thread alone.
+// Threads: one parallel region per call (parallel.h), over (image, block, rows) units sized
+// so that every thread gets several, handed out one at a time; each thread pads the images
+// it needs into its own buffer (a copy of a few percent of the work, and no second
+// fork/join). Small calls run on the calling thread alone.
 //
 // Arguments: weights[b][e][j] (float, output b*B + j, zero past out_channels), channels[b][e]
 // and taps[b][e] (int32: input channel, dy*kw + dx) of block b's entries.
@@ -38,6 +38,7 @@
 #include <cstring>
 #include <vector>
 
+#include "parallel.h"
 #include "simd.h"
 
 namespace {
@@ -267,19 +268,16 @@ at::Tensor tap_group_conv2d(const at::Tensor& x_in, const at::Tensor& weights, c
   c.rows_per_chunk = ((g.OH + c.chunks - 1) / c.chunks + 1) / 2 * 2;
   c.chunks = (g.OH + c.rows_per_chunk - 1) / c.rows_per_chunk;
   const float* xp = c.x.data_ptr<float>();
-  auto work = [&](int64_t u0, int64_t u1) {
+  struct Padded {
+    int64_t image = -1;  // the image this thread's buffer holds
+  };
+  tkp_parallel::for_units<Padded>(g.N * c.NB * c.chunks, serial, [&](int64_t u, Padded& padded) {
     float* buf = scratch_image.get<float>(g.phases * g.phase_px * g.C);
     TORCH_CHECK(buf, "tkp::tap_group_conv2d: out of memory");
-    int64_t padded = -1;
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t n = u / (c.NB * c.chunks), b = u / c.chunks % c.NB, k = u % c.chunks;
-      if (n != padded) pad_image(xp, n, buf, g), padded = n;
-      run_unit(c, buf, n, b, k * c.rows_per_chunk, std::min(g.OH, (k + 1) * c.rows_per_chunk));
-    }
-  };
-  const int64_t units = g.N * c.NB * c.chunks;
-  if (serial) work(0, units);
-  else at::parallel_for(0, units, 1, work);
+    const int64_t n = u / (c.NB * c.chunks), b = u / c.chunks % c.NB, k = u % c.chunks;
+    if (n != padded.image) pad_image(xp, n, buf, g), padded.image = n;
+    run_unit(c, buf, n, b, k * c.rows_per_chunk, std::min(g.OH, (k + 1) * c.rows_per_chunk));
+  });
   return c.y;
 }
 

@@ -44,6 +44,7 @@
 #include <cstring>
 #include <vector>
 
+#include "parallel.h"
 #include "simd.h"
 
 namespace {
@@ -320,9 +321,9 @@ int64_t images_per_group(const Call& c, int64_t sum_rows, int64_t tile_q) {
 
 // Runs the batch group by group: input -> flat layout, compute(xb, yv, images, t0, t1) fills
 // the sums of output-channel tiles [t0, t1) (row o at yv + o * y_stride, flat positions),
-// then the epilogue writes those channels in NCHW. One parallel region per call: over
-// groups of images where there are enough, else over (group, range of channel tiles), each
-// thread flattening the group's input into its own buffer (a small copy, no second
+// then the epilogue writes those channels in NCHW. One parallel region per call (parallel.h):
+// over groups of images where there are enough, else over (group, range of channel tiles),
+// each thread flattening the group's input into its own buffer (a small copy, no second
 // fork/join); small calls run on the calling thread alone.
 template <class Compute>
 void run_groups(const Call& c, const Geometry& g, int64_t T, int64_t M, int64_t y_stride, int64_t macs,
@@ -333,27 +334,25 @@ void run_groups(const Call& c, const Geometry& g, int64_t T, int64_t M, int64_t 
   float* outp = c.out.data_ptr<float>();
   const bool serial = threads == 1 || at::in_parallel_region() || macs < (int64_t(1) << 22);
   const int64_t parts = serial || groups >= threads ? 1 : std::min(T, (4 * threads + groups - 1) / groups);
-  auto work = [&](int64_t u0, int64_t u1) {
+  struct Prepared {
+    int64_t group = -1;  // the group of images this thread's buffer holds
+  };
+  tkp_parallel::for_units<Prepared>(groups * parts, serial, [&](int64_t u, Prepared& prepared) {
     float* xb = scratch_input.get<float>(c.C * g.plane);
     float* yv = scratch_output.get<float>(T * M * y_stride);
     TORCH_CHECK(xb && yv, "tkp::topk_conv2d: out of memory");
-    int64_t prepared = -1;
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t grp = u / parts, part = u % parts, t0 = T * part / parts, t1 = T * (part + 1) / parts;
-      const int64_t n0 = grp * G, count = std::min(G, c.N - n0);
-      if (prepared != grp) prepare_input(xp, n0, count, xb, g), prepared = grp;
-      compute(xb, yv, count, t0, t1);
-      // flat -> NCHW: output (n, o, oh, ow) is row o at n*Hr*Wr + oh*Wr + ow, then the epilogue
-      for (int64_t n = 0; n < count; ++n)
-        for (int64_t o = t0 * M; o < std::min(O, t1 * M); ++o) {
-          const int64_t plane = (n0 + n) * O + o;
-          epilogue(yv + o * y_stride + n * g.Hr * g.Wr, g.Wr, g.Ho, g.Wo, rp ? rp + plane * g.Ho * g.Wo : nullptr,
-                   c.relu, c.pool, outp + plane * c.out_h * c.out_w);
-        }
-    }
-  };
-  if (serial) work(0, groups * parts);
-  else at::parallel_for(0, groups * parts, 1, work);
+    const int64_t grp = u / parts, part = u % parts, t0 = T * part / parts, t1 = T * (part + 1) / parts;
+    const int64_t n0 = grp * G, count = std::min(G, c.N - n0);
+    if (prepared.group != grp) prepare_input(xp, n0, count, xb, g), prepared.group = grp;
+    compute(xb, yv, count, t0, t1);
+    // flat -> NCHW: output (n, o, oh, ow) is row o at n*Hr*Wr + oh*Wr + ow, then the epilogue
+    for (int64_t n = 0; n < count; ++n)
+      for (int64_t o = t0 * M; o < std::min(O, t1 * M); ++o) {
+        const int64_t plane = (n0 + n) * O + o;
+        epilogue(yv + o * y_stride + n * g.Hr * g.Wr, g.Wr, g.Ho, g.Wo, rp ? rp + plane * g.Ho * g.Wo : nullptr,
+                 c.relu, c.pool, outp + plane * c.out_h * c.out_w);
+      }
+  });
 }
 
 std::vector<float> padded_bias(const Call& c, int64_t rows) {
