@@ -40,7 +40,8 @@ def kernel_problem() -> str:
 
 
 def tile_kinds() -> list[tuple[int, int]]:
-    """The (M output channels, S vectors of 16 positions) register tiles compiled in."""
+    """The (M output channels, S vectors of 16 positions) register tiles compiled in; M = 0:
+    one output channel at a time, its sums grouped by tap at aligned positions."""
     flat = list(torch.ops.tkp.tile_kinds())
     return list(zip(flat[0::2], flat[1::2]))
 
@@ -119,9 +120,9 @@ class TopKConv2d(nn.Module):
 
     def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """values and taps as the kernel reads them: (tiles, C_in, K, M), output channels
-        padded with zero weights to a multiple of M."""
+        padded with zero weights to a multiple of M (M = 1 for the aligned tiles (0, S))."""
         if self._packed is None:
-            m = self.tile[0]
+            m = max(self.tile[0], 1)
             tiles = -(-self.out_channels // m)
             v = torch.zeros(tiles * m, self.in_channels, self.k)
             t = torch.zeros(tiles * m, self.in_channels, self.k, dtype=torch.int32)

@@ -40,6 +40,12 @@ inline void deinterleave(vec lo, vec hi, vec& even, vec& odd) {
   even = _mm512_permutex2var_ps(lo, e, hi);
   odd = _mm512_permutex2var_ps(lo, o, hi);
 }
+// lanes k .. k+V-1 of the 2V lanes lo | hi (0 <= k < V)
+inline vec vshift(vec lo, vec hi, int k) {
+  const __m512i i = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                     _mm512_set1_epi32(k));
+  return _mm512_permutex2var_ps(lo, i, hi);
+}
 
 #elif defined(__AVX2__) && defined(__FMA__)
 
@@ -73,6 +79,12 @@ inline void deinterleave(vec lo, vec hi, vec& even, vec& odd) {
   const vec o = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));
   even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), _MM_SHUFFLE(3, 1, 2, 0)));
   odd = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+inline vec vshift(vec lo, vec hi, int k) {
+  const __m256i i = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(k));
+  const __m256i lane = _mm256_and_si256(i, _mm256_set1_epi32(7));
+  const vec a = _mm256_permutevar8x32_ps(lo, lane), b = _mm256_permutevar8x32_ps(hi, lane);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_cmpgt_epi32(i, _mm256_set1_epi32(7))));
 }
 
 #else

@@ -121,6 +121,60 @@ TileFn find_tile(int64_t m, int64_t s) {
 }
 
 
+// ---- the aligned variant: one output channel at a time, its sums grouped by tap -----------
+//
+// Tile kind (0, S). Output o's kept entries are grouped by tap; per group, the products are
+// summed at aligned positions (one aligned load per multiply-add: no load spans two cache
+// lines) over S + 1 vectors, and the group's sum is then shifted into place in registers
+// (one permute per vector and group, at most kh*kw groups per output and tile).
+struct Aligned {
+  std::vector<int32_t> out_group;    // [O + 1]: output o's groups
+  std::vector<int32_t> group_entry;  // [groups + 1]: group j's entries
+  std::vector<int32_t> shift;        // [groups]: offset % V of the group's tap
+  std::vector<int32_t> entry_off;    // [entries]: c * plane + the tap's offset rounded down to a vector
+  std::vector<float> entry_w;        // [entries]
+};
+
+template <int S>
+void tile_aligned(const float* x, const Aligned& a, int64_t o, float bias, float* y) {
+  vec acc[S];
+  for (int s = 0; s < S; ++s) acc[s] = vset1(bias);
+  for (int32_t j = a.out_group[o]; j < a.out_group[o + 1]; ++j) {
+    vec u[S + 1];
+    for (int s = 0; s <= S; ++s) u[s] = vzero();
+    for (int32_t e = a.group_entry[j]; e < a.group_entry[j + 1]; ++e) {
+      const vec wv = vset1(a.entry_w[e]);
+      const float* p = x + a.entry_off[e];
+#pragma GCC unroll 16
+      for (int s = 0; s <= S; ++s) u[s] = vfmadd(wv, vload(p + s * V), u[s]);
+    }
+    const int k = a.shift[j];
+    for (int s = 0; s < S; ++s) acc[s] = vadd(acc[s], vshift(u[s], u[s + 1], k));
+  }
+  for (int s = 0; s < S; ++s) vstore(y + s * V, acc[s]);
+}
+
+using AlignedFn = void (*)(const float*, const Aligned&, int64_t, float, float*);
+
+struct AlignedKind {
+  int s;
+  AlignedFn fn;
+};
+
+// 2S + 2 vectors (sums, group sums, weight) in the registers
+#if defined(__AVX512F__)
+const AlignedKind kAligned[] = {{4, tile_aligned<4>}, {6, tile_aligned<6>}, {8, tile_aligned<8>},
+                                {12, tile_aligned<12>}, {14, tile_aligned<14>}};
+#else
+const AlignedKind kAligned[] = {{3, tile_aligned<3>}, {4, tile_aligned<4>}, {6, tile_aligned<6>}};
+#endif
+
+AlignedFn find_aligned(int64_t s) {
+  for (const auto& t : kAligned)
+    if (t.s == s) return t.fn;
+  return nullptr;
+}
+
 // ---- geometry of the flat layout ----------------------------------------------------------
 
 // The layout of one group of G images (the batch is processed G images at a time, so that a
@@ -355,6 +409,39 @@ void run_groups(const Call& c, const Geometry& g, int64_t T, int64_t M, int64_t 
   });
 }
 
+// The aligned variant's tables (values/taps packed with M = 1): per output, its non-zero
+// entries grouped by tap (a counting sort), each group's shift and aligned offsets.
+Aligned make_aligned(const float* values, const int32_t* taps, int64_t O, int64_t C, int64_t K, int64_t plane,
+                     const std::vector<int64_t>& tap_off) {
+  Aligned a;
+  const int64_t n_taps = tap_off.size(), E = C * K;
+  std::vector<int32_t> start(n_taps + 1);
+  a.out_group.reserve(O + 1), a.entry_off.resize(O * E), a.entry_w.resize(O * E);
+  a.out_group.push_back(0), a.group_entry.push_back(0);
+  int64_t placed = 0;
+  for (int64_t o = 0; o < O; ++o) {
+    const float* w = values + o * E;
+    const int32_t* t = taps + o * E;
+    std::fill(start.begin(), start.end(), 0);
+    for (int64_t j = 0; j < E; ++j) start[t[j] + 1] += w[j] != 0.f;
+    for (int64_t tap = 0; tap < n_taps; ++tap) {
+      if (start[tap + 1]) {
+        a.shift.push_back(int32_t(tap_off[tap] % V));
+        a.group_entry.push_back(int32_t(placed + start[tap] + start[tap + 1]));
+      }
+      start[tap + 1] += start[tap];
+    }
+    for (int64_t j = 0; j < E; ++j) {
+      if (w[j] == 0.f) continue;
+      const int64_t e = placed + start[t[j]]++;
+      a.entry_off[e] = int32_t(j / K * plane + tap_off[t[j]] / V * V), a.entry_w[e] = w[j];
+    }
+    placed += start[n_taps];
+    a.out_group.push_back(int32_t(a.shift.size()));
+  }
+  return a;
+}
+
 std::vector<float> padded_bias(const Call& c, int64_t rows) {
   std::vector<float> b(rows, 0.f);
   if (c.bias.defined()) std::copy(c.bias.data_ptr<float>(), c.bias.data_ptr<float>() + c.O, b.begin());
@@ -373,10 +460,11 @@ at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const a
   TORCH_CHECK(taps.scalar_type() == at::kInt && taps.sizes() == values.sizes() && taps.is_contiguous(),
               "tkp::topk_conv2d: taps must be contiguous int32 shaped like values");
   const int64_t T = values.size(0), C = values.size(1), K = values.size(2), M = values.size(3);
-  TORCH_CHECK(M == tile_m && T * M >= out_channels && (T - 1) * M < out_channels,
+  TORCH_CHECK(M == std::max<int64_t>(tile_m, 1) && T * M >= out_channels && (T - 1) * M < out_channels,
               "tkp::topk_conv2d: values do not match tile_m / out_channels");
   TileFn fn = find_tile(tile_m, tile_s);
-  TORCH_CHECK(fn != nullptr, "tkp::topk_conv2d: no compiled register tile M=", tile_m, " S=", tile_s);
+  AlignedFn afn = tile_m == 0 ? find_aligned(tile_s) : nullptr;
+  TORCH_CHECK(fn != nullptr || afn != nullptr, "tkp::topk_conv2d: no compiled register tile M=", tile_m, " S=", tile_s);
   const Call c = check_call(x_in, C, bias_in, out_channels, kh, kw, stride_h, stride_w, pad_h, pad_w, relu,
                             residual_in, pool);
   const int64_t OP = T * M, tile_q = V * tile_s;
@@ -392,6 +480,8 @@ at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const a
     offsets[j] = static_cast<int32_t>(g.tap_off[tp[j]]);
   }
   const std::vector<float> bias = padded_bias(c, OP);
+  TORCH_CHECK(!afn || g.plane * C < (int64_t(1) << 31), "tkp::topk_conv2d: input too large for the aligned tiles");
+  const Aligned al = afn ? make_aligned(values.data_ptr<float>(), tp, OP, C, K, g.plane, g.tap_off) : Aligned();
   // input channels per block: the shifted windows of one block (one per phase) stay in L1
   // (about 24 KiB); while the first tile of a (q tile, channel block) runs, the next q tile's
   // windows are fetched
@@ -414,6 +504,10 @@ at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const a
       if (K == 0) {
         for (int64_t o = t0 * M; o < t1 * M; ++o)
           std::fill(yv + o * g.q_pad + q0, yv + o * g.q_pad + q0 + tile_q, bv[o]);
+        continue;
+      }
+      if (afn) {
+        for (int64_t o = t0; o < t1; ++o) afn(xb + q0, al, o, bv[o], yv + o * g.q_pad + q0);
         continue;
       }
       for (int64_t c0 = 0; c0 < C; c0 += cb) {
@@ -447,6 +541,7 @@ at::Tensor topk_conv2d_meta(const at::Tensor& x, const at::Tensor&, const at::Te
 std::vector<int64_t> tile_kinds() {
   std::vector<int64_t> r;
   for (const auto& t : kTiles) r.push_back(t.m), r.push_back(t.s);
+  for (const auto& t : kAligned) r.push_back(0), r.push_back(t.s);
   return r;
 }
 
