@@ -120,9 +120,18 @@ class TopKConv2d(nn.Module):
 
     def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """values and taps as the kernel reads them: (tiles, C_in, K, M), output channels
-        padded with zero weights to a multiple of M (M = 1 for the aligned tiles (0, S))."""
+        padded with zero weights to a multiple of M. The aligned tiles (0, S) take one output
+        at a time (M = 1), its entries sorted by tap, taps as channel * 256 + tap, the zero
+        weights last."""
         if self._packed is None:
-            m = max(self.tile[0], 1)
+            kh, kw = self.kernel_size
+            tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()  # no int() of data there
+            if self.taps.numel() and not tracing and int(self.taps.max()) >= kh * kw:
+                raise ValueError(f"TopKConv2d: a tap index outside the {kh}x{kw} kernel")
+            if self.tile[0] == 0:
+                self._packed = self._packed_aligned()
+                return self._packed
+            m = self.tile[0]
             tiles = -(-self.out_channels // m)
             v = torch.zeros(tiles * m, self.in_channels, self.k)
             t = torch.zeros(tiles * m, self.in_channels, self.k, dtype=torch.int32)
@@ -131,6 +140,16 @@ class TopKConv2d(nn.Module):
             self._packed = (v.reshape(tiles, m, self.in_channels, self.k).permute(0, 2, 3, 1).contiguous(),
                             t.reshape(tiles, m, self.in_channels, self.k).permute(0, 2, 3, 1).contiguous())
         return self._packed
+
+    def _packed_aligned(self) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.out_channels, self.in_channels, self.k, 1)
+        v = self.values.detach().float().cpu().reshape(self.out_channels, -1)
+        t = self.taps.long().cpu().reshape(self.out_channels, -1)
+        code = torch.arange(self.in_channels).repeat_interleave(self.k) * 256 + t
+        last = t.max(1, keepdim=True).values  # zero weights read channel 0 at the last group's tap
+        code = torch.where(v != 0, code, last)
+        order = torch.argsort((v == 0).long() * (1 << 40) + code % 256 * (1 << 20) + code // 256, dim=1)
+        return (v.gather(1, order).reshape(shape).contiguous(), code.gather(1, order).int().reshape(shape).contiguous())
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and kernel_available()

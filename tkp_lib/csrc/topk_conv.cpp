@@ -57,9 +57,10 @@ thread_local Scratch scratch_input, scratch_output;
 // ---- the register tile ------------------------------------------------------------------
 
 template <int M, int S>
-void tile(const float* x, int64_t plane, int64_t c0, int64_t c1, int64_t K, const float* w, const int32_t* off,
-          const float* bias, float* y, int64_t ystride, const int64_t* prefetch, int64_t n_prefetch) {
-  // y[m][0 .. V*S) (+)= sum over channels c in [c0, c1), k < K of w[c][k][m] * x[c][off[c][k][m] + ...];
+void tile(const float* x, int64_t plane, int64_t c0, int64_t c1, int64_t K, const float* w, const int32_t* tap,
+          const int32_t* tap_off, const float* bias, float* y, int64_t ystride, const int64_t* prefetch,
+          int64_t n_prefetch) {
+  // y[m][0 .. V*S) (+)= sum over channels c in [c0, c1), k < K of w[c][k][m] * x[c][tap_off[tap[c][k][m]] + ...];
   // and the n_prefetch lines at xc + prefetch[j] of each channel (its next tile) into L1 meanwhile
   vec acc[M][S];
   if (bias) {
@@ -70,15 +71,15 @@ void tile(const float* x, int64_t plane, int64_t c0, int64_t c1, int64_t K, cons
       for (int s = 0; s < S; ++s) acc[m][s] = vload(y + m * ystride + s * V);
   }
   w += c0 * K * M;
-  off += c0 * K * M;
+  tap += c0 * K * M;
   const float* xc = x + c0 * plane;
   for (int64_t c = c0; c < c1; ++c, xc += plane) {
     for (int64_t j = 0; j < n_prefetch; ++j) _mm_prefetch(reinterpret_cast<const char*>(xc + prefetch[j]), _MM_HINT_T0);
-    for (int64_t k = 0; k < K; ++k, w += M, off += M) {
+    for (int64_t k = 0; k < K; ++k, w += M, tap += M) {
 #pragma GCC unroll 16
       for (int m = 0; m < M; ++m) {
         const vec wv = vset1(w[m]);
-        const float* p = xc + off[m];
+        const float* p = xc + tap_off[tap[m]];
 #pragma GCC unroll 16
         for (int s = 0; s < S; ++s) acc[m][s] = vfmadd(wv, vload(p + s * V), acc[m][s]);
       }
@@ -89,7 +90,7 @@ void tile(const float* x, int64_t plane, int64_t c0, int64_t c1, int64_t K, cons
 }
 
 using TileFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*,
-                        const float*, float*, int64_t, const int64_t*, int64_t);
+                        const int32_t*, const float*, float*, int64_t, const int64_t*, int64_t);
 
 struct TileKind {
   int m, s;
@@ -126,35 +127,37 @@ TileFn find_tile(int64_t m, int64_t s) {
 // Tile kind (0, S). Output o's kept entries are grouped by tap; per group, the products are
 // summed at aligned positions (one aligned load per multiply-add: no load spans two cache
 // lines) over S + 1 vectors, and the group's sum is then shifted into place in registers
-// (one permute per vector and group, at most kh*kw groups per output and tile).
-struct Aligned {
-  std::vector<int32_t> out_group;    // [O + 1]: output o's groups
-  std::vector<int32_t> group_entry;  // [groups + 1]: group j's entries
-  std::vector<int32_t> shift;        // [groups]: offset % V of the group's tap
-  std::vector<int32_t> entry_off;    // [entries]: c * plane + the tap's offset rounded down to a vector
-  std::vector<float> entry_w;        // [entries]
-};
-
+// (one permute per vector and group, at most kh*kw groups per output and tile). The entries
+// come packed per output, sorted by tap: code[e] = channel * 256 + tap, w[e] its weight,
+// the zero weights last.
 template <int S>
-void tile_aligned(const float* x, const Aligned& a, int64_t o, float bias, float* y) {
-  vec acc[S];
+void tile_aligned(const float* x, int64_t plane, int64_t E, const float* w, const int32_t* code,
+                  const int32_t* tap_off, float bias, float* y) {
+  vec acc[S], u[S + 1];
   for (int s = 0; s < S; ++s) acc[s] = vset1(bias);
-  for (int32_t j = a.out_group[o]; j < a.out_group[o + 1]; ++j) {
-    vec u[S + 1];
-    for (int s = 0; s <= S; ++s) u[s] = vzero();
-    for (int32_t e = a.group_entry[j]; e < a.group_entry[j + 1]; ++e) {
-      const vec wv = vset1(a.entry_w[e]);
-      const float* p = x + a.entry_off[e];
-#pragma GCC unroll 16
-      for (int s = 0; s <= S; ++s) u[s] = vfmadd(wv, vload(p + s * V), u[s]);
+  int32_t tap = -1;
+  for (int64_t e = 0; e <= E; ++e) {
+    if (e == E || (code[e] & 255) != tap) {  // a new group: the last one's sums shifted into place
+      if (tap >= 0)
+        for (int s = 0; s < S; ++s) acc[s] = vadd(acc[s], vshift(u[s], u[s + 1], tap_off[tap] % V));
+      if (e == E) break;
+      tap = code[e] & 255;
+      for (int s = 0; s <= S; ++s) u[s] = vzero();
     }
-    const int k = a.shift[j];
-    for (int s = 0; s < S; ++s) acc[s] = vadd(acc[s], vshift(u[s], u[s + 1], k));
+    if (w[e] == 0.f) {  // the zero weights come last (packed so): the last group closes
+      e = E - 1;
+      continue;
+    }
+    const vec wv = vset1(w[e]);
+    const float* p = x + (code[e] >> 8) * plane + tap_off[tap] / V * V;
+#pragma GCC unroll 16
+    for (int s = 0; s <= S; ++s) u[s] = vfmadd(wv, vload(p + s * V), u[s]);
   }
   for (int s = 0; s < S; ++s) vstore(y + s * V, acc[s]);
 }
 
-using AlignedFn = void (*)(const float*, const Aligned&, int64_t, float, float*);
+using AlignedFn = void (*)(const float*, int64_t, int64_t, const float*, const int32_t*, const int32_t*, float,
+                          float*);
 
 struct AlignedKind {
   int s;
@@ -409,39 +412,6 @@ void run_groups(const Call& c, const Geometry& g, int64_t T, int64_t M, int64_t 
   });
 }
 
-// The aligned variant's tables (values/taps packed with M = 1): per output, its non-zero
-// entries grouped by tap (a counting sort), each group's shift and aligned offsets.
-Aligned make_aligned(const float* values, const int32_t* taps, int64_t O, int64_t C, int64_t K, int64_t plane,
-                     const std::vector<int64_t>& tap_off) {
-  Aligned a;
-  const int64_t n_taps = tap_off.size(), E = C * K;
-  std::vector<int32_t> start(n_taps + 1);
-  a.out_group.reserve(O + 1), a.entry_off.resize(O * E), a.entry_w.resize(O * E);
-  a.out_group.push_back(0), a.group_entry.push_back(0);
-  int64_t placed = 0;
-  for (int64_t o = 0; o < O; ++o) {
-    const float* w = values + o * E;
-    const int32_t* t = taps + o * E;
-    std::fill(start.begin(), start.end(), 0);
-    for (int64_t j = 0; j < E; ++j) start[t[j] + 1] += w[j] != 0.f;
-    for (int64_t tap = 0; tap < n_taps; ++tap) {
-      if (start[tap + 1]) {
-        a.shift.push_back(int32_t(tap_off[tap] % V));
-        a.group_entry.push_back(int32_t(placed + start[tap] + start[tap + 1]));
-      }
-      start[tap + 1] += start[tap];
-    }
-    for (int64_t j = 0; j < E; ++j) {
-      if (w[j] == 0.f) continue;
-      const int64_t e = placed + start[t[j]]++;
-      a.entry_off[e] = int32_t(j / K * plane + tap_off[t[j]] / V * V), a.entry_w[e] = w[j];
-    }
-    placed += start[n_taps];
-    a.out_group.push_back(int32_t(a.shift.size()));
-  }
-  return a;
-}
-
 std::vector<float> padded_bias(const Call& c, int64_t rows) {
   std::vector<float> b(rows, 0.f);
   if (c.bias.defined()) std::copy(c.bias.data_ptr<float>(), c.bias.data_ptr<float>() + c.O, b.begin());
@@ -472,16 +442,15 @@ at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const a
                                    images_per_group(c, OP, tile_q), tile_q);
   TORCH_CHECK(g.plane * C < (int64_t(1) << 40) && g.max_off < (int64_t(1) << 31), "tkp::topk_conv2d: input too large");
 
-  // per-call tables: taps -> offsets (one entry per kept weight), bias padded to the tiles
-  std::vector<int32_t> offsets(taps.numel());
+  // the taps (or for the aligned tiles channel * 256 + tap) in range; per-call tables: offset
+  // of each tap, bias padded to the tiles
   const int32_t* tp = taps.data_ptr<int32_t>();
-  for (size_t j = 0; j < offsets.size(); ++j) {
-    TORCH_CHECK(tp[j] >= 0 && tp[j] < kh * kw, "tkp::topk_conv2d: tap index out of range");
-    offsets[j] = static_cast<int32_t>(g.tap_off[tp[j]]);
-  }
+  int32_t bad = 0;
+  for (int64_t j = 0; j < taps.numel(); ++j)
+    bad |= afn ? int32_t(tp[j] < 0 || (tp[j] & 255) >= kh * kw || (tp[j] >> 8) >= C) : int32_t(tp[j] < 0 || tp[j] >= kh * kw);
+  TORCH_CHECK(!bad, "tkp::topk_conv2d: tap index out of range");
+  std::vector<int32_t> tap_off(g.tap_off.begin(), g.tap_off.end());
   const std::vector<float> bias = padded_bias(c, OP);
-  TORCH_CHECK(!afn || g.plane * C < (int64_t(1) << 31), "tkp::topk_conv2d: input too large for the aligned tiles");
-  const Aligned al = afn ? make_aligned(values.data_ptr<float>(), tp, OP, C, K, g.plane, g.tap_off) : Aligned();
   // input channels per block: the shifted windows of one block (one per phase) stay in L1
   // (about 24 KiB); while the first tile of a (q tile, channel block) runs, the next q tile's
   // windows are fetched
@@ -493,7 +462,7 @@ at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const a
     for (int64_t j = 0; j < (tile_q + g.max_shift + 2 * V - 1) / V; ++j)
       prefetch.push_back(p * g.phase_size + tile_q + V * j);
   const float* wv = values.data_ptr<float>();
-  const int32_t* ov = offsets.data();
+  const int32_t* to = tap_off.data();
   const float* bv = bias.data();
   const int64_t macs = c.N * g.Hr * g.Wr * OP * C * std::max<int64_t>(K, 1);
 
@@ -507,13 +476,14 @@ at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const a
         continue;
       }
       if (afn) {
-        for (int64_t o = t0; o < t1; ++o) afn(xb + q0, al, o, bv[o], yv + o * g.q_pad + q0);
+        for (int64_t o = t0; o < t1; ++o)
+          afn(xb + q0, g.plane, C * K, wv + o * C * K, tp + o * C * K, to, bv[o], yv + o * g.q_pad + q0);
         continue;
       }
       for (int64_t c0 = 0; c0 < C; c0 += cb) {
         const int64_t c1 = std::min(C, c0 + cb);
         for (int64_t t = t0; t < t1; ++t)
-          fn(xb + q0, g.plane, c0, c1, K, wv + t * C * K * M, ov + t * C * K * M, c0 == 0 ? bv + t * M : nullptr,
+          fn(xb + q0, g.plane, c0, c1, K, wv + t * C * K * M, tp + t * C * K * M, to, c0 == 0 ? bv + t * M : nullptr,
              yv + t * M * g.q_pad + q0, g.q_pad, prefetch.data(),
              t == t0 && qt + 1 < QT ? int64_t(prefetch.size()) : 0);
       }
