@@ -2,9 +2,14 @@
 // work handed out one at a time from a shared counter. On a machine that other processes
 // keep busy, the OS may stop one of the threads for milliseconds; with a static split the
 // others then finish their share and wait for it at the region's end (with OpenMP's default
-// wait policy, spinning), while here they take over its units, and the region waits at most
-// for the unit the stopped thread is on. Small calls run on the calling thread alone: a
-// fork/join costs microseconds on an idle machine and can cost milliseconds on a busy one.
+// wait policy, spinning on the core it needs), while here they take over its units.
+// A region still ends only when every thread of the team has come through it: where a
+// worker was so late that the calling thread did every unit itself, the region bought
+// nothing and cost the worker's lateness, so the next calls of that kernel (2, 4, ... up to
+// 64 of them) run on the calling thread alone before threads are tried again. On an idle
+// machine the workers start within microseconds and this never triggers. Small calls run on
+// the calling thread alone: a fork/join costs microseconds on an idle machine and can cost
+// milliseconds on a busy one.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -15,21 +20,40 @@
 
 namespace tkp_parallel {
 
+// per kernel: calls left to run on the calling thread, and how many the next backoff holds
+struct Backoff {
+  std::atomic<int64_t> serial_calls{0};
+  std::atomic<int64_t> next{2};
+};
+
 // fn(u, state) for every u in [0, units), on torch's threads unless `serial`; each thread
 // passes its own State (default-constructed; e.g. which image its buffer holds) to its units.
 template <class State, class F>
-void for_units(int64_t units, bool serial, const F& fn) {
+void for_units(int64_t units, bool serial, Backoff& backoff, const F& fn) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), units);
+  if (!serial && threads > 1 && backoff.serial_calls.load(std::memory_order_relaxed) > 0) {
+    backoff.serial_calls.fetch_sub(1, std::memory_order_relaxed);
+    serial = true;
+  }
   if (serial || threads <= 1 || at::in_parallel_region()) {
     State state;
     for (int64_t u = 0; u < units; ++u) fn(u, state);
     return;
   }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+  std::atomic<int64_t> next{0}, by_caller{0};
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t) {
     State state;
-    for (int64_t u = next.fetch_add(1); u < units; u = next.fetch_add(1)) fn(u, state);
+    int64_t done = 0;
+    for (int64_t u = next.fetch_add(1); u < units; u = next.fetch_add(1)) fn(u, state), ++done;
+    if (begin == 0) by_caller = done;  // the calling thread runs the first range
   });
+  if (by_caller.load() == units) {  // the workers came too late to take a unit
+    const int64_t hold = backoff.next.load(std::memory_order_relaxed);
+    backoff.serial_calls.store(hold, std::memory_order_relaxed);
+    backoff.next.store(std::min<int64_t>(2 * hold, 64), std::memory_order_relaxed);
+  } else {
+    backoff.next.store(2, std::memory_order_relaxed);
+  }
 }
 
 }  // namespace tkp_parallel

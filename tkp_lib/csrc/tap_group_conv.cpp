@@ -45,6 +45,8 @@ namespace {
 
 using namespace tkp_simd;
 
+tkp_parallel::Backoff backoff;  // this kernel's (parallel.h)
+
 thread_local Scratch scratch_image, scratch_pool;
 
 struct Geo {
@@ -271,7 +273,7 @@ at::Tensor tap_group_conv2d(const at::Tensor& x_in, const at::Tensor& weights, c
   struct Padded {
     int64_t image = -1;  // the image this thread's buffer holds
   };
-  tkp_parallel::for_units<Padded>(g.N * c.NB * c.chunks, serial, [&](int64_t u, Padded& padded) {
+  tkp_parallel::for_units<Padded>(g.N * c.NB * c.chunks, serial, backoff, [&](int64_t u, Padded& padded) {
     float* buf = scratch_image.get<float>(g.phases * g.phase_px * g.C);
     TORCH_CHECK(buf, "tkp::tap_group_conv2d: out of memory");
     const int64_t n = u / (c.NB * c.chunks), b = u / c.chunks % c.NB, k = u % c.chunks;
