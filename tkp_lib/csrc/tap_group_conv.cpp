@@ -191,14 +191,16 @@ void run_unit(const Call& c, const float* buf, int64_t n, int64_t b, int64_t r0,
   float* pooled = g.pool ? scratch_pool.get<float>((r1 - r0) * g.OW * B) : nullptr;
   TORCH_CHECK(!g.pool || pooled, "tkp::tap_group_conv2d: out of memory");
   const int64_t q1 = r1 * g.Wq;
+  int64_t oh = r0, ow = 0;  // of position p0 + r, stepped along (no division per position)
   for (int64_t p0 = r0 * g.Wq; p0 < q1; p0 += RB) {
     c.kind->fn(buf + p0 * g.C, g.C, c.off.data() + b * c.E, c.E, c.w + b * c.E * B, c.bias.data() + o0, tmp);
     for (int64_t r = 0; r < RB && p0 + r < q1; ++r) {
-      const int64_t oh = (p0 + r) / g.Wq, ow = (p0 + r) % g.Wq;
-      if (ow >= g.OW) continue;
-      const int64_t pix = (n * g.OH + oh) * g.OW + ow;
+      const int64_t h = oh, w = ow;
+      if (++ow == g.Wq) ow = 0, ++oh;
+      if (w >= g.OW) continue;
+      const int64_t pix = (n * g.OH + h) * g.OW + w;
       const float* res = resp ? resp + pix * g.O + o0 : nullptr;
-      if (g.pool) store_pixel(tmp + r * B, res, pooled + ((oh - r0) * g.OW + ow) * B, nb, g.relu);
+      if (g.pool) store_pixel(tmp + r * B, res, pooled + ((h - r0) * g.OW + w) * B, nb, g.relu);
       else store_pixel(tmp + r * B, res, yp + pix * g.O + o0, nb, g.relu);
     }
   }
