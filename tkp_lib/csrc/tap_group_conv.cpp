@@ -5,13 +5,13 @@
 // torch's own thread pool); AVX-512 or AVX2 + FMA (simd.h), chosen at build time.
 //
 // Layout: NHWC (channels_last), in and out. The output channels are cut into blocks of B
-// (16, 32 or 64 on AVX-512): the B outputs of a block share their kept (input channel, tap)
+// (16, 32 or 64 on AVX-512; 8, 16 or 32 on AVX2): the B outputs of a block share their kept (input channel, tap)
 // entries, E of them (C_in*K when B divides G; the union of the groups' entries otherwise,
 // with zero weights where a group lacks one). Per block the convolution is then
 //     y[p][0..B) = bias + sum over entries e of x[p + offset(e)][channel(e)] * w[e][0..B),
-// vectorised over the B output channels: a register tile of RB output positions x B/16
-// vectors; per entry, B/16 weight vectors are loaded once and each of the RB positions
-// broadcasts one input scalar into B/16 multiply-adds. The arithmetic per loaded byte is
+// vectorised over the B output channels: a register tile of RB output positions x B/V
+// vectors (V = 16 floats on AVX-512, 8 on AVX2); per entry, B/V weight vectors are loaded
+// once and each of the RB positions broadcasts one input scalar into B/V multiply-adds. The arithmetic per loaded byte is
 // that of a dense convolution's inner loop, so the kernel runs near oneDNN's rate on the
 // kept taps alone.
 //
