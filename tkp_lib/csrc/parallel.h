@@ -3,10 +3,13 @@
 // keep busy, the OS may stop one of the threads for milliseconds; with a static split the
 // others then finish their share and wait for it at the region's end (with OpenMP's default
 // wait policy, spinning on the core it needs), while here they take over its units.
-// A region still ends only when every thread of the team has come through it: where a
-// worker was so late that the calling thread did every unit itself, the region bought
-// nothing and cost the worker's lateness, so the next calls of that kernel (2, 4, ... up to
-// 64 of them) run on the calling thread alone before threads are tried again. On an idle
+// A region still ends only when every thread of the team has come through it, and OpenMP's
+// barrier spins by default, holding the core the late thread needs: so the calling thread,
+// done with the units, sleeps (a condition variable) until every thread has been through
+// the units, and only then enters the barrier; its core is free meanwhile. Where a worker
+// was so late that the calling thread did every unit itself, the region bought nothing and
+// cost the worker's lateness, so the next calls of that kernel (2, 4, ... up to 64 of them)
+// run on the calling thread alone before threads are tried again. On an idle
 // machine the workers start within microseconds and this never triggers. Small calls run on
 // the calling thread alone: a fork/join costs microseconds on an idle machine and can cost
 // milliseconds on a busy one.
@@ -16,7 +19,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <exception>
+#include <mutex>
 
 namespace tkp_parallel {
 
@@ -41,12 +47,30 @@ void for_units(int64_t units, bool serial, Backoff& backoff, const F& fn) {
     return;
   }
   std::atomic<int64_t> next{0}, by_caller{0};
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t) {
+  std::mutex mutex;
+  std::condition_variable all_through;
+  int64_t left = threads;  // ranges of [0, threads) not yet through the units (under mutex)
+  std::exception_ptr error;  // the first unit's exception (under mutex), rethrown by the caller
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     State state;
     int64_t done = 0;
-    for (int64_t u = next.fetch_add(1); u < units; u = next.fetch_add(1)) fn(u, state), ++done;
-    if (begin == 0) by_caller = done;  // the calling thread runs the first range
+    try {
+      for (int64_t u = next.fetch_add(1); u < units; u = next.fetch_add(1)) fn(u, state), ++done;
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex);
+      if (!error) error = std::current_exception();
+      next = units;  // the others stop after their current unit
+    }
+    std::unique_lock<std::mutex> lock(mutex);
+    left -= end - begin;
+    if (begin == 0) {  // the calling thread runs the first range: it waits asleep, not at the barrier
+      by_caller = done;
+      all_through.wait(lock, [&] { return left == 0; });
+    } else if (left == 0) {
+      all_through.notify_one();
+    }
   });
+  if (error) std::rethrow_exception(error);
   if (by_caller.load() == units) {  // the workers came too late to take a unit
     const int64_t hold = backoff.next.load(std::memory_order_relaxed);
     backoff.serial_calls.store(hold, std::memory_order_relaxed);
