@@ -6,10 +6,10 @@
 // A region still ends only when every thread of the team has come through it, and OpenMP's
 // barrier spins by default, holding the core the late thread needs: so the calling thread,
 // done with the units, sleeps (a condition variable) until every thread has been through
-// the units, and only then enters the barrier; its core is free meanwhile. Where a worker
-// was so late that the calling thread did every unit itself, the region bought nothing and
-// cost the worker's lateness, so the next calls of that kernel (2, 4, ... up to 64 of them)
-// run on the calling thread alone before threads are tried again. On an idle
+// the units, and only then enters the barrier; its core is free meanwhile. Where the workers
+// came so late that the calling thread did more than half of their share besides its own,
+// the region bought little and cost their lateness, so the next calls of that kernel (2, 4,
+// ... up to 64 of them) run on the calling thread alone before threads are tried again. On an idle
 // machine the workers start within microseconds and this never triggers. Small calls run on
 // the calling thread alone: a fork/join costs microseconds on an idle machine and can cost
 // milliseconds on a busy one.
@@ -71,7 +71,7 @@ void for_units(int64_t units, bool serial, Backoff& backoff, const F& fn) {
     }
   });
   if (error) std::rethrow_exception(error);
-  if (by_caller.load() == units) {  // the workers came too late to take a unit
+  if (2 * threads * by_caller.load() > (threads + 1) * units) {  // the workers came late
     const int64_t hold = backoff.next.load(std::memory_order_relaxed);
     backoff.serial_calls.store(hold, std::memory_order_relaxed);
     backoff.next.store(std::min<int64_t>(2 * hold, 64), std::memory_order_relaxed);
