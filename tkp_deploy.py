@@ -31,7 +31,7 @@ What `python tkp_deploy.py` does:
    read from it becomes code).
 
 The kernels are compiled from source on first use (tkp_lib.kernels). Where they cannot be
-built (no compiler, no AVX-512, or TKP_DEPLOY_NO_KERNEL=1), deployment keeps every
+built (no compiler, neither AVX-512 nor AVX2, or TKP_DEPLOY_NO_KERNEL=1), deployment keeps every
 convolution dense and prints one line that says why; a deploy.pt loaded there runs its
 kernel layers with their plain torch fallback. Measured speed-ups: RESULTS.md.
 """

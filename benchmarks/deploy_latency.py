@@ -4,6 +4,7 @@
     python benchmarks/deploy_latency.py --checkpoint final.pt --threads 1,2 --batch-sizes 1,32
     python benchmarks/deploy_latency.py --script vgg8 --topk 2        # random init, magnitude Top-K
     python benchmarks/deploy_latency.py --checkpoint final.pt --script my_model.py   # a script of your own
+    python benchmarks/deploy_latency.py --shapes 64@32,128@16,64@56,256@14,512@7 --topk 1 --tap-group 32
 
 For each thread count (torch.set_num_threads) the model is deployed as `python tkp_deploy.py`
 deploys it (BatchNorm folded, each pruned layer's register tile chosen by measurement) and
@@ -17,17 +18,17 @@ then, fp32, at every batch size, with every variant timed interleaved in one run
                     freezing), against the deployed model eager and torch.compile'd;
                     speed-up = fastest dense / fastest deployed.
 
+  --shapes C@HW,...  isolated 3x3 stride-1 C->C layers on HW x HW inputs (no model), masked
+                    with --topk and --tap-group as the engine masks them, per-layer timing only.
+
 "theory" is dense MACs / non-zero MACs (the README's speedup_theoretical). torch.compile is
 skipped with the reason where it does not work on this CPU (it needs a C++ compiler) or with
 --no-compile. The per-layer table shows every pruned layer, also those deployment keeps
 dense because the kernel is not faster there ("kept": dense); grouped and depthwise
-convolutions stay dense (the summary line counts every kind).
+convolutions stay dense (the summary line counts every kind). Tap-group layers are timed on
+channels_last input, as the deployed network feeds them (their "layout" is nhwc).
 
-On a machine other processes keep busy, OpenMP threads that spin while they wait for each
-other can make a 2-thread run 10-100x slower than a 1-thread one (dense and Top-K alike);
-OMP_WAIT_POLICY=PASSIVE (set before Python starts) makes such runs comparable.
-
-Measured numbers: tkp_deploy.py's docstring.
+Measured numbers: RESULTS.md.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--script", help="the model script (file or short name, e.g. vgg8): with --checkpoint, the one "
                                     "that trained it (when final.pt does not record it); without, the model from "
                                     "random init, each kernel's --topk largest taps")
+    p.add_argument("--shapes", type=shape_list, help="instead of a model: isolated 3x3 layers C@HW (C->C "
+                   "channels, HW x HW input), e.g. 64@32,512@7; random init, masked by --topk and --tap-group")
     p.add_argument("--topk", type=int, default=1, help="with --script: taps kept per kernel")
     p.add_argument("--tap-group", type=int, default=1,
                    help="with --script: G consecutive outputs share their --topk taps per input channel (the "
@@ -74,6 +77,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random init and inputs")
     p.add_argument("--json", default=None, help="write every measurement here")
     return p
+
+
+def shape_list(text: str) -> list[tuple[int, int]]:
+    try:
+        return [tuple(int(v) for v in s.split("@")) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected shapes like 64@32,512@7, got {text!r}") from None
 
 
 # ---- the model ----------------------------------------------------------------------------------
@@ -113,6 +123,39 @@ def compiled(module: nn.Module, x: torch.Tensor):
         return None, kernels.one_line(e)
 
 
+def time_layer(conv: nn.Conv2d, kernel_module: nn.Module, in_shape: tuple, batches: list[int], use_compile: bool,
+               timing: dict) -> dict:
+    """{batch: {variant_ms, speedup, compile}}: the kernel layer against `conv` dense eager (NCHW
+    and channels_last) and compiled, interleaved; the kernel gets channels_last input where
+    it works in it (deploy_layers.NHWC_LAYERS), as in the deployed network."""
+    conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
+    nhwc = isinstance(kernel_module, deploy_layers.NHWC_LAYERS)
+    per_batch = {}
+    for b in batches:
+        x = torch.randn(b, *in_shape)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        x_kernel = x_cl if nhwc else x
+        fns = {"dense_eager": lambda: conv(x), "dense_channels_last": lambda: conv_cl(x_cl),
+               "topk": lambda: kernel_module(x_kernel)}
+        why = "--no-compile"
+        if use_compile:
+            fn, why = compiled(conv, x)
+            if fn is not None:
+                fns["dense_compiled"] = lambda: fn(x)
+        t = kernels.median_ms(fns, **timing)
+        dense = min(v for k, v in t.items() if k.startswith("dense"))
+        per_batch[b] = {**{f"{k}_ms": v for k, v in t.items()}, "speedup": dense / t["topk"], "compile": why or "ok",
+                        "layout": "nhwc" if nhwc else "nchw"}
+    return per_batch
+
+
+def kernel_module(conv: nn.Conv2d, rec: dict) -> nn.Module:
+    """The kernel layer deployment made of `conv` (record `rec` of choose_layers)."""
+    if rec["deploy"] == "tapgroup":  # the tap-group kernel, in the "topk" column
+        return tapgroup.TapGroupConv2d.from_conv(conv, rec["group"], rec["group_k"], rec["tile"])
+    return topk_conv.TopKConv2d.from_conv(conv, rec["tile"])
+
+
 def time_layers(folded, records: list[dict], input_shape: tuple, batches: list[int], use_compile: bool,
                 timing: dict) -> list[dict]:
     """Per pruned layer and batch size: dense eager, dense compiled and the Top-K kernel with
@@ -126,32 +169,44 @@ def time_layers(folded, records: list[dict], input_shape: tuple, batches: list[i
         key = (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                shapes[rec["name"]][1:], rec["k"], tuple(rec["tile"]), rec["deploy"], rec.get("group"))
         if key not in done:
-            if rec["deploy"] == "tapgroup":  # the tap-group kernel (tkp_tapgroup), in the "topk" column
-                topk = tapgroup.TapGroupConv2d.from_conv(conv, rec["group"], rec["group_k"], rec["tile"])
-            else:
-                topk = topk_conv.TopKConv2d.from_conv(conv, rec["tile"])
-            conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
-            per_batch = {}
-            for b in batches:
-                x = torch.randn(b, *shapes[rec["name"]][1:])
-                x_cl = x.contiguous(memory_format=torch.channels_last)
-                fns = {"dense_eager": lambda: conv(x), "dense_channels_last": lambda: conv_cl(x_cl),
-                       "topk": lambda: topk(x)}
-                why = "--no-compile"
-                if use_compile:
-                    fn, why = compiled(conv, x)
-                    if fn is not None:
-                        fns["dense_compiled"] = lambda: fn(x)
-                t = kernels.median_ms(fns, **timing)
-                dense = min(v for k, v in t.items() if k.startswith("dense"))
-                per_batch[b] = {**{f"{k}_ms": v for k, v in t.items()}, "speedup": dense / t["topk"],
-                                "compile": why or "ok"}
-            done[key] = per_batch
+            done[key] = time_layer(conv, kernel_module(conv, rec), shapes[rec["name"]][1:], batches, use_compile,
+                                   timing)
         rows.append({"name": rec["name"], "k": rec["k"], "theoretical": rec["theoretical"], "tile": rec["tile"],
                      "kept": rec["deploy"], "shape": f"{conv.in_channels}->{conv.out_channels} "
                      f"{conv.kernel_size[0]}x{conv.kernel_size[1]}/{conv.stride[0]} @{shapes[rec['name']][2]}",
                      "batches": done[key]})
     return rows
+
+
+def shape_layers(shapes: list[tuple[int, int]], topk: int, tap_group: int) -> nn.Sequential:
+    """Isolated 3x3 stride-1 C->C convolutions, random init, masked by the engine's Top-K plan."""
+    model = nn.Sequential(*[nn.Conv2d(c, c, 3, padding=1, bias=False) for c, _ in shapes]).eval()
+    Masker(model, compute_masks(model, topk_plan(model, topk, tap_group=tap_group))).apply_()
+    return model
+
+
+def run_shapes(args, timing: dict) -> dict:
+    """--shapes: per isolated layer, the kernel deployment would choose against dense."""
+    model = shape_layers(args.shapes, args.topk, args.tap_group)
+    result = {"source": f"isolated 3x3 layers, top-{args.topk}, tap group {args.tap_group}", "runs": [],
+              "torch": str(torch.__version__), "batch_sizes": args.batch_sizes}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        rows = []
+        for (c, hw), conv in zip(args.shapes, model):
+            gm = deploy_layers.fold_batchnorm(nn.Sequential(conv))
+            rec, = deploy_layers.choose_layers(gm, (c, hw, hw), args.batch_sizes, repeats=args.repeats,
+                                               tiles=args.tiles, log=lambda s: None)
+            row = {"name": f"{c}@{hw}", "k": rec["k"], "theoretical": rec["theoretical"], "tile": rec["tile"],
+                   "kept": rec["deploy"], "shape": f"{c}->{c} 3x3/1 @{hw}", "batches": {}}
+            if rec["tile"] is not None:
+                row["batches"] = time_layer(conv, kernel_module(conv, rec), (c, hw, hw), args.batch_sizes,
+                                            args.compile, timing)
+            rows.append(row)
+        run = {"threads": threads, "layers": rows}
+        result["runs"].append(run)
+        print(format_layers(run, args.batch_sizes), flush=True)
+    return result
 
 
 def time_whole(dense: nn.Module, deployed: nn.Module, input_shape: tuple, batches: list[int], use_compile: bool,
@@ -181,14 +236,37 @@ def time_whole(dense: nn.Module, deployed: nn.Module, input_shape: tuple, batche
     return out
 
 
+def time_parts(gm: torch.fx.GraphModule, x: torch.Tensor, rounds: int = 20) -> dict[str, float]:
+    """{node name: median ms} of each node of the deployed graph run eagerly on x, node by
+    node (torch.fx.Interpreter; the sum is a little more than a whole run's time)."""
+    import statistics
+    import time
+
+    class Timer(torch.fx.Interpreter):
+        def run_node(self, n):
+            tic = time.perf_counter()
+            out = super().run_node(n)
+            times.setdefault(n.name, []).append((time.perf_counter() - tic) * 1e3)
+            return out
+
+    times: dict[str, list] = {}
+    with torch.no_grad():
+        for _ in range(rounds):
+            Timer(gm).run(x)
+    return {k: statistics.median(v) for k, v in times.items() if k != "output"}
+
+
 # ---- report -----------------------------------------------------------------------------------------
 
-def format_threads(r: dict, batches: list[int]) -> str:
-    lines = [f"threads {r['threads']}: {r['summary']}"]
+def format_layers(r: dict, batches: list[int]) -> str:
+    lines = [f"threads {r['threads']}" + (f": {r['summary']}" if "summary" in r else "")]
     head = f"  {'layer':<26} {'shape':<20} {'K':>2} {'theory':>7} " + " ".join(
         f"| b{b}: {'NCHW':>7} {'NHWC':>7} {'comp.':>7} {'Top-K':>7} {'speed-up':>8} " for b in batches) + "| tile  kept"
     lines += [head, "  " + "-" * (len(head) - 2)]
     for row in r["layers"]:
+        if not row["batches"]:
+            lines.append(f"  {row['name']:<26} {row['shape']:<20} {row['k']:>2}  no kernel layer ({row['kept']})")
+            continue
         cells = []
         for b in batches:
             t = row["batches"][b]
@@ -197,6 +275,11 @@ def format_threads(r: dict, batches: list[int]) -> str:
                          f"{comp} {t['topk_ms']:7.3f} {t['speedup']:7.2f}x ")
         lines.append(f"  {row['name']:<26} {row['shape']:<20} {row['k']:>2} {row['theoretical']:6.2f}x "
                      + "".join(cells) + f"| {row['tile'][0]}x{row['tile'][1]}  {row['kept']}")
+    return "\n".join(lines)
+
+
+def format_threads(r: dict, batches: list[int]) -> str:
+    lines = [format_layers(r, batches)]
     for b in batches:
         w = r["whole"][b]
         parts = ", ".join(f"{k.removesuffix('_ms')} {v:.3f}" for k, v in w.items() if k.endswith("_ms"))
@@ -204,17 +287,29 @@ def format_threads(r: dict, batches: list[int]) -> str:
         lines.append(f"  whole model, batch {b}: {parts} ms -> {w['speedup']:.2f}x ({w['best_deploy']} vs "
                      f"{w['best_dense']}; eager vs eager {w['speedup_eager']:.2f}x; theory {r['theoretical']:.2f}x)"
                      + (f" [{notes}]" if notes else ""))
+        if r.get("parts", {}).get(b):
+            total = sum(r["parts"][b].values())
+            top = sorted(r["parts"][b].items(), key=lambda kv: -kv[1])[:8]
+            lines.append(f"    deployed, node by node ({total:.3f} ms): " + ", ".join(
+                f"{k} {v:.3f} ({v / total:.0%})" for k, v in top))
     return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
     args = get_args_parser().parse_args(argv)
     torch.manual_seed(args.seed)
+    timing = {"repeats": args.repeats, "min_round_s": args.min_round_ms / 1e3}
+    if args.shapes:
+        result = run_shapes(args, timing)
+        if args.json:
+            Path(args.json).write_text(json.dumps(plain(result), indent=1))
+        return result
     if args.checkpoint:
         model, input_shape, script = D.rebuild_model(args.checkpoint, args.script)
         source = args.checkpoint
     elif not args.script:
-        raise D.DeployError("pass --checkpoint FINAL.pt (a run's final.pt) or --script NAME (random init)")
+        raise D.DeployError("pass --checkpoint FINAL.pt (a run's final.pt), --script NAME (random init) or "
+                            "--shapes C@HW,... (isolated layers)")
     else:
         model, input_shape, script = random_topk_model(args.script, args.topk, args.script_args.split(),
                                                        args.tap_group)
@@ -222,7 +317,6 @@ def main(argv=None) -> dict:
                                                              if args.tap_group > 1 else "")
     if not topk_conv.kernel_available():
         raise D.DeployError(f"the Top-K kernel is unavailable ({topk_conv.kernel_problem()}): nothing to benchmark")
-    timing = {"repeats": args.repeats, "min_round_s": args.min_round_ms / 1e3}
     folded = deploy_layers.fold_batchnorm(model)
     theoretical = deploy_layers.theoretical_speedup(deploy_layers.layer_macs(folded, torch.zeros(1, *input_shape)))
     result = {"source": source, "script": script, "input_shape": list(input_shape), "batch_sizes": args.batch_sizes,
@@ -241,7 +335,8 @@ def main(argv=None) -> dict:
         run = {"threads": threads, "theoretical": theoretical, "check": check,
                "summary": deploy_layers.summary(records),
                "layers": time_layers(folded, records, input_shape, args.batch_sizes, args.compile, timing),
-               "whole": time_whole(folded, deployed, input_shape, args.batch_sizes, args.compile, timing)}
+               "whole": time_whole(folded, deployed, input_shape, args.batch_sizes, args.compile, timing),
+               "parts": {b: time_parts(deployed, torch.randn(b, *input_shape)) for b in args.batch_sizes}}
         result["runs"].append(run)
         print(format_threads(run, args.batch_sizes), flush=True)
         if args.json:

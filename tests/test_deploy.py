@@ -79,6 +79,24 @@ def test_kernel_matches_conv2d_over_random_shapes(kernel):
         assert relative_error(y, ref) < 1e-5, (n, c_in, c_out, kh, kw, stride, pad, k, h, w, tile)
 
 
+def test_aligned_tiles_match_conv2d(kernel):
+    """Tiles (0, S): one output at a time, sums grouped by tap at aligned positions."""
+    gen = torch.Generator().manual_seed(10)
+    aligned = [t for t in kernel if t[0] == 0]
+    assert aligned
+    for n, c_in, c_out, ks, stride, pad, k, hw in [(1, 16, 5, 3, 1, 1, 1, 9), (2, 7, 9, 3, 2, 1, 3, 13),
+                                                    (1, 5, 3, 7, 1, 3, 8, 11), (3, 17, 4, 5, 3, 2, 2, 20),
+                                                    (1, 64, 8, 3, 1, 1, 2, 32)]:
+        conv = nn.Conv2d(c_in, c_out, ks, stride, pad)
+        with torch.no_grad():
+            conv.weight.copy_(topk_weight(c_out, c_in, ks, ks, k, gen, zero_kernels=0.3))
+        x = torch.randn(n, c_in, hw, hw + 1, generator=gen)
+        for tile in aligned:
+            m = topk_conv.TopKConv2d.from_conv(conv, tile)
+            m.relu = bool(n % 2)
+            assert relative_error(m(x), F.relu(conv(x)) if m.relu else conv(x)) < 1e-5, (n, c_in, ks, stride, tile)
+
+
 def test_kernel_all_zero_weights_give_the_bias(kernel):
     conv = nn.Conv2d(5, 7, 3, padding=1)
     with torch.no_grad():

@@ -159,3 +159,27 @@ def test_fallback_module_gives_the_same_predictions(grouped_final):
     assert any(isinstance(m, T.TapGroupConv2d) for m in folded.modules())
     y = folded(x).detach()
     assert max_rel(y, ref) < 1e-4 and torch.equal(y.argmax(1), ref.argmax(1))
+
+
+def test_tap_group_network_runs_channels_last_from_its_input(kernel):
+    gen = torch.Generator().manual_seed(5)
+    model = nn.Sequential(grouped_conv(3, 32, 3, 1, 1, 9, 32, gen), nn.ReLU(),
+                          grouped_conv(32, 32, 3, 1, 1, 1, 16, gen), nn.ReLU(), nn.MaxPool2d(2),
+                          grouped_conv(32, 48, 3, 2, 1, 2, 16, gen), nn.Flatten(),
+                          nn.Linear(48 * 4 * 4, 10)).eval()
+    gm = deploy_layers.fold_batchnorm(model)
+    records = [{"name": "2", "deploy": "tapgroup", "group": 16, "group_k": 1, "tile": list(kernel[0])},
+               {"name": "5", "deploy": "tapgroup", "group": 16, "group_k": 2, "tile": list(kernel[-1])}]
+    deployed = deploy_layers.apply_layers(gm, records, (3, 16, 16))
+    methods = [n.target for n in deployed.graph.nodes if n.op == "call_method"]
+    assert methods[:3] == ["permute", "contiguous", "permute"]  # converted once, at the input
+    assert deployed.get_submodule("0").weight.is_contiguous(memory_format=torch.channels_last)  # dense conv too
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(
+        memory_format=torch.channels_last))) for m in deployed.modules() if isinstance(m, T.TapGroupConv2d)]
+    x = torch.randn(2, 3, 16, 16, generator=gen)
+    y = deployed(x)
+    for h in hooks:
+        h.remove()
+    assert seen == [True, True]
+    assert max_rel(y, model(x).detach()) < 1e-5

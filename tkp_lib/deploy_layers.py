@@ -8,8 +8,17 @@ Top-K pattern survives), `choose_layers` (each pruned conv timed against its den
 this machine, every register tile, every batch size; the kernel kept only where it is
 faster at every batch size; `_candidates` alone decides which kernel may replace a conv),
 `apply_layers` and `fuse_epilogues` (a residual add, ReLU and 2x2 max pool that a kernel
-layer alone feeds run in its epilogue), `verify` (deployed vs masked outputs), `summary`
-and `time_models`.
+layer alone feeds run in its epilogue), `to_channels_last`, `verify` (deployed vs masked
+outputs), `summary` and `time_models`.
+
+Memory layout: the tap-group kernel works in NHWC (channels_last) and returns channels_last;
+the Top-K kernel works in NCHW. A deployed network with tap-group layers therefore converts
+its input to channels_last once, at the top of the graph (`to_channels_last`: a permute,
+contiguous, permute, which deploy.pt holds as plain values), and stays there: torch's
+ReLU, add, pooling and dense convolutions keep channels_last (the dense convolutions'
+weights are made channels_last too, where oneDNN runs fastest), and an op that needs
+another order (flatten before a Linear) reorders as it copies. Each candidate is timed
+per layer in the layout it will run in, against the faster dense layout.
 May import: tkp_lib.kernels, tkp_lib.topk_conv, tkp_lib.tapgroup, tkp_lib.deploy_ops, tkp_lib.deploy_format.
 """
 
@@ -35,6 +44,7 @@ REL_TOLERANCE = 1e-4  # deployed vs masked: max |difference| / max |reference|
 KERNEL_LAYERS = tuple(deploy_ops.KERNEL_LAYERS.values())
 KIND_NAMES = {"topk": "Top-K", "tapgroup": "tap-group"}  # choose_layers' "deploy" kinds, as the summary names them
 GROUPED = "grouped/depthwise: dense"
+NHWC_LAYERS = (TapGroupConv2d,)  # kernel layers that work in channels_last
 
 
 # ==== Tracing and BatchNorm folding ==========================================================
@@ -229,7 +239,7 @@ def _candidates(conv: nn.Conv2d, tiles) -> list[tuple] | str:
     if gk is not None and tapgroup.kernel_available():
         group, k = gk
         out.append(("tapgroup", lambda t: TapGroupConv2d.from_conv(conv, group, k, t),
-                    [t for t in tapgroup.tile_kinds() if t[0] <= group], {"group": group, "group_k": k}))
+                    [t for t in tapgroup.tile_kinds() if t[0] <= max(group, 16)], {"group": group, "group_k": k}))
     why = topk_conv.kernel_takes(conv)
     if why is None and not topk_conv.kernel_available():
         why = "kernel unavailable"
@@ -244,16 +254,22 @@ def time_layer(conv: nn.Conv2d, make: Callable, in_shape: tuple, batch_sizes: li
     `conv` against `conv`: every tile timed interleaved with dense at every batch size, then
     a second, longer measurement of the best tile alone."""
     candidates = {t: make(t) for t in tiles}
-    per_batch = {}
-    for b in batch_sizes:
+    nhwc = isinstance(next(iter(candidates.values())), NHWC_LAYERS)
+    conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
+
+    def timed(b: int, kernel_fns: dict, repeats: int) -> dict:  # dense = the faster of NCHW and channels_last
         x = torch.randn(b, *in_shape[1:])
-        fns = {"dense": lambda: conv(x), **{t: (lambda m=m: m(x)) for t, m in candidates.items()}}
-        per_batch[b] = kernels.median_ms(fns, repeats=max(3, repeats // 2))
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        x_kernel = x_cl if nhwc else x
+        r = kernels.median_ms({"nchw": lambda: conv(x), "nhwc": lambda: conv_cl(x_cl),
+                               **{k: (lambda m=m: m(x_kernel)) for k, m in kernel_fns.items()}}, repeats=repeats)
+        return {"dense": min(r.pop("nchw"), r.pop("nhwc")), **r}
+
+    per_batch = {b: timed(b, candidates, max(3, repeats // 2)) for b in batch_sizes}
     best = min(tiles, key=lambda t: sum(per_batch[b][t] / per_batch[b]["dense"] for b in batch_sizes))
     timings = {}
     for b in batch_sizes:
-        x = torch.randn(b, *in_shape[1:])
-        r = kernels.median_ms({"dense": lambda: conv(x), "kernel": lambda: candidates[best](x)}, repeats=repeats)
+        r = timed(b, {"kernel": candidates[best]}, repeats)
         timings[b] = {"dense_ms": r["dense"], "kernel_ms": r["kernel"]}
     return best, timings
 
@@ -276,7 +292,30 @@ def apply_layers(gm: torch.fx.GraphModule, records: list[dict], input_shape: tup
             _set_module(gm, rec["name"], TapGroupConv2d.from_conv(
                 gm.get_submodule(rec["name"]), rec["group"], rec["group_k"], rec["tile"]))
     fuse_epilogues(gm, torch.zeros(1, *input_shape))
+    if any(isinstance(m, NHWC_LAYERS) for m in gm.modules()):
+        to_channels_last(gm)
     return gm
+
+
+def to_channels_last(gm: torch.fx.GraphModule) -> None:
+    """Run the network in channels_last from its input on (in place): the input converted
+    once at the top of the graph, the dense convolutions' weights in channels_last."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        return
+    x = inputs[0]
+    with gm.graph.inserting_after(x):  # x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2): NHWC memory
+        nhwc = gm.graph.call_method("permute", (x, 0, 2, 3, 1))
+    with gm.graph.inserting_after(nhwc):
+        dense = gm.graph.call_method("contiguous", (nhwc,))
+    with gm.graph.inserting_after(dense):
+        nchw_view = gm.graph.call_method("permute", (dense, 0, 3, 1, 2))
+    x.replace_all_uses_with(nchw_view, delete_user_cb=lambda user: user is not nhwc)
+    for m in gm.modules():
+        if type(m) is nn.Conv2d:
+            m.to(memory_format=torch.channels_last)
+    gm.graph.lint()
+    gm.recompile()
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:

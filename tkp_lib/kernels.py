@@ -4,6 +4,13 @@ Owns: building the C++ kernels of tkp_lib/csrc/ on first use (torch.utils.cpp_ex
 g++ -O3 -march=native, cached in torch's extension folder, TORCH_EXTENSIONS_DIR), once per
 process, with one line that says why where they cannot be built; and `measure_interleaved`,
 the one timing helper (benchmarks and tkp_deploy's per-layer choice use it).
+
+Instruction set: csrc/simd.h picks AVX-512 where -march=native offers it, else AVX2 + FMA,
+else the build fails with a clear line. TKP_KERNEL_ISA=avx2 builds the AVX2 variant on an
+AVX-512 machine too (-mno-avx512f, its own extension name): what the tests use to check it.
+Threads: where torch runs its intra-op threads on OpenMP, the kernels are compiled with
+-fopenmp, so that at::parallel_for (inline in torch's headers) runs on torch's own OpenMP
+pool; without it, at::parallel_for runs the whole range on the calling thread.
 May import: torch and the standard library only (a leaf: every deployment module imports it).
 """
 
@@ -23,6 +30,7 @@ import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 NO_KERNEL_ENV = "TKP_DEPLOY_NO_KERNEL"  # set to 1: never build, run every layer's plain fallback
+ISA_ENV = "TKP_KERNEL_ISA"  # "avx2": build the AVX2 + FMA variant even where AVX-512 is there
 
 _builds: dict[str, dict] = {}  # {source stem: {"module": extension or None, "why": str}}
 
@@ -37,9 +45,10 @@ def native(stem: str, what: str, fallback: str):
             if os.environ.get(NO_KERNEL_ENV, "") not in ("", "0"):
                 raise RuntimeError(f"{NO_KERNEL_ENV} is set")
             from torch.utils import cpp_extension
+            isa, flags = build_flags()
             # -march=native: one build per kind of CPU, should the extension folder be shared by several
-            module = cpp_extension.load(name=f"tkp_{stem}_{cpu_tag()}", sources=[str(CSRC / f"{stem}.cpp")],
-                                        extra_cflags=["-O3", "-march=native"], verbose=False)
+            module = cpp_extension.load(name=f"tkp_{stem}_{cpu_tag()}{isa}", sources=[str(CSRC / f"{stem}.cpp")],
+                                        extra_cflags=flags, verbose=False)
             _builds[stem] = {"module": module, "why": ""}
         except Exception as e:  # deploy with the plain fallback
             _builds[stem] = {"module": None, "why": one_line(e)}
@@ -47,9 +56,33 @@ def native(stem: str, what: str, fallback: str):
     return _builds[stem]["module"]
 
 
+def build_flags() -> tuple[str, list[str]]:
+    """(extension name suffix, compiler flags) for this process: -march=native, -mno-avx512f
+    under TKP_KERNEL_ISA=avx2, -fopenmp where torch's intra-op threads are OpenMP's."""
+    isa = os.environ.get(ISA_ENV, "").lower()
+    if isa not in ("", "native", "avx2"):
+        raise RuntimeError(f"{ISA_ENV}={isa!r}: expected avx2 or native")
+    flags = ["-O3", "-march=native"] + (["-mno-avx512f"] if isa == "avx2" else [])
+    if torch._C.has_openmp:  # the headers' at::parallel_for becomes an OpenMP region of torch's runtime
+        flags.append("-fopenmp")
+    return ("_avx2" if isa == "avx2" else ""), flags
+
+
 def problem(stem: str) -> str:
     """Why csrc/<stem>.cpp could not be built ('' when it was, or before the first attempt)."""
     return _builds.get(stem, {}).get("why", "")
+
+
+def unsupported_conv(conv) -> str | None:
+    """Why the kernel layers cannot compute the nn.Conv2d `conv` (groups, dilation, a padding
+    mode other than zeros, string padding), or None where they can."""
+    if conv.groups != 1:
+        return f"groups={conv.groups} (depthwise or grouped convolution): the kernels take groups=1 only"
+    if tuple(conv.dilation) != (1, 1):
+        return f"dilation={tuple(conv.dilation)}: the kernels take dilation 1 only"
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return f"padding {conv.padding!r} ({conv.padding_mode}): the kernels take explicit zero padding only"
+    return None
 
 
 def cpu_tag() -> str:

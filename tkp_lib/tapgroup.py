@@ -1,13 +1,19 @@
 """TapGroupConv2d: a convolution for tap-group masks (--tap-group G), CPU, fp32.
 
 G consecutive output channels share, for every input channel, the same K kept tap positions,
-so per output group the convolution is a dense (G x C_in*K) matrix times a gathered input
-whose rows are shifted input planes. TapGroupConv2d computes it with the C++ micro-kernel
-csrc/tap_group_conv.cpp (torch op tkp::tap_group_conv2d, built on first use by
-tkp_lib.kernels), or where that is unavailable (no compiler / AVX-512, CUDA, bf16) with torch
-ops: F.unfold, index_select of the group's kept rows, matmul. `tap_group_of(conv)` finds the
-largest G in GROUP_SIZES whose groups share their positions. Its epilogue (residual add, ReLU,
-2x2 max pool) is TopKConv2d's. Measured speed: RESULTS.md.
+so per block of output channels that share their taps the convolution is a dense (entries x
+block) matrix applied to gathered input scalars. TapGroupConv2d computes it with the C++
+kernel csrc/tap_group_conv.cpp (torch op tkp::tap_group_conv2d, built on first use by
+tkp_lib.kernels; AVX-512 or AVX2): NHWC (channels_last) in and out, vectorised over blocks of
+B output channels (16, 32 or 64): per kept (input channel, tap) entry one broadcast input
+scalar feeds B/16 multiply-adds with preloaded weights, for a register tile of RB output
+positions; `tile` is (B, RB). Its input may come in either memory format (an NCHW input is
+converted on the way in: deployment converts the network's input once, see
+tkp_lib.deploy_layers); its output is channels_last. Where the kernel is unavailable (no
+compiler, CUDA, bf16) it runs with torch ops: F.unfold, index_select of the group's kept
+rows, matmul. `tap_group_of(conv)` finds the largest G in GROUP_SIZES whose groups share
+their positions. Its epilogue (residual add, ReLU, 2x2 max pool) is TopKConv2d's. Measured
+speed: RESULTS.md.
 May import: tkp_lib.kernels.
 """
 
@@ -21,6 +27,7 @@ from torch.nn.modules.utils import _pair
 from tkp_lib import kernels
 
 GROUP_SIZES = (64, 32, 16, 8)
+DEFAULT_TILE = (32, 12)  # (B, RB) where nothing else is known
 
 
 def kernel():
@@ -34,19 +41,28 @@ def kernel_available() -> bool:
 
 
 def tile_kinds() -> list[tuple[int, int]]:
-    """The (M output channels, S vectors of 16 positions) register tiles compiled in."""
+    """The (B output channels, RB positions) register tiles compiled in."""
     if not kernel_available():
-        return [(8, 2)]
+        return [DEFAULT_TILE]
     flat = list(torch.ops.tkp.tap_group_tile_kinds())
     return list(zip(flat[0::2], flat[1::2]))
+
+
+def default_tile(group: int) -> tuple[int, int]:
+    """A compiled tile for groups of `group` outputs before any measurement: the widest
+    block that does not mix groups (or the narrowest), with its middle RB."""
+    kinds = tile_kinds()
+    widths = sorted({b for b, _ in kinds})
+    width = max([b for b in widths if b <= group] or widths[:1])
+    rbs = sorted(rb for b, rb in kinds if b == width)
+    return width, rbs[len(rbs) // 2]
 
 
 def tap_group_of(conv: nn.Module) -> tuple[int, int] | None:
     """(G, K) for a pruned Conv2d whose every group of G consecutive outputs (a smaller last
     group allowed) keeps at most K shared tap positions per input channel, K < kh*kw taps,
     with the largest such G in GROUP_SIZES; None where no G fits or the conv is not plain."""
-    if type(conv) is not nn.Conv2d or conv.groups != 1 or conv.dilation != (1, 1) \
-            or conv.padding_mode != "zeros" or isinstance(conv.padding, str) or conv.stride[0] != conv.stride[1]:
+    if type(conv) is not nn.Conv2d or kernels.unsupported_conv(conv):
         return None
     nz = conv.weight.detach().reshape(conv.out_channels, conv.in_channels, -1) != 0
     k = int(nz.sum(-1).max()) if nz.numel() else 0
@@ -62,14 +78,14 @@ def tap_group_of(conv: nn.Module) -> tuple[int, int] | None:
 
 
 class TapGroupConv2d(nn.Module):
-    """A Conv2d (groups 1, dilation 1, zero padding, equal strides) whose groups of G
-    consecutive output channels share K kept taps per input channel: `taps` (groups, C_in, K)
-    int (dy*kw + dx) and `weights` (C_out, C_in, K). Its epilogue may add a `residual`
-    (forward's second argument), then apply a ReLU (`relu`), then a 2x2 max pool (`pool` = 2),
-    as TopKConv2d's (tkp_deploy.fuse_epilogues folds them in)."""
+    """A Conv2d (groups 1, dilation 1, zero padding) whose groups of G consecutive output
+    channels share K kept taps per input channel: `taps` (groups, C_in, K) int (dy*kw + dx)
+    and `weights` (C_out, C_in, K). Its epilogue may add a `residual` (forward's second
+    argument), then apply a ReLU (`relu`), then a 2x2 max pool (`pool` = 2), as TopKConv2d's
+    (deploy_layers.fuse_epilogues folds them in). The kernel's output is channels_last."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, k: int = 1,
-                 group: int = 32, bias: bool = True, tile=(8, 2), relu: bool = False, pool: int = 0):
+                 group: int = 32, bias: bool = True, tile=DEFAULT_TILE, relu: bool = False, pool: int = 0):
         super().__init__()
         self.in_channels, self.out_channels, self.k, self.group = in_channels, out_channels, k, group
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
@@ -81,9 +97,12 @@ class TapGroupConv2d(nn.Module):
         self._packed = None
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, group: int, k: int, tile=(8, 2)) -> "TapGroupConv2d":
+    def from_conv(cls, conv: nn.Conv2d, group: int, k: int, tile=None) -> "TapGroupConv2d":
+        why = kernels.unsupported_conv(conv)
+        if why:
+            raise ValueError(f"TapGroupConv2d cannot compute this Conv2d: {why}")
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, k, group,
-                conv.bias is not None, tile)
+                conv.bias is not None, tile or default_tile(group))
         w = conv.weight.detach().float().reshape(conv.out_channels, conv.in_channels, -1)
         for gi, o in enumerate(range(0, conv.out_channels, group)):
             energy = w[o:o + group].pow(2).sum(0) + (w[o:o + group] != 0).any(0).float()  # kept taps first
@@ -121,32 +140,54 @@ class TapGroupConv2d(nn.Module):
         w.scatter_(-1, taps, self.weights)
         return w.reshape(self.out_channels, self.in_channels, kh, kw)
 
+    def check(self) -> None:
+        """ValueError where the buffers describe no convolution this layer computes."""
+        kh, kw = self.kernel_size
+        if self.taps.numel() and not 0 <= int(self.taps.min()) <= int(self.taps.max()) < kh * kw:
+            raise ValueError(f"TapGroupConv2d: a tap index outside the {kh}x{kw} kernel (taps must be in "
+                             f"0..{kh * kw - 1})")
+        if self.bias is not None and self.bias.numel() != self.out_channels:
+            raise ValueError(f"TapGroupConv2d: the bias has {self.bias.numel()} values for {self.out_channels} outputs")
+
     def packed(self):
-        """(weights (T, C_in*K, M), tile_group, tile_start, tile_count): tiles of M outputs
-        inside each group, padded with zero weights."""
+        """(weights (blocks, E, B), channels (blocks, E), taps (blocks, E), RB): the kernel's
+        blocks of B outputs with their E shared (input channel, tap) entries, the union of
+        the entries of the groups a block spans, zero weights where a group lacks one."""
         if self._packed is None:
-            m, p = self.tile[0], self.in_channels * self.k
-            w = self.weights.detach().float().cpu().reshape(self.out_channels, p)
-            blocks, tg, ts, tc = [], [], [], []
-            for gi, o in enumerate(range(0, self.out_channels, self.group)):
-                end = min(o + self.group, self.out_channels)
-                for t0 in range(o, end, m):
-                    n = min(m, end - t0)
-                    blk = torch.zeros(m, p)
-                    blk[:n] = w[t0:t0 + n]
-                    blocks.append(blk.t())
-                    tg.append(gi), ts.append(t0), tc.append(n)
-            i32 = dict(dtype=torch.int32)
-            self._packed = (torch.stack(blocks).contiguous(), torch.tensor(tg, **i32), torch.tensor(ts, **i32),
-                            torch.tensor(tc, **i32))
+            self.check()
+            kh, kw = self.kernel_size
+            (width, rb), c_in, t = self._kernel_tile(), self.in_channels, kh * kw
+            dense = self.dense_weight().detach().float().cpu().reshape(self.out_channels, c_in * t)
+            group_of = torch.arange(self.out_channels) // self.group
+            kept = torch.zeros(self.taps.shape[0], c_in * t, dtype=torch.bool)
+            kept.scatter_(1, (torch.arange(c_in).unsqueeze(-1) * t + self.taps.long().cpu()).reshape(
+                self.taps.shape[0], -1), True)
+            blocks = []
+            for o in range(0, self.out_channels, width):
+                rows = kept[group_of[o:o + width].unique()].any(0).nonzero().squeeze(1)  # sorted (channel, tap)
+                w = torch.zeros(len(rows), width)
+                w[:, :min(width, self.out_channels - o)] = dense[o:o + width, rows].t()
+                blocks.append((w, rows))
+            e = max(len(rows) for _, rows in blocks)
+            weights = torch.zeros(len(blocks), e, width)
+            entries = torch.zeros(len(blocks), e, dtype=torch.long)
+            for i, (w, rows) in enumerate(blocks):  # shorter blocks padded with zero-weight entries
+                weights[i, :len(rows)], entries[i, :len(rows)] = w, rows
+            self._packed = (weights.contiguous(), (entries // t).int().contiguous(), (entries % t).int().contiguous(),
+                            rb)
         return self._packed
+
+    def _kernel_tile(self) -> tuple[int, int]:
+        """self.tile where it is compiled in (a deploy.pt written by another build may name
+        one that is not), else the default for the group."""
+        return tuple(self.tile) if tuple(self.tile) in tile_kinds() else default_tile(self.group)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and kernel_available()
                 and (residual is None or residual.dtype == torch.float32)):
-            w, tg, ts, tc = self.packed()
-            args = (w, self.taps, self.bias, tg, ts, tc, self.out_channels, *self.kernel_size, *self.stride,
-                    *self.padding, self.tile[1], self.relu, residual, self.pool)
+            w, channels, taps, rb = self.packed()
+            args = (w, channels, taps, self.bias, self.out_channels, *self.kernel_size, *self.stride,
+                    *self.padding, rb, self.relu, residual, self.pool)
             if torch.compiler.is_compiling() or torch.compiler.is_exporting():
                 return torch.ops.tkp.tap_group_conv2d(x, *args)
             return kernel().tap_group_conv2d(x, *args)
@@ -154,6 +195,7 @@ class TapGroupConv2d(nn.Module):
 
     def forward_torch(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """unfold + index_select of each group's kept rows + matmul (any device and dtype)."""
+        self.check()
         kh, kw = self.kernel_size
         n, _, h, wd = x.shape
         oh = (h + 2 * self.padding[0] - kh) // self.stride[0] + 1

@@ -3,7 +3,7 @@
 Every kernel W[o, i] of a TKP model keeps at most K of its kh*kw taps; a dense convolution
 (oneDNN) multiplies the zeros like any other value. TopKConv2d stores only the kept taps
 (values and tap indices, (C_out, C_in, K) each) and runs tkp::topk_conv2d, the kernel of
-csrc/topk_conv.cpp (built on first use by tkp_lib.kernels; it needs AVX-512), registered as a
+csrc/topk_conv.cpp (built on first use by tkp_lib.kernels; AVX-512 or AVX2), registered as a
 torch op with a shape function so that torch.compile and torch.export can trace it, on
 torch's intra-op threads. What the convolution alone feeds (a residual add, then a ReLU,
 then a 2x2 max pool) can be done in its epilogue. Where the kernel cannot be built, or for
@@ -40,7 +40,8 @@ def kernel_problem() -> str:
 
 
 def tile_kinds() -> list[tuple[int, int]]:
-    """The (M output channels, S vectors of 16 positions) register tiles compiled in."""
+    """The (M output channels, S vectors of 16 positions) register tiles compiled in; M = 0:
+    one output channel at a time, its sums grouped by tap at aligned positions."""
     flat = list(torch.ops.tkp.tile_kinds())
     return list(zip(flat[0::2], flat[1::2]))
 
@@ -80,6 +81,9 @@ class TopKConv2d(nn.Module):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, tile=(4, 4)) -> "TopKConv2d":
+        why = kernels.unsupported_conv(conv)
+        if why:
+            raise ValueError(f"TopKConv2d cannot compute this Conv2d: {why}")
         values, taps, k = topk_pattern(conv.weight)
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, k,
                 conv.bias is not None, tile)
@@ -116,8 +120,17 @@ class TopKConv2d(nn.Module):
 
     def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """values and taps as the kernel reads them: (tiles, C_in, K, M), output channels
-        padded with zero weights to a multiple of M."""
+        padded with zero weights to a multiple of M. The aligned tiles (0, S) take one output
+        at a time (M = 1), its entries sorted by tap, taps as channel * 256 + tap, the zero
+        weights last."""
         if self._packed is None:
+            kh, kw = self.kernel_size
+            tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()  # no int() of data there
+            if self.taps.numel() and not tracing and int(self.taps.max()) >= kh * kw:
+                raise ValueError(f"TopKConv2d: a tap index outside the {kh}x{kw} kernel")
+            if self.tile[0] == 0:
+                self._packed = self._packed_aligned()
+                return self._packed
             m = self.tile[0]
             tiles = -(-self.out_channels // m)
             v = torch.zeros(tiles * m, self.in_channels, self.k)
@@ -127,6 +140,16 @@ class TopKConv2d(nn.Module):
             self._packed = (v.reshape(tiles, m, self.in_channels, self.k).permute(0, 2, 3, 1).contiguous(),
                             t.reshape(tiles, m, self.in_channels, self.k).permute(0, 2, 3, 1).contiguous())
         return self._packed
+
+    def _packed_aligned(self) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.out_channels, self.in_channels, self.k, 1)
+        v = self.values.detach().float().cpu().reshape(self.out_channels, -1)
+        t = self.taps.long().cpu().reshape(self.out_channels, -1)
+        code = torch.arange(self.in_channels).repeat_interleave(self.k) * 256 + t
+        last = t.max(1, keepdim=True).values  # zero weights read channel 0 at the last group's tap
+        code = torch.where(v != 0, code, last)
+        order = torch.argsort((v == 0).long() * (1 << 40) + code % 256 * (1 << 20) + code // 256, dim=1)
+        return (v.gather(1, order).reshape(shape).contiguous(), code.gather(1, order).int().reshape(shape).contiguous())
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and kernel_available()
@@ -153,7 +176,7 @@ def kernel_takes(conv: nn.Module) -> str | None:
     if type(conv) is not nn.Conv2d:
         return "not a Conv2d"
     kh, kw = conv.kernel_size
-    if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+    if kernels.unsupported_conv(conv):
         return "groups, dilation or padding the kernel does not take"
     k = int((conv.weight.detach().reshape(conv.out_channels, conv.in_channels, -1) != 0).sum(-1).max())
     if k >= kh * kw:

@@ -1,251 +1,324 @@
-// Tap-group convolution for CPUs (tkp::tap_group_conv2d): a Conv2d (fp32, NCHW, groups 1)
-// whose G consecutive output channels share, for every input channel, the same K kept tap
-// positions (TKP's --tap-group G). Per output group the convolution is a dense
-// (G x C_in*K) matrix times a gathered input whose rows are shifted input planes.
+// Tap-group convolution for CPUs (tkp::tap_group_conv2d): a Conv2d (fp32, groups 1) whose G
+// consecutive output channels share, for every input channel, the same K kept tap positions
+// (TKP's --tap-group G). Built on first use by tkp_lib/kernels.py (torch.utils.cpp_extension,
+// -O3 -march=native, -fopenmp where torch uses OpenMP so that at::parallel_for runs on
+// torch's own thread pool); AVX-512 or AVX2 + FMA (simd.h), chosen at build time.
 //
-// Built on first use by tkp_tapgroup.py through torch.utils.cpp_extension (-O3
-// -march=native). Layout: the input of one image is copied into zero-padded phase planes
-// (stride s: s*s phases of the padded image, each Hq x Wq) so that tap (dy, dx) of input
-// channel c is one constant offset: plane (c, dy % s, dx % s) at (dy/s)*Wq + dx/s. Output
-// position q = oh*Wq + ow then reads input (offset + q); columns ow >= OW are computed and
-// dropped when the sums are copied out. A register tile holds M output channels x S vectors
-// of 16 positions: per (input channel, tap) pair the S shifted input vectors are loaded
-// once and feed M*S multiply-adds with broadcast weights.
+// Layout: NHWC (channels_last), in and out. The output channels are cut into blocks of B
+// (16, 32 or 64 on AVX-512; 8, 16 or 32 on AVX2): the B outputs of a block share their kept (input channel, tap)
+// entries, E of them (C_in*K when B divides G; the union of the groups' entries otherwise,
+// with zero weights where a group lacks one). Per block the convolution is then
+//     y[p][0..B) = bias + sum over entries e of x[p + offset(e)][channel(e)] * w[e][0..B),
+// vectorised over the B output channels: a register tile of RB output positions x B/V
+// vectors (V = 16 floats on AVX-512, 8 on AVX2); per entry, B/V weight vectors are loaded
+// once and each of the RB positions broadcasts one input scalar into B/V multiply-adds. The arithmetic per loaded byte is
+// that of a dense convolution's inner loop, so the kernel runs near oneDNN's rate on the
+// kept taps alone.
 //
-// Arguments: weights[t][p][m] (float, tiles of M output channels inside one group, zero
-// padded), taps[g][c][k] (int32 dy*kw + dx, shared by the group), tile_group[t] and
-// tile_start[t], tile_count[t] (int32: the group, first output channel and number of real
-// output channels of tile t).
+// To make every entry one constant offset, each image is first copied into a zero-padded
+// buffer: stride 1 pads rows and columns; stride s splits the padded image into its sh*sw
+// phases (rows a, a + sh, ...; columns b, b + sw, ...), so that tap (dy, dx) reads phase
+// (dy % sh, dx % sw) at pixel (dy / sh) * Wq + dx / sw past the output position. Output
+// positions run over rows of Wq pixels; the columns past the output width are computed and
+// dropped. The epilogue (residual add, ReLU, 2x2 max pool) is applied as the tile is stored.
+//
+// Threads: one parallel region per call (parallel.h), over (image, block, rows) units sized
+// so that every thread gets several, handed out one at a time; each thread pads the images
+// it needs into its own buffer (a copy of a few percent of the work, and no second
+// fork/join). Small calls run on the calling thread alone.
+//
+// Arguments: weights[b][e][j] (float, output b*B + j, zero past out_channels), channels[b][e]
+// and taps[b][e] (int32: input channel, dy*kw + dx) of block b's entries.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
-
-#ifndef __AVX512F__
-#error "the tap-group kernel needs a CPU with AVX-512 (built with -march=native); this one has none"
-#endif
-
-#include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <vector>
 
+#include "parallel.h"
+#include "simd.h"
+
 namespace {
 
+using namespace tkp_simd;
+
+tkp_parallel::Backoff backoff;  // this kernel's (parallel.h)
+
+thread_local Scratch scratch_image, scratch_pool;
+
 struct Geo {
-  int64_t C, H, W, kh, kw, s, ph, pw, OH, OW, Hq, Wq, plane, L, Lpad, O, P, M;
+  int64_t N, C, H, W, O, kh, kw, sh, sw, ph, pw, OH, OW, YH, YW;
+  int64_t Wq, Hq, phase_px, phases;  // pixels per row and rows of one phase plane, pixels per phase, sh*sw
+  int64_t pool;
+  bool relu;
 };
 
-// one image's phase planes: buf[c][py][px][i][j] = padded[c][i*s + py][j*s + px]
-void build_phases(const float* x, float* buf, const Geo& g) {
-  for (int64_t c = 0; c < g.C; ++c) {
-    const float* src = x + c * g.H * g.W;
-    for (int64_t py = 0; py < g.s; ++py)
-      for (int64_t px = 0; px < g.s; ++px) {
-        float* dst = buf + ((c * g.s + py) * g.s + px) * g.plane;
-        for (int64_t i = 0; i < g.Hq; ++i) {
-          float* row = dst + i * g.Wq;
-          int64_t r = i * g.s + py - g.ph;
-          if (r < 0 || r >= g.H) { std::memset(row, 0, g.Wq * sizeof(float)); continue; }
-          const float* srow = src + r * g.W;
-          if (g.s == 1) {
-            int64_t j0 = std::max<int64_t>(0, g.pw), j1 = std::min<int64_t>(g.Wq, g.W + g.pw);
-            std::memset(row, 0, g.Wq * sizeof(float));
-            if (j1 > j0) std::memcpy(row + j0, srow + (j0 - g.pw), (j1 - j0) * sizeof(float));
-          } else {
-            for (int64_t j = 0; j < g.Wq; ++j) {
-              int64_t col = j * g.s + px - g.pw;
-              row[j] = (col >= 0 && col < g.W) ? srow[col] : 0.f;
-            }
-          }
-        }
-      }
-  }
-}
-
-// sums of one tile of M outputs over all positions into out[m][q] (q < Lpad)
-template <int M, int S, int PF = 2>
-void tile_sums(const float* buf, const int32_t* offs, const float* w, const float* bias, int64_t nout,
-               float* out, const Geo& g) {
-  for (int64_t q = 0; q < g.Lpad; q += 16 * S) {
-    __m512 acc[M][S];
-    for (int m = 0; m < M; ++m) {
-      __m512 b = _mm512_set1_ps(bias && m < nout ? bias[m] : 0.f);
-      for (int v = 0; v < S; ++v) acc[m][v] = b;
-    }
-    const float* base = buf + q;
-    for (int64_t p = 0; p < g.P; ++p) {
-      const float* src = base + offs[p];
-      __m512 xv[S];
-      for (int v = 0; v < S; ++v) xv[v] = _mm512_loadu_ps(src + 16 * v);
-      if (PF) for (int v = 0; v < S; ++v) _mm_prefetch((const char*)(src + PF * 16 * S + 16 * v), _MM_HINT_T0);
-      const float* wp = w + p * M;
-      for (int m = 0; m < M; ++m) {
-        __m512 wb = _mm512_set1_ps(wp[m]);
-        for (int v = 0; v < S; ++v) acc[m][v] = _mm512_fmadd_ps(wb, xv[v], acc[m][v]);
-      }
-    }
-    for (int m = 0; m < M; ++m)
-      for (int v = 0; v < S; ++v) _mm512_storeu_ps(out + m * g.Lpad + q + 16 * v, acc[m][v]);
-  }
-}
-
-// one output channel's sums (OH rows of Wq) to NCHW: + residual, ReLU, 2x2 max pool (pool = 2)
-void copy_out(const float* src, const float* res, float* dst, const Geo& g, bool relu, int64_t pool) {
-  if (pool == 2) {  // rows 2r, 2r+1: vertical max of 32 columns, then the max of lane pairs
-    const int64_t PH = g.OH / 2, PW = g.OW / 2;
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-    for (int64_t r = 0; r < PH; ++r) {
-      const float* s0 = src + 2 * r * g.Wq;
-      const float* r0 = res ? res + 2 * r * g.OW : nullptr;
-      for (int64_t j0 = 0; j0 < 2 * PW; j0 += 32) {
-        int64_t n = std::min<int64_t>(32, 2 * PW - j0);
-        __mmask16 lo = (__mmask16)((1u << std::min<int64_t>(16, n)) - 1);
-        __mmask16 hi = n > 16 ? (__mmask16)((1u << (n - 16)) - 1) : 0;
-        __m512 v[2];
-        for (int h = 0; h < 2; ++h) {
-          __mmask16 mk = h ? hi : lo;
-          __m512 a = _mm512_maskz_loadu_ps(mk, s0 + j0 + 16 * h), b = _mm512_maskz_loadu_ps(mk, s0 + g.Wq + j0 + 16 * h);
-          if (r0) {
-            a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(mk, r0 + j0 + 16 * h));
-            b = _mm512_add_ps(b, _mm512_maskz_loadu_ps(mk, r0 + g.OW + j0 + 16 * h));
-          }
-          v[h] = _mm512_max_ps(a, b);
-        }
-        __m512 out = _mm512_max_ps(_mm512_permutex2var_ps(v[0], even, v[1]), _mm512_permutex2var_ps(v[0], odd, v[1]));
-        if (relu) out = _mm512_max_ps(out, _mm512_setzero_ps());
-        _mm512_mask_storeu_ps(dst + r * PW + j0 / 2, (__mmask16)((1u << (n / 2)) - 1), out);
-      }
-    }
-    return;
-  }
-  for (int64_t r = 0; r < g.OH; ++r) {
-    if (!relu && !res) { std::memcpy(dst + r * g.OW, src + r * g.Wq, g.OW * sizeof(float)); continue; }
-    for (int64_t j = 0; j < g.OW; ++j) {
-      float v = src[r * g.Wq + j] + (res ? res[r * g.OW + j] : 0.f);
-      dst[r * g.OW + j] = relu ? std::max(v, 0.f) : v;
-    }
-  }
-}
-
-using TileFn = void (*)(const float*, const int32_t*, const float*, const float*, int64_t, float*, const Geo&);
-
-struct Kind { int M, S; TileFn fn; };
-const Kind kKinds[] = {{4, 4, tile_sums<4, 4>}, {8, 2, tile_sums<8, 2>}, {8, 3, tile_sums<8, 3>},
-                       {12, 2, tile_sums<12, 2>}, {16, 1, tile_sums<16, 1>}};
-
-TileFn find_kind(int64_t M, int64_t S) {
-  for (const Kind& k : kKinds)
-    if (k.M == M && k.S == S) return k.fn;
-  TORCH_CHECK(false, "tap_group_conv2d: register tile ", M, "x", S, " is not compiled in");
-}
-
-at::Tensor tap_group_conv2d(const at::Tensor& x_in, const at::Tensor& weights, const at::Tensor& taps,
-                            const c10::optional<at::Tensor>& bias_in, const at::Tensor& tile_group,
-                            const at::Tensor& tile_start, const at::Tensor& tile_count, int64_t out_channels, int64_t kh, int64_t kw,
-                            int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t S, bool relu, const c10::optional<at::Tensor>& residual_in,
-                            int64_t pool) {
-  TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
-              "tap_group_conv2d: x must be a float32 NCHW CPU tensor");
-  TORCH_CHECK(sh == sw, "tap_group_conv2d: equal strides only");
-  at::Tensor x = x_in.contiguous();
+Geo make_geo(const at::Tensor& x, int64_t O, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+             int64_t pool, bool relu, int64_t rb) {
   Geo g;
-  g.C = x.size(1); g.H = x.size(2); g.W = x.size(3); g.kh = kh; g.kw = kw; g.s = sh; g.ph = ph; g.pw = pw;
-  g.OH = (g.H + 2 * ph - kh) / sh + 1; g.OW = (g.W + 2 * pw - kw) / sw + 1;
-  TORCH_CHECK(g.OH > 0 && g.OW > 0, "tap_group_conv2d: empty output");
-  g.Wq = std::max(g.OW + (kw - 1) / g.s, (g.W + 2 * pw + g.s - 1) / g.s);
-  g.M = weights.size(2); g.P = weights.size(1); g.O = out_channels;
-  TORCH_CHECK(taps.size(1) == g.C && g.P == g.C * taps.size(2), "tap_group_conv2d: taps/weights shape");
-  g.L = g.OH * g.Wq;
-  g.Lpad = (g.L + 16 * S - 1) / (16 * S) * (16 * S);
-  // rows enough for every read q + offset with q < Lpad
-  int64_t max_off = ((kh - 1) / g.s) * g.Wq + (kw - 1) / g.s;
-  g.Hq = (g.Lpad + max_off + g.Wq - 1) / g.Wq + 1;
-  g.plane = g.Hq * g.Wq;
-  TileFn fn = find_kind(g.M, S);
-  const int64_t N = x.size(0), T = weights.size(0), K = taps.size(2), NG = taps.size(0);
-  // per group: offsets of its (channel, tap) pairs into the phase planes
-  at::Tensor taps_c = taps.to(at::kInt).contiguous();
-  std::vector<int32_t> offs(NG * g.P);
-  const int32_t* tp = taps_c.data_ptr<int32_t>();
-  for (int64_t i = 0; i < NG * g.P; ++i) {
-    int64_t c = (i % g.P) / K, t = tp[i], dy = t / kw, dx = t % kw;
-    offs[i] = (int32_t)(((c * g.s + dy % g.s) * g.s + dx % g.s) * g.plane + (dy / g.s) * g.Wq + dx / g.s);
-  }
-  at::Tensor w = weights.contiguous(), tg = tile_group.to(at::kInt).contiguous(),
-             ts = tile_start.to(at::kInt).contiguous(), tc = tile_count.to(at::kInt).contiguous();
-  at::Tensor bias_t = bias_in.has_value() && bias_in->defined() ? bias_in->contiguous() : at::Tensor();
-  TORCH_CHECK(pool == 0 || pool == 2, "tap_group_conv2d: pool must be 0 or 2");
-  at::Tensor res_t;
-  if (residual_in.has_value() && residual_in->defined()) {
-    res_t = residual_in->contiguous();
-    TORCH_CHECK(res_t.scalar_type() == at::kFloat && res_t.sizes() == at::IntArrayRef({N, g.O, g.OH, g.OW}),
-                "tap_group_conv2d: the residual must be float32 shaped like the convolution's output");
-  }
-  const float* resp = res_t.defined() ? res_t.data_ptr<float>() : nullptr;
-  const int64_t YH = pool ? g.OH / 2 : g.OH, YW = pool ? g.OW / 2 : g.OW;
-  at::Tensor y = at::empty({N, g.O, YH, YW}, x.options());
-  const int64_t img = g.C * g.s * g.s * g.plane;
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  const float* biasp = bias_t.defined() ? bias_t.data_ptr<float>() : nullptr;
-  const int32_t* tgp = tg.data_ptr<int32_t>();
-  const int32_t* tsp = ts.data_ptr<int32_t>();
-  const int32_t* tcp = tc.data_ptr<int32_t>();
-  float* yp = y.data_ptr<float>();
-  auto run_tile = [&](const float* buf, int64_t n, int64_t t, float* tmp) {
-    int64_t o0 = tsp[t], nout = tcp[t];
-    fn(buf, offs.data() + tgp[t] * g.P, wp + t * g.P * g.M, biasp ? biasp + o0 : nullptr, nout, tmp, g);
-    for (int64_t m = 0; m < nout; ++m)
-      copy_out(tmp + m * g.Lpad, resp ? resp + (n * g.O + o0 + m) * g.OH * g.OW : nullptr,
-               yp + (n * g.O + o0 + m) * YH * YW, g, relu, pool);
-  };
-  if (N >= at::get_num_threads()) {  // images over threads, one reused phase buffer per thread
-    at::parallel_for(0, N, 1, [&](int64_t a, int64_t b) {
-      std::vector<float> buf(img), tmp(g.M * g.Lpad);
-      for (int64_t n = a; n < b; ++n) {
-        build_phases(xp + n * g.C * g.H * g.W, buf.data(), g);
-        for (int64_t t = 0; t < T; ++t) run_tile(buf.data(), n, t, tmp.data());
+  g.N = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3), g.O = O;
+  g.kh = kh, g.kw = kw, g.sh = sh, g.sw = sw, g.ph = ph, g.pw = pw, g.pool = pool, g.relu = relu;
+  TORCH_CHECK(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && ph >= 0 && pw >= 0,
+              "tkp::tap_group_conv2d: bad kernel size, stride or padding");
+  TORCH_CHECK(g.H + 2 * ph >= kh && g.W + 2 * pw >= kw, "tkp::tap_group_conv2d: the input (", g.H, "x", g.W,
+              ", padding ", ph, ",", pw, ") is smaller than the kernel (", kh, "x", kw, ")");
+  g.OH = (g.H + 2 * ph - kh) / sh + 1, g.OW = (g.W + 2 * pw - kw) / sw + 1;
+  g.YH = pool ? g.OH / 2 : g.OH, g.YW = pool ? g.OW / 2 : g.OW;
+  g.phases = sh * sw;
+  g.Wq = std::max((g.W + 2 * pw + sw - 1) / sw, g.OW + (kw - 1) / sw);
+  // rows enough for every read of every tile: positions up to OH*Wq + rb, plus the largest shift
+  const int64_t reach = g.OH * g.Wq + rb + ((kh - 1) / sh) * g.Wq + (kw - 1) / sw;
+  g.Hq = std::max((g.H + 2 * ph + sh - 1) / sh, (reach + g.Wq - 1) / g.Wq);
+  g.phase_px = g.Hq * g.Wq;
+  TORCH_CHECK(g.phases * g.phase_px * g.C < (int64_t(1) << 31), "tkp::tap_group_conv2d: input too large");
+  return g;
+}
+
+// image n of x (NHWC) -> buf: its sh*sw zero-padded phase planes, each Hq x Wq pixels of C floats
+void pad_image(const float* x, int64_t n, float* buf, const Geo& g) {
+  const int64_t C = g.C;
+  const float* img = x + n * g.H * g.W * C;
+  for (int64_t a = 0; a < g.sh; ++a)
+    for (int64_t b = 0; b < g.sw; ++b) {
+      float* plane = buf + (a * g.sw + b) * g.phase_px * C;
+      for (int64_t i = 0; i < g.Hq; ++i) {
+        float* row = plane + i * g.Wq * C;
+        const int64_t h = i * g.sh + a - g.ph;
+        if (h < 0 || h >= g.H) {
+          std::memset(row, 0, sizeof(float) * g.Wq * C);
+          continue;
+        }
+        const float* src = img + h * g.W * C;
+        if (g.sw == 1) {  // one copy of the row between the zeros of both sides
+          const int64_t left = std::min(g.pw, g.Wq), n_copy = std::min(g.W, g.Wq - left);
+          std::memset(row, 0, sizeof(float) * left * C);
+          std::memcpy(row + left * C, src, sizeof(float) * n_copy * C);
+          std::memset(row + (left + n_copy) * C, 0, sizeof(float) * (g.Wq - left - n_copy) * C);
+          continue;
+        }
+        for (int64_t j = 0; j < g.Wq; ++j) {
+          const int64_t w = j * g.sw + b - g.pw;
+          if (w >= 0 && w < g.W) std::memcpy(row + j * C, src + w * C, sizeof(float) * C);
+          else std::memset(row + j * C, 0, sizeof(float) * C);
+        }
       }
-    });
-    return y;
+    }
+}
+
+// ---- the register tile ---------------------------------------------------------------------
+
+// out[r][0..OCB*V) = bias + sum over e < E of x[r*C + off[e]] * w[e][0..OCB*V), r < RB
+template <int OCB, int RB>
+void tile(const float* x, int64_t C, const int32_t* off, int64_t E, const float* w, const float* bias, float* out) {
+  constexpr int B = OCB * V;
+  vec acc[RB][OCB];
+  for (int b = 0; b < OCB; ++b) {
+    const vec bv = vload(bias + b * V);
+    for (int r = 0; r < RB; ++r) acc[r][b] = bv;
   }
-  at::Tensor bufs = at::empty({N, img}, x.options());
-  float* bp = bufs.data_ptr<float>();
-  at::parallel_for(0, N, 1, [&](int64_t a, int64_t b) {
-    for (int64_t n = a; n < b; ++n) build_phases(xp + n * g.C * g.H * g.W, bp + n * img, g);
+  for (int64_t e = 0; e < E; ++e, w += B) {
+    const float* xe = x + off[e];
+    vec wv[OCB];
+    for (int b = 0; b < OCB; ++b) wv[b] = vload(w + b * V);
+#pragma GCC unroll 32
+    for (int r = 0; r < RB; ++r) {
+      const vec xv = vset1(xe[r * C]);
+      for (int b = 0; b < OCB; ++b) acc[r][b] = vfmadd(xv, wv[b], acc[r][b]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int b = 0; b < OCB; ++b) vstore(out + r * B + b * V, acc[r][b]);
+}
+
+using TileFn = void (*)(const float*, int64_t, const int32_t*, int64_t, const float*, const float*, float*);
+
+struct Kind {
+  int B, RB;  // output channels per block, positions per tile
+  TileFn fn;
+};
+
+// The compiled (B, RB) tiles: RB*B/V accumulators, B/V weights and one broadcast in the registers.
+#if defined(__AVX512F__)
+const Kind kKinds[] = {{16, 8, tile<1, 8>},   {16, 16, tile<1, 16>}, {16, 24, tile<1, 24>}, {32, 6, tile<2, 6>},
+                       {32, 12, tile<2, 12>}, {32, 14, tile<2, 14>}, {64, 3, tile<4, 3>},   {64, 6, tile<4, 6>}};
+#else
+const Kind kKinds[] = {{8, 6, tile<1, 6>},   {8, 12, tile<1, 12>}, {16, 3, tile<2, 3>},
+                       {16, 6, tile<2, 6>},  {32, 2, tile<4, 2>}};
+#endif
+constexpr int kMaxTile = 24 * 64;  // floats of the largest RB x B tile
+
+const Kind& find_kind(int64_t B, int64_t RB) {
+  for (const Kind& k : kKinds)
+    if (k.B == B && k.RB == RB) return k;
+  TORCH_CHECK(false, "tkp::tap_group_conv2d: register tile ", B, "x", RB, " is not compiled in");
+  return kKinds[0];
+}
+
+// ---- the epilogue -------------------------------------------------------------------------
+
+// n channels (n <= B) of one output pixel: dst = v (+ res), ReLU
+inline void store_pixel(const float* v, const float* res, float* dst, int64_t n, bool relu) {
+  for (int64_t j = 0; j < n; j += V) {
+    vec a = vload(v + j);
+    if (res) a = vadd(a, vload_first(res + j, n - j));
+    if (relu) a = vmax(a, vzero());
+    vstore_first(dst + j, a, n - j);
+  }
+}
+
+// ---- the op ----------------------------------------------------------------------------------
+
+struct Call {
+  Geo g;
+  const Kind* kind;
+  int64_t NB, E, chunks, rows_per_chunk;
+  at::Tensor x, res, y;
+  std::vector<int32_t> off;  // [NB][E] offsets of the entries into the padded buffer
+  std::vector<float> bias;   // [NB*B]
+  const float* w;
+};
+
+// Block b of image n, output rows [r0, r1): tiles of RB positions, the epilogue on the way out.
+void run_unit(const Call& c, const float* buf, int64_t n, int64_t b, int64_t r0, int64_t r1) {
+  const Geo& g = c.g;
+  const int64_t B = c.kind->B, RB = c.kind->RB, o0 = b * B, nb = std::min(B, g.O - o0);
+  alignas(64) float tmp[kMaxTile];
+  const float* resp = c.res.defined() ? c.res.data_ptr<float>() : nullptr;
+  float* yp = c.y.data_ptr<float>();
+  float* pooled = g.pool ? scratch_pool.get<float>((r1 - r0) * g.OW * B) : nullptr;
+  TORCH_CHECK(!g.pool || pooled, "tkp::tap_group_conv2d: out of memory");
+  const int64_t q1 = r1 * g.Wq;
+  int64_t oh = r0, ow = 0;  // of position p0 + r, stepped along (no division per position)
+  for (int64_t p0 = r0 * g.Wq; p0 < q1; p0 += RB) {
+    c.kind->fn(buf + p0 * g.C, g.C, c.off.data() + b * c.E, c.E, c.w + b * c.E * B, c.bias.data() + o0, tmp);
+    for (int64_t r = 0; r < RB && p0 + r < q1; ++r) {
+      const int64_t h = oh, w = ow;
+      if (++ow == g.Wq) ow = 0, ++oh;
+      if (w >= g.OW) continue;
+      const int64_t pix = (n * g.OH + h) * g.OW + w;
+      const float* res = resp ? resp + pix * g.O + o0 : nullptr;
+      if (g.pool) store_pixel(tmp + r * B, res, pooled + ((h - r0) * g.OW + w) * B, nb, g.relu);
+      else store_pixel(tmp + r * B, res, yp + pix * g.O + o0, nb, g.relu);
+    }
+  }
+  if (!g.pool) return;
+  for (int64_t pr = r0 / 2; pr < std::min(r1 / 2, g.YH); ++pr)  // 2x2 max pool of the stored rows
+    for (int64_t pc = 0; pc < g.YW; ++pc) {
+      const float* s = pooled + ((2 * pr - r0) * g.OW + 2 * pc) * B;
+      float* dst = yp + ((n * g.YH + pr) * g.YW + pc) * g.O + o0;
+      for (int64_t j = 0; j < nb; j += V) {
+        const vec m = vmax(vmax(vload(s + j), vload(s + B + j)),
+                           vmax(vload(s + g.OW * B + j), vload(s + (g.OW + 1) * B + j)));
+        vstore_first(dst + j, m, nb - j);
+      }
+    }
+}
+
+at::Tensor tap_group_conv2d(const at::Tensor& x_in, const at::Tensor& weights, const at::Tensor& channels,
+                            const at::Tensor& taps, const c10::optional<at::Tensor>& bias_in, int64_t out_channels,
+                            int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t tile_rb,
+                            bool relu, const c10::optional<at::Tensor>& residual_in, int64_t pool) {
+  TORCH_CHECK(x_in.dim() == 4 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
+              "tkp::tap_group_conv2d: x must be a float32 CPU tensor (N, C, H, W)");
+  TORCH_CHECK(weights.dim() == 3 && weights.scalar_type() == at::kFloat && weights.is_contiguous(),
+              "tkp::tap_group_conv2d: weights must be contiguous float32 (blocks, entries, B)");
+  TORCH_CHECK(channels.scalar_type() == at::kInt && taps.scalar_type() == at::kInt && channels.is_contiguous() &&
+                  taps.is_contiguous() && channels.sizes() == weights.sizes().slice(0, 2) &&
+                  taps.sizes() == channels.sizes(),
+              "tkp::tap_group_conv2d: channels and taps must be contiguous int32 (blocks, entries)");
+  TORCH_CHECK(pool == 0 || pool == 2, "tkp::tap_group_conv2d: pool must be 0 or 2 (2x2 max pool, stride 2)");
+  Call c;
+  c.kind = &find_kind(weights.size(2), tile_rb);
+  const int64_t B = c.kind->B;
+  c.NB = weights.size(0), c.E = weights.size(1);
+  TORCH_CHECK(out_channels > 0 && c.NB == (out_channels + B - 1) / B,
+              "tkp::tap_group_conv2d: ", c.NB, " blocks of ", B, " do not hold ", out_channels, " outputs");
+  c.x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  c.g = make_geo(c.x, out_channels, kh, kw, sh, sw, ph, pw, pool, relu, tile_rb);
+  const Geo& g = c.g;
+  c.bias.assign(c.NB * B, 0.f);
+  if (bias_in.has_value() && bias_in->defined()) {
+    TORCH_CHECK(bias_in->scalar_type() == at::kFloat && bias_in->numel() == out_channels,
+                "tkp::tap_group_conv2d: the bias has ", bias_in->numel(), " values for ", out_channels, " outputs");
+    const at::Tensor bc = bias_in->contiguous();
+    std::copy(bc.data_ptr<float>(), bc.data_ptr<float>() + out_channels, c.bias.begin());
+  }
+  if (residual_in.has_value() && residual_in->defined()) {
+    c.res = residual_in->contiguous(at::MemoryFormat::ChannelsLast);
+    TORCH_CHECK(c.res.scalar_type() == at::kFloat && c.res.device().is_cpu() &&
+                    c.res.sizes() == at::IntArrayRef({g.N, g.O, g.OH, g.OW}),
+                "tkp::tap_group_conv2d: the residual must be a float32 CPU tensor shaped like the convolution's output");
+  }
+  c.off.resize(c.NB * c.E);
+  const int32_t* chp = channels.data_ptr<int32_t>();
+  const int32_t* tp = taps.data_ptr<int32_t>();
+  for (int64_t i = 0; i < c.NB * c.E; ++i) {
+    TORCH_CHECK(chp[i] >= 0 && chp[i] < g.C, "tkp::tap_group_conv2d: input channel ", chp[i], " out of range");
+    TORCH_CHECK(tp[i] >= 0 && tp[i] < kh * kw, "tkp::tap_group_conv2d: tap index ", tp[i], " outside the ", kh, "x",
+                kw, " kernel");
+    const int64_t dy = tp[i] / kw, dx = tp[i] % kw;
+    c.off[i] = int32_t((((dy % sh) * sw + dx % sw) * g.phase_px + (dy / sh) * g.Wq + dx / sw) * g.C + chp[i]);
+  }
+  c.w = weights.data_ptr<float>();
+  c.y = at::empty({g.N, g.O, g.YH, g.YW}, c.x.options().memory_format(at::MemoryFormat::ChannelsLast));
+
+  // units: (image, block, chunk of output rows); several per thread, or one on the caller's thread
+  const int64_t threads = at::get_num_threads(), per_image = c.NB * g.OH * g.Wq * B * std::max<int64_t>(c.E, 1);
+  const bool serial = threads == 1 || g.N * per_image < (int64_t(1) << 22) || at::in_parallel_region();
+  c.chunks = serial ? 1 : std::min((g.OH + 1) / 2, std::max<int64_t>(1, (4 * threads + g.N * c.NB - 1) / (g.N * c.NB)));
+  c.rows_per_chunk = ((g.OH + c.chunks - 1) / c.chunks + 1) / 2 * 2;
+  c.chunks = (g.OH + c.rows_per_chunk - 1) / c.rows_per_chunk;
+  const float* xp = c.x.data_ptr<float>();
+  struct Padded {
+    int64_t image = -1;  // the image this thread's buffer holds
+  };
+  tkp_parallel::for_units<Padded>(g.N * c.NB * c.chunks, serial, backoff, [&](int64_t u, Padded& padded) {
+    float* buf = scratch_image.get<float>(g.phases * g.phase_px * g.C);
+    TORCH_CHECK(buf, "tkp::tap_group_conv2d: out of memory");
+    const int64_t n = u / (c.NB * c.chunks), b = u / c.chunks % c.NB, k = u % c.chunks;
+    if (n != padded.image) pad_image(xp, n, buf, g), padded.image = n;
+    run_unit(c, buf, n, b, k * c.rows_per_chunk, std::min(g.OH, (k + 1) * c.rows_per_chunk));
   });
-  at::parallel_for(0, N * T, 1, [&](int64_t a, int64_t b) {
-    std::vector<float> tmp(g.M * g.Lpad);
-    for (int64_t u = a; u < b; ++u) run_tile(bp + (u / T) * img, u / T, u % T, tmp.data());
-  });
-  return y;
+  return c.y;
+}
+
+// Shapes only, for torch.compile / torch.export tracing (FakeTensor): channels_last like the op.
+at::Tensor tap_group_conv2d_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const c10::optional<at::Tensor>&, int64_t out_channels, int64_t kh, int64_t kw,
+                                 int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t, bool,
+                                 const c10::optional<at::Tensor>&, int64_t pool) {
+  auto oh = (x.sym_size(2) + 2 * ph - kh) / sh + 1;
+  auto ow = (x.sym_size(3) + 2 * pw - kw) / sw + 1;
+  if (pool) oh = oh / 2, ow = ow / 2;
+  return at::empty_symint({x.sym_size(0), c10::SymInt(out_channels), oh, ow},
+                          x.options().memory_format(at::MemoryFormat::ChannelsLast));
 }
 
 std::vector<int64_t> tap_group_tile_kinds() {
   std::vector<int64_t> out;
-  for (const Kind& k : kKinds) { out.push_back(k.M); out.push_back(k.S); }
+  for (const Kind& k : kKinds) out.push_back(k.B), out.push_back(k.RB);
   return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tkp, m) {
-  m.def("tap_group_conv2d(Tensor x, Tensor weights, Tensor taps, Tensor? bias, Tensor tile_group, "
-        "Tensor tile_start, Tensor tile_count, int out_channels, int kh, int kw, int sh, int sw, int ph, int pw, int S, "
-        "bool relu, Tensor? residual, int pool) -> Tensor");
+  m.def("tap_group_conv2d(Tensor x, Tensor weights, Tensor channels, Tensor taps, Tensor? bias, int out_channels, "
+        "int kh, int kw, int sh, int sw, int ph, int pw, int tile_rb, bool relu=False, Tensor? residual=None, "
+        "int pool=0) -> Tensor");
   m.def("tap_group_tile_kinds() -> int[]", &tap_group_tile_kinds);
 }
 
 TORCH_LIBRARY_IMPL(tkp, CPU, m) { m.impl("tap_group_conv2d", &tap_group_conv2d); }
 
+TORCH_LIBRARY_IMPL(tkp, Meta, m) { m.impl("tap_group_conv2d", &tap_group_conv2d_meta); }
+
 #include <torch/csrc/utils/pybind.h>
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tap_group_conv2d", &tap_group_conv2d, "tkp::tap_group_conv2d without the dispatcher");
+  m.def("isa", [] { return std::string(ISA); }, "the instruction set this build uses");
 }

@@ -1,9 +1,11 @@
 // Top-K convolution for CPUs: a Conv2d whose every kernel W[o, i] keeps at most K of its
 // kh*kw taps, computed from the kept taps alone (fp32, NCHW in and out, groups = 1).
 //
-// Built on first use by tkp_deploy.py through torch.utils.cpp_extension (-O3 -march=native)
-// and registered as the torch op tkp::topk_conv2d (with a shape function for torch.compile
-// and torch.export); it runs on torch's intra-op threads.
+// Built on first use by tkp_lib/kernels.py through torch.utils.cpp_extension (-O3
+// -march=native, -fopenmp where torch uses OpenMP, so that at::parallel_for runs on torch's
+// own thread pool) and registered as the torch op tkp::topk_conv2d (with a shape function for
+// torch.compile and torch.export). AVX-512 or AVX2 + FMA (simd.h), chosen at build time;
+// V below is the vector width in floats (16 or 8).
 //
 // How it is fast. The input is first copied into a zero-padded "flat" layout in which every
 // tap (dy, dx) of the kernel is one constant offset: stride 1 puts the images of a group one
@@ -11,16 +13,16 @@
 // position q reads input q + dy*Wr + dx; stride s splits the padded input into its s*s
 // phases, and tap (dy, dx) reads phase (dy % s, dx % s) at offset (dy/s)*Wr + dx/s. The
 // output is then, per output channel o, a sum over the kept (input channel, offset, weight)
-// entries of weight * (input plane shifted by the offset): one vector multiply-add per 16
+// entries of weight * (input plane shifted by the offset): one vector multiply-add per V
 // output positions and entry, with no index arithmetic in the loop. A register tile holds
-// M output channels x S vectors of 16 positions; each entry's weight is broadcast once and
+// M output channels x S vectors of V positions; each entry's weight is broadcast once and
 // feeds S multiply-adds whose input operand comes straight from L1: input channels are
 // blocked so that their shifted windows stay there while every tile of output channels
 // passes over them, and the next windows are prefetched meanwhile. Output positions that
 // fall on padding are computed and dropped when the sums are copied out to NCHW, where the
 // epilogue also adds a residual, applies ReLU and a 2x2 max pool when asked. M and S are
 // template parameters; tkp_deploy.py picks the fastest pair per layer by measuring it. The
-// batch goes through in groups of images whose planes fit in L2.
+// batch goes through in groups of images whose planes fit in L2; threads: see run_groups.
 //
 // What bounds it: each multiply-add loads one unaligned 64-byte vector, which mostly spans
 // two cache lines, so the loop runs at about one multiply-add per cycle, where a dense
@@ -37,77 +39,60 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
-
-#if !defined(__AVX512F__)
-#error "the Top-K kernel needs a CPU with AVX-512 (built with -march=native); this one has none"
-#endif
-
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
 
+#include "parallel.h"
+#include "simd.h"
+
 namespace {
 
-// Scratch memory kept per calling thread and reused across calls: fresh pages cost a page
-// fault each (about 30 us per 256 KiB on the VMs measured), as much as a small layer's work.
-struct Scratch {
-  void* ptr = nullptr;
-  size_t bytes = 0;
-  ~Scratch() { std::free(ptr); }
-  template <typename T>
-  T* get(size_t n) {
-    const size_t want = (n * sizeof(T) + 63) / 64 * 64;
-    if (want > bytes) {
-      std::free(ptr);
-      ptr = std::aligned_alloc(64, want);
-      TORCH_CHECK(ptr != nullptr, "tkp::topk_conv2d: out of memory (", want, " bytes)");
-      bytes = want;
-    }
-    return static_cast<T*>(ptr);
-  }
-};
+using namespace tkp_simd;
+
+tkp_parallel::Backoff backoff;  // this kernel's (parallel.h)
+
 thread_local Scratch scratch_input, scratch_output;
 
-constexpr int V = 16;  // floats per AVX-512 vector
 
 // ---- the register tile ------------------------------------------------------------------
 
 template <int M, int S>
-void tile(const float* x, int64_t plane, int64_t c0, int64_t c1, int64_t K, const float* w, const int32_t* off,
-          const float* bias, float* y, int64_t ystride, const int64_t* prefetch, int64_t n_prefetch) {
-  // y[m][0 .. V*S) (+)= sum over channels c in [c0, c1), k < K of w[c][k][m] * x[c][off[c][k][m] + ...];
+void tile(const float* x, int64_t plane, int64_t c0, int64_t c1, int64_t K, const float* w, const int32_t* tap,
+          const int32_t* tap_off, const float* bias, float* y, int64_t ystride, const int64_t* prefetch,
+          int64_t n_prefetch) {
+  // y[m][0 .. V*S) (+)= sum over channels c in [c0, c1), k < K of w[c][k][m] * x[c][tap_off[tap[c][k][m]] + ...];
   // and the n_prefetch lines at xc + prefetch[j] of each channel (its next tile) into L1 meanwhile
-  __m512 acc[M][S];
+  vec acc[M][S];
   if (bias) {
     for (int m = 0; m < M; ++m)
-      for (int s = 0; s < S; ++s) acc[m][s] = _mm512_set1_ps(bias[m]);
+      for (int s = 0; s < S; ++s) acc[m][s] = vset1(bias[m]);
   } else {
     for (int m = 0; m < M; ++m)
-      for (int s = 0; s < S; ++s) acc[m][s] = _mm512_loadu_ps(y + m * ystride + s * V);
+      for (int s = 0; s < S; ++s) acc[m][s] = vload(y + m * ystride + s * V);
   }
   w += c0 * K * M;
-  off += c0 * K * M;
+  tap += c0 * K * M;
   const float* xc = x + c0 * plane;
   for (int64_t c = c0; c < c1; ++c, xc += plane) {
     for (int64_t j = 0; j < n_prefetch; ++j) _mm_prefetch(reinterpret_cast<const char*>(xc + prefetch[j]), _MM_HINT_T0);
-    for (int64_t k = 0; k < K; ++k, w += M, off += M) {
+    for (int64_t k = 0; k < K; ++k, w += M, tap += M) {
 #pragma GCC unroll 16
       for (int m = 0; m < M; ++m) {
-        const __m512 wv = _mm512_set1_ps(w[m]);
-        const float* p = xc + off[m];
+        const vec wv = vset1(w[m]);
+        const float* p = xc + tap_off[tap[m]];
 #pragma GCC unroll 16
-        for (int s = 0; s < S; ++s) acc[m][s] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(p + s * V), acc[m][s]);
+        for (int s = 0; s < S; ++s) acc[m][s] = vfmadd(wv, vload(p + s * V), acc[m][s]);
       }
     }
   }
   for (int m = 0; m < M; ++m)
-    for (int s = 0; s < S; ++s) _mm512_storeu_ps(y + m * ystride + s * V, acc[m][s]);
+    for (int s = 0; s < S; ++s) vstore(y + m * ystride + s * V, acc[m][s]);
 }
 
 using TileFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const int32_t*,
-                        const float*, float*, int64_t, const int64_t*, int64_t);
+                        const int32_t*, const float*, float*, int64_t, const int64_t*, int64_t);
 
 struct TileKind {
   int m, s;
@@ -115,13 +100,22 @@ struct TileKind {
 };
 
 // The (M, S) register tiles compiled in: M*S accumulators plus one broadcast weight fit the
-// 32 vector registers. Small S suits small planes (batch 1 at 8x8), large S large ones.
+// vector registers (32 on AVX-512; 16 on AVX2, where 4x4 and 2x8 spill one and stay for
+// deploy.pt files that name them). Small S suits small planes (batch 1 at 8x8), large S large ones.
+#if defined(__AVX512F__)
 const TileKind kTiles[] = {
     {1, 8, tile<1, 8>},   {2, 4, tile<2, 4>},  {2, 8, tile<2, 8>},  {2, 12, tile<2, 12>}, {3, 8, tile<3, 8>},
     {4, 2, tile<4, 2>},   {4, 4, tile<4, 4>},  {4, 6, tile<4, 6>},  {4, 7, tile<4, 7>},   {6, 4, tile<6, 4>},
     {7, 4, tile<7, 4>},   {8, 1, tile<8, 1>},  {8, 2, tile<8, 2>},  {8, 3, tile<8, 3>},   {12, 2, tile<12, 2>},
     {14, 2, tile<14, 2>}, {16, 1, tile<16, 1>}, {24, 1, tile<24, 1>},
 };
+#else
+const TileKind kTiles[] = {
+    {1, 8, tile<1, 8>}, {2, 4, tile<2, 4>}, {2, 6, tile<2, 6>}, {2, 7, tile<2, 7>}, {2, 8, tile<2, 8>},
+    {3, 4, tile<3, 4>}, {4, 2, tile<4, 2>}, {4, 3, tile<4, 3>}, {4, 4, tile<4, 4>}, {5, 3, tile<5, 3>},
+    {7, 2, tile<7, 2>}, {8, 1, tile<8, 1>}, {14, 1, tile<14, 1>},
+};
+#endif
 
 TileFn find_tile(int64_t m, int64_t s) {
   for (const auto& t : kTiles)
@@ -129,7 +123,62 @@ TileFn find_tile(int64_t m, int64_t s) {
   return nullptr;
 }
 
-__mmask16 first_lanes(int64_t n) { return n >= V ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(n, 0)) - 1); }
+
+// ---- the aligned variant: one output channel at a time, its sums grouped by tap -----------
+//
+// Tile kind (0, S). Output o's kept entries are grouped by tap; per group, the products are
+// summed at aligned positions (one aligned load per multiply-add: no load spans two cache
+// lines) over S + 1 vectors, and the group's sum is then shifted into place in registers
+// (one permute per vector and group, at most kh*kw groups per output and tile). The entries
+// come packed per output, sorted by tap: code[e] = channel * 256 + tap, w[e] its weight,
+// the zero weights last.
+template <int S>
+void tile_aligned(const float* x, int64_t plane, int64_t E, const float* w, const int32_t* code,
+                  const int32_t* tap_off, float bias, float* y) {
+  vec acc[S], u[S + 1];
+  for (int s = 0; s < S; ++s) acc[s] = vset1(bias);
+  int32_t tap = -1;
+  for (int64_t e = 0; e <= E; ++e) {
+    if (e == E || (code[e] & 255) != tap) {  // a new group: the last one's sums shifted into place
+      if (tap >= 0)
+        for (int s = 0; s < S; ++s) acc[s] = vadd(acc[s], vshift(u[s], u[s + 1], tap_off[tap] % V));
+      if (e == E) break;
+      tap = code[e] & 255;
+      for (int s = 0; s <= S; ++s) u[s] = vzero();
+    }
+    if (w[e] == 0.f) {  // the zero weights come last (packed so): the last group closes
+      e = E - 1;
+      continue;
+    }
+    const vec wv = vset1(w[e]);
+    const float* p = x + (code[e] >> 8) * plane + tap_off[tap] / V * V;
+#pragma GCC unroll 16
+    for (int s = 0; s <= S; ++s) u[s] = vfmadd(wv, vload(p + s * V), u[s]);
+  }
+  for (int s = 0; s < S; ++s) vstore(y + s * V, acc[s]);
+}
+
+using AlignedFn = void (*)(const float*, int64_t, int64_t, const float*, const int32_t*, const int32_t*, float,
+                          float*);
+
+struct AlignedKind {
+  int s;
+  AlignedFn fn;
+};
+
+// 2S + 2 vectors (sums, group sums, weight) in the registers
+#if defined(__AVX512F__)
+const AlignedKind kAligned[] = {{4, tile_aligned<4>}, {6, tile_aligned<6>}, {8, tile_aligned<8>},
+                                {12, tile_aligned<12>}, {14, tile_aligned<14>}};
+#else
+const AlignedKind kAligned[] = {{3, tile_aligned<3>}, {4, tile_aligned<4>}, {6, tile_aligned<6>}};
+#endif
+
+AlignedFn find_aligned(int64_t s) {
+  for (const auto& t : kAligned)
+    if (t.s == s) return t.fn;
+  return nullptr;
+}
 
 // ---- geometry of the flat layout ----------------------------------------------------------
 
@@ -188,8 +237,8 @@ Geometry make_geometry(int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw, 
 
 // images [n0, n0 + count) of x (N, C, H, W) -> buf (C, plane) in the flat layout, zeros around.
 void prepare_input(const float* x, int64_t n0, int64_t count, float* buf, const Geometry& g) {
-  at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
+  {
+    for (int64_t c = 0; c < g.C; ++c) {
       float* dst = buf + c * g.plane;
       if (g.phases == 1) {
         const int64_t Hr = g.Hr, Wr = g.Wr, W = g.W;
@@ -217,17 +266,15 @@ void prepare_input(const float* x, int64_t n0, int64_t count, float* buf, const 
             const float* row = src + h * g.W;
             float* prow0 = dst + (r % g.sh) * g.sw * g.phase_size + n * g.Hr * g.Wr + (r / g.sh) * g.Wr;
             if (g.sw == 2) {  // 32 columns at a time: the even ones to one phase, the odd ones to the other
-              const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-              const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
               for (int64_t w0 = 0; w0 < g.W; w0 += 2 * V) {
                 const int64_t n_all = std::min<int64_t>(2 * V, g.W - w0);
-                const __m512 a = _mm512_maskz_loadu_ps(first_lanes(n_all), row + w0);
-                const __m512 b = _mm512_maskz_loadu_ps(first_lanes(n_all - V), row + w0 + V);
+                const vec a = vload_first(row + w0, n_all), b = vload_first(row + w0 + V, n_all - V);
+                vec parts[2];
+                deinterleave(a, b, parts[0], parts[1]);
                 for (int64_t parity = 0; parity < 2; ++parity) {  // columns w0 + parity + 2i
                   const int64_t w = w0 + parity;
                   float* d = prow0 + ((w + g.pw) % 2) * g.phase_size + (w + g.pw) / 2;
-                  _mm512_mask_storeu_ps(d, first_lanes((n_all - parity + 1) / 2),
-                                        _mm512_permutex2var_ps(a, parity ? odd : even, b));
+                  vstore_first(d, parts[parity], (n_all - parity + 1) / 2);
                 }
               }
               continue;
@@ -241,7 +288,7 @@ void prepare_input(const float* x, int64_t n0, int64_t count, float* buf, const 
         }
       }
     }
-  });
+  }
 }
 
 // ---- the epilogue: flat rows -> NCHW, + residual, ReLU, 2x2 max pool --------------------------
@@ -250,27 +297,23 @@ void prepare_input(const float* x, int64_t n0, int64_t count, float* buf, const 
 // pool == 2), adding res (Ho x Wo) first and applying ReLU when asked.
 void epilogue(const float* src, int64_t Wr, int64_t Ho, int64_t Wo, const float* res, bool relu, int64_t pool,
               float* dst) {
-  const __m512 zero = _mm512_setzero_ps();
-  auto value = [&](const float* row, const float* res_row, int64_t w, __mmask16 m) {
-    __m512 v = _mm512_maskz_loadu_ps(m, row + w);
-    if (res_row) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, res_row + w));
+  auto value = [&](const float* row, const float* res_row, int64_t w, int64_t n) {
+    vec v = vload_first(row + w, n);
+    if (res_row) v = vadd(v, vload_first(res_row + w, n));
     return v;
   };
   if (pool == 0) {
     for (int64_t h = 0; h < Ho; ++h, src += Wr, dst += Wo) {
       const float* res_row = res ? res + h * Wo : nullptr;
       for (int64_t w = 0; w < Wo; w += V) {
-        const __mmask16 m = first_lanes(Wo - w);
-        __m512 v = value(src, res_row, w, m);
-        if (relu) v = _mm512_max_ps(v, zero);
-        _mm512_mask_storeu_ps(dst + w, m, v);
+        vec v = value(src, res_row, w, Wo - w);
+        if (relu) v = vmax(v, vzero());
+        vstore_first(dst + w, v, Wo - w);
       }
     }
     return;
   }
   // 2x2 max pool, stride 2: the max of two rows, then of each pair of neighbouring lanes
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   const int64_t Hp = Ho / 2, Wp = Wo / 2;
   for (int64_t ph = 0; ph < Hp; ++ph, dst += Wp) {
     const float* r0 = src + 2 * ph * Wr;
@@ -278,13 +321,12 @@ void epilogue(const float* src, int64_t Wr, int64_t Ho, int64_t Wo, const float*
     const float* s0 = res ? res + 2 * ph * Wo : nullptr;
     const float* s1 = res ? s0 + Wo : nullptr;
     for (int64_t pw = 0; pw < Wp; pw += V) {
-      const int64_t c = 2 * pw;
-      const __mmask16 m0 = first_lanes(2 * Wp - c), m1 = first_lanes(2 * Wp - c - V);
-      const __m512 lo = _mm512_max_ps(value(r0, s0, c, m0), value(r1, s1, c, m0));
-      const __m512 hi = _mm512_max_ps(value(r0, s0, c + V, m1), value(r1, s1, c + V, m1));
-      __m512 v = _mm512_max_ps(_mm512_permutex2var_ps(lo, even, hi), _mm512_permutex2var_ps(lo, odd, hi));
-      if (relu) v = _mm512_max_ps(v, zero);
-      _mm512_mask_storeu_ps(dst + pw, first_lanes(Wp - pw), v);
+      const int64_t c = 2 * pw, n0 = 2 * Wp - c, n1 = 2 * Wp - c - V;
+      const vec lo = vmax(value(r0, s0, c, n0), value(r1, s1, c, n0));
+      const vec hi = vmax(value(r0, s0, c + V, n1), value(r1, s1, c + V, n1));
+      vec v = pair_max(lo, hi);
+      if (relu) v = vmax(v, vzero());
+      vstore_first(dst + pw, v, Wp - pw);
     }
   }
 }
@@ -336,37 +378,40 @@ int64_t images_per_group(const Call& c, int64_t sum_rows, int64_t tile_q) {
   return std::max<int64_t>(1, std::min<int64_t>(c.N, (int64_t(1) << 20) / std::max<int64_t>(per_image, 1)));
 }
 
-// Runs the batch group by group: input -> flat layout, compute(xb, yv, images) fills the sums
-// (row o at yv + o * y_stride + y_margin, flat positions), then the epilogue writes NCHW.
+// Runs the batch group by group: input -> flat layout, compute(xb, yv, images, t0, t1) fills
+// the sums of output-channel tiles [t0, t1) (row o at yv + o * y_stride, flat positions),
+// then the epilogue writes those channels in NCHW. One parallel region per call (parallel.h):
+// over groups of images where there are enough, else over (group, range of channel tiles),
+// each thread flattening the group's input into its own buffer (a small copy, no second
+// fork/join); small calls run on the calling thread alone.
 template <class Compute>
-void run_groups(const Call& c, const Geometry& g, int64_t y_rows, int64_t y_stride, int64_t y_margin,
+void run_groups(const Call& c, const Geometry& g, int64_t T, int64_t M, int64_t y_stride, int64_t macs,
                 Compute compute) {
   const int64_t G = g.G, groups = (c.N + G - 1) / G, threads = at::get_num_threads(), O = c.O;
   const float* xp = c.x.data_ptr<float>();
   const float* rp = c.residual.defined() ? c.residual.data_ptr<float>() : nullptr;
   float* outp = c.out.data_ptr<float>();
-  auto run_group = [&](int64_t grp) {
-    const int64_t n0 = grp * G, count = std::min(G, c.N - n0);
-    float* xb = scratch_input.get<float>(c.C * g.plane);
-    float* yv = scratch_output.get<float>(y_rows * y_stride);
-    prepare_input(xp, n0, count, xb, g);
-    compute(xb, yv, count);
-    // flat -> NCHW: output (n, o, oh, ow) is row o at n*Hr*Wr + oh*Wr + ow, then the epilogue
-    at::parallel_for(0, count * O, 1, [&](int64_t a, int64_t b) {
-      for (int64_t j = a; j < b; ++j) {
-        const int64_t n = j / O, o = j % O, plane = (n0 + n) * O + o;
-        epilogue(yv + o * y_stride + y_margin + n * g.Hr * g.Wr, g.Wr, g.Ho, g.Wo,
-                 rp ? rp + plane * g.Ho * g.Wo : nullptr, c.relu, c.pool, outp + plane * c.out_h * c.out_w);
-      }
-    });
+  const bool serial = threads == 1 || at::in_parallel_region() || macs < (int64_t(1) << 22);
+  const int64_t parts = serial || groups >= threads ? 1 : std::min(T, (4 * threads + groups - 1) / groups);
+  struct Prepared {
+    int64_t group = -1;  // the group of images this thread's buffer holds
   };
-  if (threads > 1 && groups >= threads) {
-    at::parallel_for(0, groups, 1, [&](int64_t a, int64_t b) {
-      for (int64_t grp = a; grp < b; ++grp) run_group(grp);  // nested parallel_for runs inline
-    });
-  } else {
-    for (int64_t grp = 0; grp < groups; ++grp) run_group(grp);
-  }
+  tkp_parallel::for_units<Prepared>(groups * parts, serial, backoff, [&](int64_t u, Prepared& prepared) {
+    float* xb = scratch_input.get<float>(c.C * g.plane);
+    float* yv = scratch_output.get<float>(T * M * y_stride);
+    TORCH_CHECK(xb && yv, "tkp::topk_conv2d: out of memory");
+    const int64_t grp = u / parts, part = u % parts, t0 = T * part / parts, t1 = T * (part + 1) / parts;
+    const int64_t n0 = grp * G, count = std::min(G, c.N - n0);
+    if (prepared.group != grp) prepare_input(xp, n0, count, xb, g), prepared.group = grp;
+    compute(xb, yv, count, t0, t1);
+    // flat -> NCHW: output (n, o, oh, ow) is row o at n*Hr*Wr + oh*Wr + ow, then the epilogue
+    for (int64_t n = 0; n < count; ++n)
+      for (int64_t o = t0 * M; o < std::min(O, t1 * M); ++o) {
+        const int64_t plane = (n0 + n) * O + o;
+        epilogue(yv + o * y_stride + n * g.Hr * g.Wr, g.Wr, g.Ho, g.Wo, rp ? rp + plane * g.Ho * g.Wo : nullptr,
+                 c.relu, c.pool, outp + plane * c.out_h * c.out_w);
+      }
+  });
 }
 
 std::vector<float> padded_bias(const Call& c, int64_t rows) {
@@ -387,10 +432,11 @@ at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const a
   TORCH_CHECK(taps.scalar_type() == at::kInt && taps.sizes() == values.sizes() && taps.is_contiguous(),
               "tkp::topk_conv2d: taps must be contiguous int32 shaped like values");
   const int64_t T = values.size(0), C = values.size(1), K = values.size(2), M = values.size(3);
-  TORCH_CHECK(M == tile_m && T * M >= out_channels && (T - 1) * M < out_channels,
+  TORCH_CHECK(M == std::max<int64_t>(tile_m, 1) && T * M >= out_channels && (T - 1) * M < out_channels,
               "tkp::topk_conv2d: values do not match tile_m / out_channels");
   TileFn fn = find_tile(tile_m, tile_s);
-  TORCH_CHECK(fn != nullptr, "tkp::topk_conv2d: no compiled register tile M=", tile_m, " S=", tile_s);
+  AlignedFn afn = tile_m == 0 ? find_aligned(tile_s) : nullptr;
+  TORCH_CHECK(fn != nullptr || afn != nullptr, "tkp::topk_conv2d: no compiled register tile M=", tile_m, " S=", tile_s);
   const Call c = check_call(x_in, C, bias_in, out_channels, kh, kw, stride_h, stride_w, pad_h, pad_w, relu,
                             residual_in, pool);
   const int64_t OP = T * M, tile_q = V * tile_s;
@@ -398,13 +444,14 @@ at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const a
                                    images_per_group(c, OP, tile_q), tile_q);
   TORCH_CHECK(g.plane * C < (int64_t(1) << 40) && g.max_off < (int64_t(1) << 31), "tkp::topk_conv2d: input too large");
 
-  // per-call tables: taps -> offsets (one entry per kept weight), bias padded to the tiles
-  std::vector<int32_t> offsets(taps.numel());
+  // the taps (or for the aligned tiles channel * 256 + tap) in range; per-call tables: offset
+  // of each tap, bias padded to the tiles
   const int32_t* tp = taps.data_ptr<int32_t>();
-  for (size_t j = 0; j < offsets.size(); ++j) {
-    TORCH_CHECK(tp[j] >= 0 && tp[j] < kh * kw, "tkp::topk_conv2d: tap index out of range");
-    offsets[j] = static_cast<int32_t>(g.tap_off[tp[j]]);
-  }
+  int32_t bad = 0;
+  for (int64_t j = 0; j < taps.numel(); ++j)
+    bad |= afn ? int32_t(tp[j] < 0 || (tp[j] & 255) >= kh * kw || (tp[j] >> 8) >= C) : int32_t(tp[j] < 0 || tp[j] >= kh * kw);
+  TORCH_CHECK(!bad, "tkp::topk_conv2d: tap index out of range");
+  std::vector<int32_t> tap_off(g.tap_off.begin(), g.tap_off.end());
   const std::vector<float> bias = padded_bias(c, OP);
   // input channels per block: the shifted windows of one block (one per phase) stay in L1
   // (about 24 KiB); while the first tile of a (q tile, channel block) runs, the next q tile's
@@ -417,34 +464,32 @@ at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const a
     for (int64_t j = 0; j < (tile_q + g.max_shift + 2 * V - 1) / V; ++j)
       prefetch.push_back(p * g.phase_size + tile_q + V * j);
   const float* wv = values.data_ptr<float>();
-  const int32_t* ov = offsets.data();
+  const int32_t* to = tap_off.data();
   const float* bv = bias.data();
-  const int64_t threads = at::get_num_threads();
+  const int64_t macs = c.N * g.Hr * g.Wr * OP * C * std::max<int64_t>(K, 1);
 
-  run_groups(c, g, OP, g.q_pad, 0, [&](const float* xb, float* yv, int64_t images) {
+  run_groups(c, g, T, M, g.q_pad, macs, [&](const float* xb, float* yv, int64_t images, int64_t t0, int64_t t1) {
     const int64_t QT = (g.q_total(images) + tile_q - 1) / tile_q;
-    // work units: q tiles, each split over ranges of output-channel tiles when the tiles alone
-    // are too few to keep the threads busy
-    const int64_t tsplit = at::in_parallel_region() || threads == 1
-                               ? 1 : std::min(T, std::max<int64_t>(1, (8 * threads + QT - 1) / QT));
-    at::parallel_for(0, QT * tsplit, 1, [&](int64_t u0, int64_t u1) {
-      for (int64_t u = u0; u < u1; ++u) {
-        const int64_t qt = u / tsplit, part = u % tsplit;
-        const int64_t t0 = T * part / tsplit, t1 = T * (part + 1) / tsplit, q0 = qt * tile_q;
-        if (K == 0) {
-          for (int64_t o = t0 * M; o < t1 * M; ++o)
-            std::fill(yv + o * g.q_pad + q0, yv + o * g.q_pad + q0 + tile_q, bv[o]);
-          continue;
-        }
-        for (int64_t c0 = 0; c0 < C; c0 += cb) {
-          const int64_t c1 = std::min(C, c0 + cb);
-          for (int64_t t = t0; t < t1; ++t)
-            fn(xb + q0, g.plane, c0, c1, K, wv + t * C * K * M, ov + t * C * K * M, c0 == 0 ? bv + t * M : nullptr,
-               yv + t * M * g.q_pad + q0, g.q_pad, prefetch.data(),
-               t == t0 && qt + 1 < QT ? int64_t(prefetch.size()) : 0);
-        }
+    for (int64_t qt = 0; qt < QT; ++qt) {
+      const int64_t q0 = qt * tile_q;
+      if (K == 0) {
+        for (int64_t o = t0 * M; o < t1 * M; ++o)
+          std::fill(yv + o * g.q_pad + q0, yv + o * g.q_pad + q0 + tile_q, bv[o]);
+        continue;
       }
-    });
+      if (afn) {
+        for (int64_t o = t0; o < t1; ++o)
+          afn(xb + q0, g.plane, C * K, wv + o * C * K, tp + o * C * K, to, bv[o], yv + o * g.q_pad + q0);
+        continue;
+      }
+      for (int64_t c0 = 0; c0 < C; c0 += cb) {
+        const int64_t c1 = std::min(C, c0 + cb);
+        for (int64_t t = t0; t < t1; ++t)
+          fn(xb + q0, g.plane, c0, c1, K, wv + t * C * K * M, tp + t * C * K * M, to, c0 == 0 ? bv + t * M : nullptr,
+             yv + t * M * g.q_pad + q0, g.q_pad, prefetch.data(),
+             t == t0 && qt + 1 < QT ? int64_t(prefetch.size()) : 0);
+      }
+    }
   });
   return c.out;
 }
@@ -468,6 +513,7 @@ at::Tensor topk_conv2d_meta(const at::Tensor& x, const at::Tensor&, const at::Te
 std::vector<int64_t> tile_kinds() {
   std::vector<int64_t> r;
   for (const auto& t : kTiles) r.push_back(t.m), r.push_back(t.s);
+  for (const auto& t : kAligned) r.push_back(0), r.push_back(t.s);
   return r;
 }
 
@@ -493,5 +539,6 @@ TORCH_LIBRARY_IMPL(tkp, Meta, m) { m.impl("topk_conv2d", &topk_conv2d_meta); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_conv2d", &topk_conv2d, "tkp::topk_conv2d without the dispatcher");
+  m.def("isa", [] { return std::string(ISA); }, "the instruction set this build uses");
 }
 #endif

@@ -1,0 +1,60 @@
+"""The kernel layers refuse what they cannot compute, with a clear error, instead of
+returning wrong numbers: inputs smaller than the kernel, tap indices outside the kernel,
+biases of the wrong length, depthwise and dilated convolutions (issue 20, item 7)."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tkp_lib import tapgroup, topk_conv
+
+
+def tap_group_layer(c_in=4, c_out=16, stride=1, padding=0, bias=True):
+    conv = nn.Conv2d(c_in, c_out, 3, stride, padding, bias=bias)
+    with torch.no_grad():
+        conv.weight.mul_(torch.zeros(1, 1, 3, 3).index_fill_(-1, torch.tensor([1]), 1.0))  # column 1 only
+    return tapgroup.TapGroupConv2d.from_conv(conv, 16, 3)
+
+
+@pytest.fixture(scope="module")
+def tg_kernel():
+    if not tapgroup.kernel_available():
+        pytest.skip("the tap-group kernel cannot be built here")
+
+
+@pytest.mark.parametrize("stride, hw", [(2, 2), (3, 2), (1, 2), (2, 1)])
+def test_tap_group_refuses_an_input_smaller_than_the_kernel(tg_kernel, stride, hw):
+    m = tap_group_layer(stride=stride)
+    with pytest.raises(RuntimeError, match="smaller than the kernel"):
+        m(torch.randn(1, 4, hw, hw))
+
+
+def test_tap_group_refuses_a_tap_outside_the_kernel(tg_kernel):
+    m = tap_group_layer(padding=1)
+    with torch.no_grad():
+        m.taps[0, 0, 0] = 9  # a 3x3 kernel has taps 0..8
+    with pytest.raises((RuntimeError, ValueError), match="tap"):
+        m(torch.randn(1, 4, 8, 8))
+    with pytest.raises(ValueError, match="tap"):
+        m.forward_torch(torch.randn(1, 4, 8, 8))
+
+
+def test_tap_group_refuses_a_bias_of_the_wrong_length(tg_kernel):
+    m = tap_group_layer(padding=1)
+    m.bias = torch.zeros(15)
+    with pytest.raises((RuntimeError, ValueError), match="bias"):
+        m(torch.randn(1, 4, 8, 8))
+
+
+@pytest.mark.parametrize("cls", ["topk", "tapgroup"])
+@pytest.mark.parametrize("conv", [nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.Conv2d(16, 16, 3, groups=4),
+                                  nn.Conv2d(16, 16, 3, padding=2, dilation=2),
+                                  nn.Conv2d(16, 16, 3, padding=1, padding_mode="reflect")])
+def test_from_conv_refuses_what_the_layers_do_not_compute(cls, conv):
+    with torch.no_grad():
+        conv.weight.mul_((torch.arange(9) == 4).float().reshape(3, 3))
+    with pytest.raises(ValueError, match="groups|dilation|padding"):
+        if cls == "topk":
+            topk_conv.TopKConv2d.from_conv(conv)
+        else:
+            tapgroup.TapGroupConv2d.from_conv(conv, 16, 1)

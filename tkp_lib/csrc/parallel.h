@@ -1,0 +1,83 @@
+// How the TKP kernels use torch's intra-op threads: one parallel region per call, units of
+// work handed out one at a time from a shared counter. On a machine that other processes
+// keep busy, the OS may stop one of the threads for milliseconds; with a static split the
+// others then finish their share and wait for it at the region's end (with OpenMP's default
+// wait policy, spinning on the core it needs), while here they take over its units.
+// A region still ends only when every thread of the team has come through it, and OpenMP's
+// barrier spins by default, holding the core the late thread needs: so the calling thread,
+// done with the units, sleeps (a condition variable) until every thread has been through
+// the units, and only then enters the barrier; its core is free meanwhile. Where the workers
+// came so late that the calling thread did more than half of their share besides its own,
+// the region bought little and cost their lateness, so the next calls of that kernel (2, 4,
+// ... up to 64 of them) run on the calling thread alone before threads are tried again. On an idle
+// machine the workers start within microseconds and this never triggers. Small calls run on
+// the calling thread alone: a fork/join costs microseconds on an idle machine and can cost
+// milliseconds on a busy one.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <mutex>
+
+namespace tkp_parallel {
+
+// per kernel: calls left to run on the calling thread, and how many the next backoff holds
+struct Backoff {
+  std::atomic<int64_t> serial_calls{0};
+  std::atomic<int64_t> next{2};
+};
+
+// fn(u, state) for every u in [0, units), on torch's threads unless `serial`; each thread
+// passes its own State (default-constructed; e.g. which image its buffer holds) to its units.
+template <class State, class F>
+void for_units(int64_t units, bool serial, Backoff& backoff, const F& fn) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), units);
+  if (!serial && threads > 1 && backoff.serial_calls.load(std::memory_order_relaxed) > 0) {
+    backoff.serial_calls.fetch_sub(1, std::memory_order_relaxed);
+    serial = true;
+  }
+  if (serial || threads <= 1 || at::in_parallel_region()) {
+    State state;
+    for (int64_t u = 0; u < units; ++u) fn(u, state);
+    return;
+  }
+  std::atomic<int64_t> next{0}, by_caller{0};
+  std::mutex mutex;
+  std::condition_variable all_through;
+  int64_t left = threads;  // ranges of [0, threads) not yet through the units (under mutex)
+  std::exception_ptr error;  // the first unit's exception (under mutex), rethrown by the caller
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    State state;
+    int64_t done = 0;
+    try {
+      for (int64_t u = next.fetch_add(1); u < units; u = next.fetch_add(1)) fn(u, state), ++done;
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex);
+      if (!error) error = std::current_exception();
+      next = units;  // the others stop after their current unit
+    }
+    std::unique_lock<std::mutex> lock(mutex);
+    left -= end - begin;
+    if (begin == 0) {  // the calling thread runs the first range: it waits asleep, not at the barrier
+      by_caller = done;
+      all_through.wait(lock, [&] { return left == 0; });
+    } else if (left == 0) {
+      all_through.notify_one();
+    }
+  });
+  if (error) std::rethrow_exception(error);
+  if (2 * threads * by_caller.load() > (threads + 1) * units) {  // the workers came late
+    const int64_t hold = backoff.next.load(std::memory_order_relaxed);
+    backoff.serial_calls.store(hold, std::memory_order_relaxed);
+    backoff.next.store(std::min<int64_t>(2 * hold, 64), std::memory_order_relaxed);
+  } else {
+    backoff.next.store(2, std::memory_order_relaxed);
+  }
+}
+
+}  // namespace tkp_parallel
