@@ -23,23 +23,30 @@ import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 NO_KERNEL_ENV = "TKP_DEPLOY_NO_KERNEL"  # set to 1: never build, run every layer's plain fallback
+ISA_ENV = "TKP_KERNEL_ISA"  # "avx2": build without AVX-512 (-mno-avx512f), as for a CPU without it
+ISA_FLAGS = {"": [], "native": [], "avx2": ["-mno-avx512f"]}
 
 _builds: dict[str, dict] = {}  # {source stem: {"module": extension or None, "why": str}}
 
 
 def native(stem: str, what: str, fallback: str):
     """The extension built from csrc/<stem>.cpp, or None where it cannot be built (no
-    compiler, an instruction set the source needs, TKP_DEPLOY_NO_KERNEL=1). The first call
+    compiler, an instruction set the source needs, TKP_DEPLOY_NO_KERNEL=1; TKP_KERNEL_ISA=avx2
+    builds it without AVX-512, under its own name). The first call
     builds it (seconds; cached by torch across processes) and, on failure, prints one line:
     "<what> is unavailable (<why>); <fallback>". Later calls answer at once, without retrying."""
     if stem not in _builds:
         try:
             if os.environ.get(NO_KERNEL_ENV, "") not in ("", "0"):
                 raise RuntimeError(f"{NO_KERNEL_ENV} is set")
+            isa = os.environ.get(ISA_ENV, "")
+            if isa not in ISA_FLAGS:
+                raise RuntimeError(f"{ISA_ENV}={isa!r} is not one of {sorted(ISA_FLAGS)}")
             from torch.utils import cpp_extension
-            # -march=native: one build per kind of CPU, should the extension folder be shared by several
-            module = cpp_extension.load(name=f"tkp_{stem}_{cpu_tag()}", sources=[str(CSRC / f"{stem}.cpp")],
-                                        extra_cflags=["-O3", "-march=native"], verbose=False)
+            # -march=native: one build per kind of CPU (and ISA), should the extension folder be shared by several
+            module = cpp_extension.load(name=f"tkp_{stem}_{cpu_tag()}" + (f"_{isa}" if ISA_FLAGS[isa] else ""),
+                                        sources=[str(CSRC / f"{stem}.cpp")],
+                                        extra_cflags=["-O3", "-march=native", *ISA_FLAGS[isa]], verbose=False)
             _builds[stem] = {"module": module, "why": ""}
         except Exception as e:  # deploy with the plain fallback
             _builds[stem] = {"module": None, "why": one_line(e)}
