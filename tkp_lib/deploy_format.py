@@ -16,7 +16,7 @@ tensors:
 Node arguments refer to earlier nodes by name; functions are stored by name and resolved at
 load time only from torch, torch.nn.functional, operator and math (public names), methods
 only by public name, modules only from a fixed list of torch.nn types plus the kernel layers.
-May import: tkp_lib.runtime, tkp_lib.topk_conv, tkp_lib.tapgroup.
+May import: tkp_lib.runtime, tkp_lib.topk_conv, tkp_lib.tapgroup, tkp_lib.depthwise.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tkp_lib import topk_conv
+from tkp_lib.depthwise import DepthwiseTopKConv2d
 from tkp_lib.runtime import TKPError, plain
 from tkp_lib.tapgroup import TapGroupConv2d
 from tkp_lib.topk_conv import TopKConv2d
@@ -66,7 +67,7 @@ _BUILTINS = {"getattr", "len", "int", "float", "min", "max", "abs"}
 
 def _module_spec(m: nn.Module) -> dict:
     kind = type(m).__name__
-    if isinstance(m, (TopKConv2d, TapGroupConv2d)):
+    if isinstance(m, (TopKConv2d, TapGroupConv2d, DepthwiseTopKConv2d)):
         config = m.config()
     elif kind in _MODULE_CONFIG and type(m) is getattr(nn, kind):
         config = {a: m.bias is not None if a == "bias" else plain(getattr(m, a)) for a in _MODULE_CONFIG[kind]}
@@ -81,6 +82,8 @@ def _module_from_spec(spec: dict) -> nn.Module:
         m = TopKConv2d(**config)
     elif kind == "TapGroupConv2d":
         m = TapGroupConv2d(**config)
+    elif kind == "DepthwiseTopKConv2d":
+        m = DepthwiseTopKConv2d(**config)
     elif kind in _MODULE_CONFIG:
         if set(config) - set(_MODULE_CONFIG[kind]):
             unexpected = sorted(set(config) - set(_MODULE_CONFIG[kind]))

@@ -6,8 +6,9 @@ per-output-channel scale, so the Top-K pattern survives), `choose_layers` (each 
 timed against its dense self on this machine, every register tile, every batch size; the
 kernel kept only where it is faster at every batch size), `apply_layers` and
 `fuse_epilogues` (a residual add, ReLU and 2x2 max pool that a kernel layer alone feeds run
-in its epilogue), `verify` (deployed vs masked outputs) and `time_models`.
-May import: tkp_lib.kernels, tkp_lib.topk_conv, tkp_lib.tapgroup, tkp_lib.deploy_format.
+in its epilogue; a depthwise layer takes a ReLU or ReLU6), `verify` (deployed vs masked
+outputs) and `time_models`.
+May import: tkp_lib.kernels, tkp_lib.topk_conv, tkp_lib.tapgroup, tkp_lib.depthwise, tkp_lib.deploy_format.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from tkp_lib import kernels, tapgroup, topk_conv
+from tkp_lib import depthwise, kernels, tapgroup, topk_conv
 from tkp_lib.deploy_format import DeployError
+from tkp_lib.depthwise import DepthwiseTopKConv2d
 from tkp_lib.tapgroup import TapGroupConv2d
 from tkp_lib.topk_conv import TopKConv2d
 
@@ -147,7 +149,7 @@ def choose_layers(gm: torch.fx.GraphModule, input_shape: tuple, batch_sizes: lis
                 log(f"  timed {name} ({kind}): {_timing_line(measured[key])}")
             tile, timings = measured[key]
             faster = all(t["kernel_ms"] < t["dense_ms"] for t in timings.values())
-            rec.update(timings=timings, tile=list(tile), deploy=kind if faster else "dense",
+            rec.update(timings=timings, tile=None if tile is None else list(tile), deploy=kind if faster else "dense",
                        why=None if faster else "not faster than dense here", **(extra if faster else {}))
             if faster:
                 break
@@ -168,6 +170,13 @@ def _candidates(conv: nn.Conv2d, tiles) -> list[tuple] | str:
         why = "kernel unavailable"
     if why is None:
         out.append(("topk", lambda t: TopKConv2d.from_conv(conv, t), tiles or topk_conv.tile_kinds(), {}))
+    why_dw = depthwise.kernel_takes(conv)
+    if why_dw is None and not depthwise.kernel_available():
+        why_dw = "kernel unavailable"
+    if why_dw is None:  # one variant, no tiles
+        out.append(("depthwise", lambda t: DepthwiseTopKConv2d.from_conv(conv), [None], {}))
+    elif conv.groups > 1:  # the depthwise kernel's reason is the telling one
+        why = why_dw
     return out or why
 
 
@@ -193,7 +202,7 @@ def time_layer(conv: nn.Conv2d, make: Callable, in_shape: tuple, batch_sizes: li
 
 def _timing_line(measured) -> str:
     tile, timings = measured
-    return f"tile {tile[0]}x{tile[1]}, " + ", ".join(
+    return ("" if tile is None else f"tile {tile[0]}x{tile[1]}, ") + ", ".join(
         f"batch {b}: {t['dense_ms']:.3f} ms dense, {t['kernel_ms']:.3f} ms kernel "
         f"({t['dense_ms'] / t['kernel_ms']:.2f}x)"
         for b, t in timings.items())
@@ -208,6 +217,9 @@ def apply_layers(gm: torch.fx.GraphModule, records: list[dict], input_shape: tup
         elif rec["deploy"] == "tapgroup":
             _set_module(gm, rec["name"], TapGroupConv2d.from_conv(
                 gm.get_submodule(rec["name"]), rec["group"], rec["group_k"], rec["tile"]))
+        elif rec["deploy"] == "depthwise":
+            _set_module(gm, rec["name"], DepthwiseTopKConv2d.from_conv(gm.get_submodule(rec["name"])))
+    depthwise.fuse_activations(gm)
     fuse_epilogues(gm, torch.zeros(1, *input_shape))
     return gm
 
