@@ -3,6 +3,7 @@ set builds over random shapes, the torch.ops path (export, compile), the dense f
 what from_conv refuses, the ReLU/ReLU6 epilogue, and deployment of the MobileNetV2 and
 ConvNeXt user models."""
 
+import json
 import os
 import random
 import subprocess
@@ -295,3 +296,18 @@ def test_convnext_depthwise_layers_deploy(kernel, finals):
     x = torch.randn(4, *input_shape, generator=torch.Generator().manual_seed(9))
     check = deploy_layers.verify(deployed, model, x)
     assert check["ok"], check
+
+
+def test_the_benchmark_runs_end_to_end(kernel, one_thread, tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import depthwise_latency
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    out = tmp_path / "dw.json"
+    result = depthwise_latency.main(["--models", "convnext_tiny_test", "--ks", "1,4", "--batch-sizes", "1,2",
+                                     "--repeats", "1", "--min-round-ms", "0.5", "--json", str(out)])
+    rows = result["rows"]
+    assert len(rows) == 3 * 2 * 2 and {r["k"] for r in rows} == {1, 4} and {r["batch"] for r in rows} == {1, 2}
+    assert all(r["ratio"] == min(r["nchw_ms"], r["channels_last_ms"]) / r["topk_ms"] for r in rows)
+    assert json.loads(out.read_text())["machine"]["isa"] in ("avx512", "avx2")
