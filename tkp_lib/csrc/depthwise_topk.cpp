@@ -109,12 +109,10 @@ inline Vec activate(Vec v) {
 // ---- the geometry of a call ---------------------------------------------------------------
 
 struct Geometry {
-  int64_t H, W, Ho, Wo, sh, sw, ph, pw;
+  int64_t H, W, Ho, Wo, sh, sw;
   bool flat;                    // stride 1 and Wo == W
   int64_t nvec, nvec_pad;       // flat: vectors per plane, and rounded up to the unroll
-  std::vector<int64_t> shift;   // flat: [tap] (dy-ph)*W + dx-pw
-  std::vector<LaneMask> mask;   // flat: [tap][nvec_pad] the lanes whose read lies inside the plane
-  std::vector<int32_t> dy, dx;  // [tap]
+  std::vector<LaneMask> mask;   // flat: [tap][nvec_pad] the lanes whose read of tap's shift lies inside the plane
 };
 
 constexpr int U = 4;  // the most vectors (flat) or rows (rows) per step, each its own accumulator
@@ -122,18 +120,16 @@ constexpr int U = 4;  // the most vectors (flat) or rows (rows) per step, each i
 std::shared_ptr<const Geometry> make_geometry(const std::array<int64_t, 8>& key) {
   const auto [H, W, kh, kw, sh, sw, ph, pw] = key;
   auto g = std::make_shared<Geometry>();
-  g->H = H, g->W = W, g->sh = sh, g->sw = sw, g->ph = ph, g->pw = pw;
+  g->H = H, g->W = W, g->sh = sh, g->sw = sw;
   g->Ho = (H + 2 * ph - kh) / sh + 1;
   g->Wo = (W + 2 * pw - kw) / sw + 1;
   g->flat = sh == 1 && sw == 1 && g->Wo == W;
   g->nvec = (g->Ho * g->Wo + L - 1) / L;
   g->nvec_pad = (g->nvec + U - 1) / U * U;
-  for (int64_t t = 0; t < kh * kw; ++t) g->dy.push_back(int32_t(t / kw)), g->dx.push_back(int32_t(t % kw));
   if (!g->flat) return g;
   g->mask.assign(kh * kw * g->nvec_pad, 0);
   for (int64_t t = 0; t < kh * kw; ++t) {
     const int64_t dy = t / kw, dx = t % kw;
-    g->shift.push_back((dy - ph) * W + (dx - pw));
     LaneMask* m = g->mask.data() + t * g->nvec_pad;
     // output (h, w) reads (h + dy - ph, w + dx - pw): inside for h in [h0, h1), w in [w0, w1)
     const int64_t h0 = std::max<int64_t>(0, ph - dy), h1 = std::min(g->Ho, H + ph - dy);
@@ -157,10 +153,13 @@ std::shared_ptr<const Geometry> geometry(const std::array<int64_t, 8>& key) {
 
 // ---- the two ways through a plane ---------------------------------------------------------
 
+#define TKP_INLINE inline __attribute__((always_inline))  // (into the loop over planes)
+
 // flat: y = act(bias + sum_k w[k] * x shifted by tap[k]), U vectors at a time.
+
 template <int64_t A, int U>
-void flat_plane(const float* x, float* y, const float* w, const int32_t* tap, int64_t K, float bias,
-                const Geometry& g) {
+TKP_INLINE void flat_plane(const float* x, float* y, const float* w, const int32_t* ref, int64_t K, float bias,
+                           const Geometry& g) {
   const int64_t n = g.Ho * g.Wo;
   for (int64_t v = 0; v < g.nvec; v += U) {
     Vec acc[U];
@@ -168,8 +167,8 @@ void flat_plane(const float* x, float* y, const float* w, const int32_t* tap, in
     for (int u = 0; u < U; ++u) acc[u] = vset1(bias);
     for (int64_t k = 0; k < K; ++k) {
       const Vec wk = vset1(w[k]);
-      const float* p = x + v * L + g.shift[tap[k]];
-      const LaneMask* m = g.mask.data() + tap[k] * g.nvec_pad + v;
+      const float* p = x + v * L + ref[2 * k];
+      const LaneMask* m = g.mask.data() + ref[2 * k + 1] + v;
 #pragma GCC unroll 4
       for (int u = 0; u < U; ++u) acc[u] = vfma(wk, vload_masked(p + u * L, m[u]), acc[u]);
     }
@@ -203,10 +202,9 @@ inline Vec load_strided(const float* x, uint32_t m) {
 
 // rows: U output rows at a time, L output columns at a time; SW = the stride along a row.
 template <int64_t A, int U, int SW>
-void rows_plane(const float* x, float* y, const float* w, const int32_t* tap, int64_t K, float bias,
-                const Geometry& g) {
-  const int64_t H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo, sh = g.sh, ph = g.ph, pw = g.pw;  // (no reloads)
-  const int32_t *dy = g.dy.data(), *dx = g.dx.data();
+TKP_INLINE void rows_plane(const float* x, float* y, const float* w, const int32_t* ref, int64_t K, float bias,
+                           const Geometry& g) {
+  const int64_t H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo, sh = g.sh;  // (no reloads)
   for (int64_t oh = 0; oh < Ho; oh += U) {
     for (int64_t c = 0; c < Wo; c += L) {
       Vec acc[U];
@@ -214,7 +212,7 @@ void rows_plane(const float* x, float* y, const float* w, const int32_t* tap, in
       for (int u = 0; u < U; ++u) acc[u] = vset1(bias);
       for (int64_t k = 0; k < K; ++k) {
         const Vec wk = vset1(w[k]);
-        const int64_t col = SW * c + dx[tap[k]] - pw, row = sh * oh + dy[tap[k]] - ph;
+        const int64_t row = sh * oh + ref[2 * k], col = SW * c + ref[2 * k + 1];
         const uint32_t cols = lane_range(-col, W - col);  // the input columns inside the plane
         const float* p = x + row * W + col;
 #pragma GCC unroll 4
@@ -241,7 +239,7 @@ struct Planes {
   const float* x;
   float* y;
   const float* w;        // [C][K]
-  const int32_t* taps;   // [C][K]
+  const int32_t* refs;   // [C][K][2] per tap: flat (shift, mask row offset), rows (dy - ph, dx - pw)
   const float* bias;     // [C] or null
   int64_t C, K, in_plane, out_plane;
 };
@@ -253,8 +251,8 @@ void run(const Planes& P, const Geometry& g, int64_t p0, int64_t p1) {
     const float* x = P.x + p * P.in_plane;
     float* y = P.y + p * P.out_plane;
     const float b = P.bias ? P.bias[c] : 0.f;
-    if (Way == 0) flat_plane<A, U>(x, y, P.w + c * P.K, P.taps + c * P.K, P.K, b, g);
-    else rows_plane<A, U, Way>(x, y, P.w + c * P.K, P.taps + c * P.K, P.K, b, g);
+    if (Way == 0) flat_plane<A, U>(x, y, P.w + c * P.K, P.refs + 2 * c * P.K, P.K, b, g);
+    else rows_plane<A, U, Way>(x, y, P.w + c * P.K, P.refs + 2 * c * P.K, P.K, b, g);
   }
 }
 
@@ -293,6 +291,7 @@ at::Tensor depthwise_topk2d(const at::Tensor& x_in, const at::Tensor& values, co
   const at::Tensor x = x_in.contiguous();
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3);
   TORCH_CHECK(H + 2 * pad_h >= kh && W + 2 * pad_w >= kw, "tkp::depthwise_topk2d: input smaller than the kernel");
+  TORCH_CHECK(H * W < (int64_t(1) << 24), "tkp::depthwise_topk2d: planes of more than 2^24 values");
   const int64_t Ho = (H + 2 * pad_h - kh) / stride_h + 1, Wo = (W + 2 * pad_w - kw) / stride_w + 1;
   at::Tensor bias;
   if (bias_in.has_value() && bias_in->defined()) {
@@ -305,11 +304,17 @@ at::Tensor depthwise_topk2d(const at::Tensor& x_in, const at::Tensor& values, co
   at::Tensor out = at::empty({N, C, Ho, Wo}, x.options());
   if (out.numel() == 0) return out;
 
-  const Planes P{x.data_ptr<float>(), out.data_ptr<float>(), values.data_ptr<float>(), tp,
+  const auto g = geometry({H, W, kh, kw, stride_h, stride_w, pad_h, pad_w});
+  std::vector<int32_t> refs(2 * taps.numel());  // what each kept tap reads, once per call rather than per plane
+  for (int64_t j = 0; j < taps.numel(); ++j) {
+    const int64_t dy = tp[j] / kw - pad_h, dx = tp[j] % kw - pad_w;
+    refs[2 * j] = int32_t(g->flat ? dy * W + dx : dy);
+    refs[2 * j + 1] = int32_t(g->flat ? tp[j] * g->nvec_pad : dx);
+  }
+  const Planes P{x.data_ptr<float>(), out.data_ptr<float>(), values.data_ptr<float>(), refs.data(),
                  bias.defined() ? bias.data_ptr<float>() : nullptr, C, K, H * W, Ho * Wo};
   // planes per task: at least 64 Ki multiply-adds' worth, so that small layers run on the calling thread alone
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (Ho * Wo * std::max<int64_t>(K, 1)));
-  const auto g = geometry({H, W, kh, kw, stride_h, stride_w, pad_h, pad_w});
   const RunFn fn = pick_run(*g, act);
   at::parallel_for(0, N * C, grain, [&](int64_t p0, int64_t p1) { fn(P, *g, p0, p1); });
   return out;
