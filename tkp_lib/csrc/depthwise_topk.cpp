@@ -111,8 +111,11 @@ inline Vec activate(Vec v) {
 struct Geometry {
   int64_t H, W, Ho, Wo, sh, sw;
   bool flat;                    // stride 1 and Wo == W
+  bool tiny;                    // not flat; the output plane fits one vector, the input four (AVX-512 only)
   int64_t nvec, nvec_pad;       // flat: vectors per plane, and rounded up to the unroll
   std::vector<LaneMask> mask;   // flat: [tap][nvec_pad] the lanes whose read of tap's shift lies inside the plane
+  std::vector<int32_t> index;   // tiny: [tap][L] the input element each output lane reads (0 where outside)
+  std::vector<LaneMask> inside; // tiny: [tap] the lanes whose read lies inside the plane
 };
 
 constexpr int U = 4;  // the most vectors (flat) or rows (rows) per step, each its own accumulator
@@ -126,6 +129,18 @@ std::shared_ptr<const Geometry> make_geometry(const std::array<int64_t, 8>& key)
   g->flat = sh == 1 && sw == 1 && g->Wo == W;
   g->nvec = (g->Ho * g->Wo + L - 1) / L;
   g->nvec_pad = (g->nvec + U - 1) / U * U;
+  g->tiny = L == 16 && !g->flat && g->Ho * g->Wo <= L && H * W <= 4 * L;
+  if (g->tiny) {
+    g->index.assign(kh * kw * L, 0);
+    g->inside.assign(kh * kw, 0);
+    for (int64_t t = 0; t < kh * kw; ++t)
+      for (int64_t q = 0; q < g->Ho * g->Wo; ++q) {
+        const int64_t ih = sh * (q / g->Wo) + t / kw - ph, iw = sw * (q % g->Wo) + t % kw - pw;
+        if (ih < 0 || ih >= H || iw < 0 || iw >= W) continue;
+        g->index[t * L + q] = int32_t(ih * W + iw);
+        g->inside[t] |= LaneMask(1u << q);
+      }
+  }
   if (!g->flat) return g;
   g->mask.assign(kh * kw * g->nvec_pad, 0);
   for (int64_t t = 0; t < kh * kw; ++t) {
@@ -234,17 +249,38 @@ TKP_INLINE void rows_plane(const float* x, float* y, const float* w, const int32
   }
 }
 
+// tiny: the input plane (at most 4L values) held in four registers, each tap's L output lanes
+// picked from them by two two-register permutes and a blend: no loads but the plane's own.
+template <int64_t A>
+TKP_INLINE void tiny_plane(const float* x, float* y, const float* w, const int32_t* ref, int64_t K, float bias,
+                           const Geometry& g) {
+#if defined(__AVX512F__)
+  const int64_t n = g.H * g.W;
+  const __m512 in0 = vload_first(x, n), in1 = vload_first(x + L, n - L), in2 = vload_first(x + 2 * L, n - 2 * L),
+               in3 = vload_first(x + 3 * L, n - 3 * L);
+  __m512 acc = vset1(bias);
+  for (int64_t k = 0; k < K; ++k) {
+    const int32_t t = ref[2 * k];
+    const __m512i idx = _mm512_loadu_si512(g.index.data() + t * L);
+    const __m512 lo = _mm512_permutex2var_ps(in0, idx, in1), hi = _mm512_permutex2var_ps(in2, idx, in3);
+    const __m512 v = _mm512_mask_blend_ps(_mm512_cmpge_epi32_mask(idx, _mm512_set1_epi32(2 * L)), lo, hi);
+    acc = _mm512_mask3_fmadd_ps(vset1(w[k]), v, acc, g.inside[t]);  // lanes outside the plane keep acc
+  }
+  vstore_first(y, g.Ho * g.Wo, activate<A>(acc));
+#endif
+}
+
 // What every plane of a call shares: plane p is image p / C, channel p % C.
 struct Planes {
   const float* x;
   float* y;
   const float* w;        // [C][K]
-  const int32_t* refs;   // [C][K][2] per tap: flat (shift, mask row offset), rows (dy - ph, dx - pw)
+  const int32_t* refs;   // [C][K][2] per tap: flat (shift, mask row offset), rows (dy - ph, dx - pw), tiny (tap, -)
   const float* bias;     // [C] or null
   int64_t C, K, in_plane, out_plane;
 };
 
-// Planes [p0, p1) the one way: Way 0 = flat, 1 = rows of stride 1, 2 = rows of stride 2.
+// Planes [p0, p1) the one way: Way 0 = flat, 1 = rows of stride 1, 2 = rows of stride 2, 3 = tiny.
 template <int64_t A, int U, int Way>
 void run(const Planes& P, const Geometry& g, int64_t p0, int64_t p1) {
   for (int64_t p = p0, c = p0 % P.C; p < p1; ++p, c = c + 1 == P.C ? 0 : c + 1) {
@@ -252,6 +288,7 @@ void run(const Planes& P, const Geometry& g, int64_t p0, int64_t p1) {
     float* y = P.y + p * P.out_plane;
     const float b = P.bias ? P.bias[c] : 0.f;
     if (Way == 0) flat_plane<A, U>(x, y, P.w + c * P.K, P.refs + 2 * c * P.K, P.K, b, g);
+    else if (Way == 3) tiny_plane<A>(x, y, P.w + c * P.K, P.refs + 2 * c * P.K, P.K, b, g);
     else rows_plane<A, U, Way>(x, y, P.w + c * P.K, P.refs + 2 * c * P.K, P.K, b, g);
   }
 }
@@ -268,6 +305,7 @@ RunFn pick_unroll(int64_t act, int64_t n) {  // n: vectors (flat) or rows per pl
 
 RunFn pick_run(const Geometry& g, int64_t act) {
   if (g.flat) return pick_unroll<0>(act, g.nvec);
+  if (g.tiny) return pick_unroll<3>(act, 1);
   return g.sw == 1 ? pick_unroll<1>(act, g.Ho) : pick_unroll<2>(act, g.Ho);
 }
 
@@ -308,7 +346,7 @@ at::Tensor depthwise_topk2d(const at::Tensor& x_in, const at::Tensor& values, co
   std::vector<int32_t> refs(2 * taps.numel());  // what each kept tap reads, once per call rather than per plane
   for (int64_t j = 0; j < taps.numel(); ++j) {
     const int64_t dy = tp[j] / kw - pad_h, dx = tp[j] % kw - pad_w;
-    refs[2 * j] = int32_t(g->flat ? dy * W + dx : dy);
+    refs[2 * j] = int32_t(g->flat ? dy * W + dx : g->tiny ? tp[j] : dy);
     refs[2 * j + 1] = int32_t(g->flat ? tp[j] * g->nvec_pad : dx);
   }
   const Planes P{x.data_ptr<float>(), out.data_ptr<float>(), values.data_ptr<float>(), refs.data(),
