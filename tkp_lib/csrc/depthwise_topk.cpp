@@ -293,6 +293,68 @@ void run(const Planes& P, const Geometry& g, int64_t p0, int64_t p1) {
   }
 }
 
+// flat planes of one vector each, four planes at a time (four independent accumulators)
+template <int64_t A>
+void run_single(const Planes& P, const Geometry& g, int64_t p0, int64_t p1) {
+  const int64_t n = g.Ho * g.Wo, K = P.K;
+  int64_t p = p0, c = p0 % P.C;
+  for (; p + 4 <= p1; p += 4) {
+    int64_t cs[4];
+    Vec acc[4];
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      cs[u] = c, c = c + 1 == P.C ? 0 : c + 1;
+      acc[u] = vset1(P.bias ? P.bias[cs[u]] : 0.f);
+    }
+    const float* x = P.x + p * P.in_plane;
+    for (int64_t k = 0; k < K; ++k) {
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        const int32_t* r = P.refs + 2 * (cs[u] * K + k);
+        acc[u] = vfma(vset1(P.w[cs[u] * K + k]), vload_masked(x + u * P.in_plane + r[0], g.mask[r[1]]), acc[u]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) vstore_first(P.y + (p + u) * P.out_plane, n, activate<A>(acc[u]));
+  }
+  run<A, 1, 0>(P, g, p, p1);
+}
+
+// tiny planes, four at a time
+template <int64_t A>
+void run_tiny4(const Planes& P, const Geometry& g, int64_t p0, int64_t p1) {
+#if defined(__AVX512F__)
+  const int64_t n = g.H * g.W, K = P.K;
+  int64_t p = p0, c = p0 % P.C;
+  for (; p + 4 <= p1; p += 4) {
+    int64_t cs[4];
+    __m512 in[4][4], acc[4];
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {
+      cs[u] = c, c = c + 1 == P.C ? 0 : c + 1;
+      acc[u] = vset1(P.bias ? P.bias[cs[u]] : 0.f);
+      const float* x = P.x + (p + u) * P.in_plane;
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) in[u][j] = vload_first(x + j * L, n - j * L);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        const int32_t t = P.refs[2 * (cs[u] * K + k)];
+        const __m512i idx = _mm512_loadu_si512(g.index.data() + t * L);
+        const __m512 lo = _mm512_permutex2var_ps(in[u][0], idx, in[u][1]);
+        const __m512 hi = _mm512_permutex2var_ps(in[u][2], idx, in[u][3]);
+        const __m512 v = _mm512_mask_blend_ps(_mm512_cmpge_epi32_mask(idx, _mm512_set1_epi32(2 * L)), lo, hi);
+        acc[u] = _mm512_mask3_fmadd_ps(vset1(P.w[cs[u] * K + k]), v, acc[u], g.inside[t]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) vstore_first(P.y + (p + u) * P.out_plane, g.Ho * g.Wo, activate<A>(acc[u]));
+  }
+  run<A, 1, 3>(P, g, p, p1);
+#endif
+}
+
 using RunFn = void (*)(const Planes&, const Geometry&, int64_t, int64_t);
 
 template <int Way>
@@ -304,8 +366,10 @@ RunFn pick_unroll(int64_t act, int64_t n) {  // n: vectors (flat) or rows per pl
 }
 
 RunFn pick_run(const Geometry& g, int64_t act) {
+  if (g.flat && g.nvec == 1) return act == kRelu ? run_single<kRelu> : act == kRelu6 ? run_single<kRelu6>
+                                                                                       : run_single<kNone>;
   if (g.flat) return pick_unroll<0>(act, g.nvec);
-  if (g.tiny) return pick_unroll<3>(act, 1);
+  if (g.tiny) return act == kRelu ? run_tiny4<kRelu> : act == kRelu6 ? run_tiny4<kRelu6> : run_tiny4<kNone>;
   return g.sw == 1 ? pick_unroll<1>(act, g.Ho) : pick_unroll<2>(act, g.Ho);
 }
 
