@@ -68,6 +68,9 @@ inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 inline LaneMask first_lanes(int64_t n) { return LaneMask((1u << std::min<int64_t>(std::max<int64_t>(n, 0), L)) - 1); }
 inline void vstore_first(float* p, int64_t n, Vec v) { _mm512_mask_storeu_ps(p, first_lanes(n), v); }  // lanes [0, n)
 inline Vec vload_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first_lanes(n), p); }
+inline void vstore_lanes(float* p, int64_t a, int64_t b, Vec v) {  // lanes [a, b) of v to p[a, b)
+  _mm512_mask_storeu_ps(p, LaneMask(first_lanes(b) & ~first_lanes(a)), v);
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int L = 8;
 using Vec = __m256;
@@ -93,6 +96,9 @@ inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 inline unsigned first_lanes(int64_t n) { return (1u << std::min<int64_t>(std::max<int64_t>(n, 0), L)) - 1; }
 inline void vstore_first(float* p, int64_t n, Vec v) { _mm256_maskstore_ps(p, vmask(first_lanes(n)), v); }
 inline Vec vload_first(const float* p, int64_t n) { return _mm256_maskload_ps(p, vmask(first_lanes(n))); }
+inline void vstore_lanes(float* p, int64_t a, int64_t b, Vec v) {
+  _mm256_maskstore_ps(p, vmask(first_lanes(b) & ~first_lanes(a)), v);
+}
 #else
 #error "the depthwise Top-K kernel needs AVX-512 or AVX2 with FMA (built with -march=native); this CPU has neither"
 #endif
@@ -202,17 +208,22 @@ inline uint32_t lane_range(int64_t lo, int64_t hi) {
   return hi <= lo ? 0u : uint32_t((uint64_t(1) << hi) - (uint64_t(1) << lo));
 }
 
+// The even elements of a[0, L) (lanes [0, L/2)) and of b[0, L) (lanes [L/2, L)), each loaded under its lane mask.
+inline Vec load_evens(const float* a, LaneMask ma, const float* b, LaneMask mb) {
+#if defined(__AVX512F__)
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  return _mm512_permutex2var_ps(vload_masked(a, ma), even, vload_masked(b, mb));
+#else  // even lanes within each 128-bit half, then the 64-bit pairs in order
+  const __m256 e = _mm256_shuffle_ps(vload_masked(a, ma), vload_masked(b, mb), 0x88);
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), 0xD8));
+#endif
+}
+
 // x[0, SW*L) under the lane mask m (2L bits), then every SW-th element: L values.
 template <int SW>
 inline Vec load_strided(const float* x, uint32_t m) {
   if (SW == 1) return vload_masked(x, LaneMask(m));
-#if defined(__AVX512F__)
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  return _mm512_permutex2var_ps(vload_masked(x, LaneMask(m)), even, vload_masked(x + L, LaneMask(m >> L)));
-#else  // even lanes within each 128-bit half, then the 64-bit pairs in order
-  const __m256 e = _mm256_shuffle_ps(vload_masked(x, LaneMask(m)), vload_masked(x + L, LaneMask(m >> L)), 0x88);
-  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), 0xD8));
-#endif
+  return load_evens(x, LaneMask(m), x + L, LaneMask(m >> L));
 }
 
 // rows: U output rows at a time, L output columns at a time; SW = the stride along a row.
@@ -270,6 +281,37 @@ TKP_INLINE void tiny_plane(const float* x, float* y, const float* w, const int32
 #endif
 }
 
+// pairs (stride 2 along rows of at most L/2 outputs): output rows r and r+1 in one vector, the
+// even elements of input rows sh*r + dy - ph and sh*(r+1) + dy - ph; U pairs at a time.
+template <int64_t A, int U>
+TKP_INLINE void pairs_plane(const float* x, float* y, const float* w, const int32_t* ref, int64_t K, float bias,
+                            const Geometry& g) {
+  const int64_t H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo, sh = g.sh;
+  for (int64_t oh = 0; oh < Ho; oh += 2 * U) {
+    Vec acc[U];
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) acc[u] = vset1(bias);
+    for (int64_t k = 0; k < K; ++k) {
+      const Vec wk = vset1(w[k]);
+      const int64_t row = sh * oh + ref[2 * k], col = ref[2 * k + 1];
+      const LaneMask cols = LaneMask(lane_range(-col, W - col));
+      const float* p = x + row * W + col;
+#pragma GCC unroll 4
+      for (int u = 0; u < 2 * U; u += 2) {
+        const LaneMask ma = uint64_t(row + sh * u) < uint64_t(H) ? cols : 0;
+        const LaneMask mb = uint64_t(row + sh * (u + 1)) < uint64_t(H) ? cols : 0;
+        acc[u / 2] = vfma(wk, load_evens(p + sh * u * W, ma, p + sh * (u + 1) * W, mb), acc[u / 2]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int u = 0; u < 2 * U; u += 2) {
+      const Vec v = activate<A>(acc[u / 2]);
+      if (oh + u < Ho) vstore_first(y + (oh + u) * Wo, Wo, v);
+      if (oh + u + 1 < Ho) vstore_lanes(y + (oh + u + 1) * Wo - L / 2, L / 2, L / 2 + Wo, v);
+    }
+  }
+}
+
 // What every plane of a call shares: plane p is image p / C, channel p % C.
 struct Planes {
   const float* x;
@@ -280,16 +322,19 @@ struct Planes {
   int64_t C, K, in_plane, out_plane;
 };
 
-// Planes [p0, p1) the one way: Way 0 = flat, 1 = rows of stride 1, 2 = rows of stride 2, 3 = tiny.
+// Planes [p0, p1) the one way: Way 0 = flat, 1 = rows of stride 1, 2 = rows of stride 2, 3 = tiny, 4 = pairs.
 template <int64_t A, int U, int Way>
 void run(const Planes& P, const Geometry& g, int64_t p0, int64_t p1) {
   for (int64_t p = p0, c = p0 % P.C; p < p1; ++p, c = c + 1 == P.C ? 0 : c + 1) {
     const float* x = P.x + p * P.in_plane;
     float* y = P.y + p * P.out_plane;
     const float b = P.bias ? P.bias[c] : 0.f;
-    if (Way == 0) flat_plane<A, U>(x, y, P.w + c * P.K, P.refs + 2 * c * P.K, P.K, b, g);
-    else if (Way == 3) tiny_plane<A>(x, y, P.w + c * P.K, P.refs + 2 * c * P.K, P.K, b, g);
-    else rows_plane<A, U, Way>(x, y, P.w + c * P.K, P.refs + 2 * c * P.K, P.K, b, g);
+    const float* w = P.w + c * P.K;
+    const int32_t* ref = P.refs + 2 * c * P.K;
+    if constexpr (Way == 0) flat_plane<A, U>(x, y, w, ref, P.K, b, g);
+    else if constexpr (Way == 3) tiny_plane<A>(x, y, w, ref, P.K, b, g);
+    else if constexpr (Way == 4) pairs_plane<A, U>(x, y, w, ref, P.K, b, g);
+    else rows_plane<A, U, Way>(x, y, w, ref, P.K, b, g);
   }
 }
 
@@ -370,6 +415,7 @@ RunFn pick_run(const Geometry& g, int64_t act) {
                                                                                        : run_single<kNone>;
   if (g.flat) return pick_unroll<0>(act, g.nvec);
   if (g.tiny) return act == kRelu ? run_tiny4<kRelu> : act == kRelu6 ? run_tiny4<kRelu6> : run_tiny4<kNone>;
+  if (g.sw == 2 && 2 * g.Wo <= L) return pick_unroll<4>(act, g.Ho / 2);
   return g.sw == 1 ? pick_unroll<1>(act, g.Ho) : pick_unroll<2>(act, g.Ho);
 }
 
