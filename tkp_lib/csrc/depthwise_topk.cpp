@@ -9,7 +9,7 @@
 // tkp::depthwise_topk2d (with a shape function for torch.compile and torch.export); one
 // at::parallel_for over the (image, channel) planes per call, none for small work.
 //
-// Two ways through a plane, both straight from the NCHW input to the NCHW output (no copies):
+// Four ways through a plane, all straight from the NCHW input to the NCHW output (no copies):
 //
 //   flat (stride 1 and Wo == W: every "same"-padded stride-1 layer of MobileNet and
 //   ConvNeXt): vectors of 16 (AVX2: 8) run along the flattened output plane. Output q reads
@@ -18,16 +18,25 @@
 //   plane, or a column that wraps into the next row). The masks depend on the plane's shape,
 //   the tap and the vector only; they are built once per shape and kept. Small planes (7x7,
 //   4x4) fill the vectors as well as large ones: only the plane's last vector has idle lanes.
+//   Planes of one vector (4x4) go four at a time, for four independent accumulators.
 //
-//   rows (stride 2 in width, or other paddings): vectors run along each output row; tap
-//   (dy, dx) of output columns [c, c + L) reads input row sh*oh + dy - ph, columns
-//   sw*c + dx - pw + [0, sw*L): one masked load (stride 1) or two and an even-lane permute
-//   (stride 2), 4 output rows per step. Rows narrower than a vector leave lanes idle.
+//   tiny (AVX-512; not flat, output plane <= 16 values, input <= 64: the 8x8 stride-2
+//   layers): the input plane sits in four registers and each tap's 16 output lanes are
+//   picked from them by two two-register permutes and a blend; four planes at a time.
 //
-// Gathers (vgatherdps) were measured for stride 2 and dropped: about 7 ns per vector of 16 on
-// the AMD EPYC measured, 3x the loads and permute. A zero-padded, phase-split copy of each
-// plane in L1 (as csrc/topk_conv.cpp does) was dropped too: its copies cost more than the
-// taps for small planes.
+//   pairs (stride 2 along rows of at most L/2 outputs: 16x16 -> 8x8): output rows r and r+1
+//   share a vector; per tap, one masked load of each input row and one even-lane permute.
+//
+//   rows (the rest: stride 2 on wider rows, other paddings, even kernels): vectors run along
+//   each output row; tap (dy, dx) of output columns [c, c + L) reads input row
+//   sh*oh + dy - ph, columns sw*c + dx - pw + [0, sw*L): one masked load (stride 1) or two and
+//   an even-lane permute (stride 2), 4 output rows per step.
+//
+// Each kept tap's shift and mask row are looked up once per call, not per plane. Tried and
+// dropped for stride 2: gathers (vgatherdps, about 7 ns per vector of 16 on the AMD EPYC
+// measured: 144x32x32/2, K=4, batch 1 took 70 us against 42 us for the rows' loads and
+// permute), and a zero-padded, phase-split copy of each plane in L1 as csrc/topk_conv.cpp
+// makes (2-4x slower than the above on 8x8 planes: the copies cost more than the taps).
 //
 // Weights arrive as values[c][k] (float) and taps[c][k] (int32, dy*kw + dx); missing taps
 // have value 0.
