@@ -1,7 +1,7 @@
 """Depthwise Top-K latency: tkp::depthwise_topk2d against oneDNN's depthwise convolution, per layer.
 
     python benchmarks/depthwise_latency.py --threads 1 --batch-sizes 1,32 --json depthwise.json
-    python benchmarks/depthwise_latency.py --models convnext_t --batch-sizes 32 --repeats 15
+    python benchmarks/depthwise_latency.py --models convnext_t --batch-sizes 32 --repeats 15 --runs 3
 
 The depthwise layer shapes of MobileNetV2 on CIFAR (32 px input, stride-1 stem; 3x3, stride 1
 and 2), of ConvNeXt-T at 224 px (7x7) and of the tiny ConvNeXt of tests/user_models (7x7, 32
@@ -10,8 +10,11 @@ positions, as Top-K training leaves them). At each batch size, fp32, timed inter
 (tkp_lib.kernels.measure_interleaved, medians of --repeats rounds): the dense depthwise
 convolution eager in NCHW and in channels_last (input and weight already channels_last, the
 layout oneDNN's depthwise kernel is built for), and DepthwiseTopKConv2d (NCHW) for every K.
-ratio = the faster dense / Top-K: above 1 the kernel is faster. tkp_deploy compares a layer
-with the dense convolution in the model's own layout (NCHW) only, and keeps the faster.
+ratio = the faster dense / Top-K: above 1 the kernel is faster. With --runs N the whole
+measurement is repeated N times (on a busy machine other processes' load comes and goes) and
+each time and each ratio is the median over the runs; the table also gives the lowest and
+highest ratio of the runs. tkp_deploy compares a layer with the dense convolution in the
+model's own layout (NCHW) only, and keeps the faster.
 
 Measured numbers: RESULTS.md.
 """
@@ -22,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -55,6 +59,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=int_list(), default=[1, 32])
     p.add_argument("--repeats", type=int, default=9, help="interleaved timing rounds (medians)")
     p.add_argument("--min-round-ms", type=float, default=4.0, help="minimum length of one timing round")
+    p.add_argument("--runs", type=int, default=1, help="repeat everything; report the medians over the runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write every measurement here")
     return p
@@ -99,8 +104,32 @@ def machine() -> dict:
                      if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": model, "cpus": os.cpu_count(), "torch": str(torch.__version__), "isa": depthwise.kernel().isa(),
-            "load": list(os.getloadavg())}
+    return {"cpu": model, "cpus": os.cpu_count(), "torch": str(torch.__version__), "isa": depthwise.kernel().isa()}
+
+
+def measure(args, gen: torch.Generator) -> list[dict]:
+    """One run: every layer, batch size and K (rows in a fixed order)."""
+    rows = []
+    for name in args.models.split(","):
+        spec = MODELS[name]
+        for channels, size, stride in spec["layers"]:
+            for batch in args.batch_sizes:
+                for r in time_layer(channels, size, stride, spec["kernel"], args.ks or spec["ks"], batch, args, gen):
+                    rows.append({"model": name, **r})
+    return rows
+
+
+def combine(runs: list[list[dict]]) -> list[dict]:
+    """Per row: the median over the runs of each time and of each ratio (a run's ratio compares times taken
+    interleaved), and the runs' lowest and highest ratio."""
+    out = []
+    for versions in zip(*runs):
+        row = dict(versions[0])
+        for key in ("nchw_ms", "channels_last_ms", "topk_ms", "ratio", "ratio_nchw"):
+            row[key] = statistics.median(v[key] for v in versions)
+        row["ratio_range"] = [min(v["ratio"] for v in versions), max(v["ratio"] for v in versions)]
+        out.append(row)
+    return out
 
 
 def main(argv=None) -> dict:
@@ -109,25 +138,25 @@ def main(argv=None) -> dict:
         sys.exit(f"depthwise_latency: the kernel cannot be built here ({depthwise.kernel_problem()})")
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
-    result = {"machine": machine(), "threads": args.threads, "rows": []}
+    result = {"machine": machine(), "threads": args.threads, "runs": args.runs, "loads": []}
     print(f"{result['machine']['cpu']}, torch {result['machine']['torch']}, {result['machine']['isa']}, "
-          f"{args.threads} thread(s), load {result['machine']['load'][0]:.2f}", flush=True)
-    print(f"{'model':<19} {'layer':<18} {'K':>2} {'batch':>5} {'NCHW ms':>9} {'NHWC ms':>9} {'Top-K ms':>9} "
-          f"{'ratio':>6}", flush=True)
+          f"{args.threads} thread(s)", flush=True)
+    runs = []
     with torch.no_grad():
-        for name in args.models.split(","):
-            spec = MODELS[name]
-            for channels, size, stride in spec["layers"]:
-                for batch in args.batch_sizes:
-                    rows = time_layer(channels, size, stride, spec["kernel"], args.ks or spec["ks"], batch, args, gen)
-                    for r in rows:
-                        r["model"] = name
-                        layer = f"{channels}x{size}x{size} {spec['kernel']}x{spec['kernel']}/{stride}"
-                        print(f"{name:<19} {layer:<18} {r['k']:>2} {batch:>5} {r['nchw_ms']:>9.4f} "
-                              f"{r['channels_last_ms']:>9.4f} {r['topk_ms']:>9.4f} {r['ratio']:>5.2f}x", flush=True)
-                    result["rows"] += rows
-    result["load_after"] = list(os.getloadavg())
-    print(f"load after: {result['load_after'][0]:.2f}; ratio = min(NCHW, NHWC) / Top-K")
+        for i in range(args.runs):
+            before = os.getloadavg()[0]
+            runs.append(measure(args, gen))
+            result["loads"].append([before, os.getloadavg()[0]])
+            print(f"run {i + 1}/{args.runs}: load {before:.2f} -> {result['loads'][-1][1]:.2f}", flush=True)
+    result["rows"] = combine(runs)
+    print(f"{'model':<19} {'layer':<18} {'K':>2} {'batch':>5} {'NCHW ms':>9} {'NHWC ms':>9} {'Top-K ms':>9} "
+          f"{'ratio':>6}  {'runs':>11}")
+    for r in result["rows"]:
+        layer = f"{r['channels']}x{r['size']}x{r['size']} {r['kernel']}x{r['kernel']}/{r['stride']}"
+        print(f"{r['model']:<19} {layer:<18} {r['k']:>2} {r['batch']:>5} {r['nchw_ms']:>9.4f} "
+              f"{r['channels_last_ms']:>9.4f} {r['topk_ms']:>9.4f} {r['ratio']:>5.2f}x  "
+              f"{r['ratio_range'][0]:>4.2f}-{r['ratio_range'][1]:.2f}x")
+    print("ratio = min(NCHW, NHWC) / Top-K, median over the runs; runs: the runs' lowest and highest ratio")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result
