@@ -133,7 +133,7 @@ struct Geometry {
   std::vector<LaneMask> inside; // tiny: [tap] the lanes whose read lies inside the plane
 };
 
-constexpr int U = 4;  // the most vectors (flat) or rows (rows) per step, each its own accumulator
+constexpr int U = 4;  // the most vectors, rows, row pairs or planes per step, each its own accumulator
 
 std::shared_ptr<const Geometry> make_geometry(const std::array<int64_t, 8>& key) {
   const auto [H, W, kh, kw, sh, sw, ph, pw] = key;
@@ -181,12 +181,11 @@ std::shared_ptr<const Geometry> geometry(const std::array<int64_t, 8>& key) {
   return cache[key] = make_geometry(key);
 }
 
-// ---- the two ways through a plane ---------------------------------------------------------
+// ---- the ways through a plane --------------------------------------------------------------
 
 #define TKP_INLINE inline __attribute__((always_inline))  // (into the loop over planes)
 
 // flat: y = act(bias + sum_k w[k] * x shifted by tap[k]), U vectors at a time.
-
 template <int64_t A, int U>
 TKP_INLINE void flat_plane(const float* x, float* y, const float* w, const int32_t* ref, int64_t K, float bias,
                            const Geometry& g) {
