@@ -20,7 +20,7 @@ What `python tkp_deploy.py` does:
    depthwise convolutions a DepthwiseTopKConv2d (tkp_lib.depthwise), where it measures
    faster than its dense convolution at every --batch-sizes on this machine
    (tkp_lib.deploy_layers.choose_layers), and folds a residual add, ReLU and 2x2 max pool it
-   alone feeds into its epilogue (a depthwise layer: a ReLU or ReLU6);
+   alone feeds into its epilogue (a depthwise layer: also a ReLU6);
 4. checks the deployed model against the masked model (fp32, max |difference| / max
    |reference| <= 1e-4 and identical top-1 on a batch of standard-normal inputs at the
    training input shape: the training data need not be on the deploying machine);

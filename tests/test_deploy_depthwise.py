@@ -233,6 +233,32 @@ def test_relu_and_relu6_fold_into_the_depthwise_layer(kernel):
         assert relative_error(deployed(x), model(x)) < 1e-5
 
 
+def test_residual_relu_and_pool_fold_in_as_into_the_other_kernel_layers(kernel):
+    class Block(nn.Module):  # a depthwise conv-add-relu-pool, as fuse_epilogues folds them into kernel layers
+        def __init__(self):
+            super().__init__()
+            self.dw, self.pool = nn.Conv2d(8, 8, 5, padding=2, groups=8), nn.MaxPool2d(2)
+
+        def forward(self, x):
+            return self.pool(F.relu(self.dw(x) + x))
+
+    gen = torch.Generator().manual_seed(10)
+    model = Block().eval()
+    with torch.no_grad():
+        model.dw.weight.copy_(depthwise_conv(8, 5, 5, 1, 2, 3, gen).weight)
+    deployed = deploy_layers.apply_layers(deploy_layers.fold_batchnorm(model), [{"name": "dw", "deploy": "depthwise"}],
+                                          (8, 10, 10))
+    assert [n.op for n in deployed.graph.nodes] == ["placeholder", "call_module", "output"]
+    assert (deployed.dw.relu, deployed.dw.relu6, deployed.dw.pool) == (True, False, 2)
+    x = torch.randn(3, 8, 10, 10, generator=gen)
+    with torch.no_grad():
+        assert relative_error(deployed(x), model(x)) < 1e-5
+    m = deployed.dw
+    m.relu, m.relu6 = False, True
+    res = torch.randn(3, 8, 10, 10, generator=gen) * 4
+    assert relative_error(m(x, res), F.max_pool2d(F.relu6(model.dw(x) + res), 2)) < 1e-5
+
+
 # ---- the user models ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

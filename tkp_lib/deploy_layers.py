@@ -6,8 +6,8 @@ per-output-channel scale, so the Top-K pattern survives), `choose_layers` (each 
 timed against its dense self on this machine, every register tile, every batch size; the
 kernel kept only where it is faster at every batch size), `apply_layers` and
 `fuse_epilogues` (a residual add, ReLU and 2x2 max pool that a kernel layer alone feeds run
-in its epilogue; a depthwise layer takes a ReLU or ReLU6), `verify` (deployed vs masked
-outputs) and `time_models`.
+in its epilogue; a depthwise layer also a ReLU6), `verify` (deployed vs masked outputs) and
+`time_models`.
 May import: tkp_lib.kernels, tkp_lib.topk_conv, tkp_lib.tapgroup, tkp_lib.depthwise, tkp_lib.deploy_format.
 """
 
@@ -30,7 +30,7 @@ from tkp_lib.tapgroup import TapGroupConv2d
 from tkp_lib.topk_conv import TopKConv2d
 
 REL_TOLERANCE = 1e-4  # deployed vs masked: max |difference| / max |reference|
-KERNEL_LAYERS = (TopKConv2d, TapGroupConv2d)
+KERNEL_LAYERS = (TopKConv2d, TapGroupConv2d, DepthwiseTopKConv2d)
 
 
 # ==== Tracing and BatchNorm folding ==========================================================
@@ -219,8 +219,8 @@ def apply_layers(gm: torch.fx.GraphModule, records: list[dict], input_shape: tup
                 gm.get_submodule(rec["name"]), rec["group"], rec["group_k"], rec["tile"]))
         elif rec["deploy"] == "depthwise":
             _set_module(gm, rec["name"], DepthwiseTopKConv2d.from_conv(gm.get_submodule(rec["name"])))
-    depthwise.fuse_activations(gm)
     fuse_epilogues(gm, torch.zeros(1, *input_shape))
+    depthwise.fuse_activations(gm)  # a ReLU6
     return gm
 
 

@@ -6,9 +6,11 @@ scaled copies of its input plane. DepthwiseTopKConv2d stores the kept taps (valu
 indices, (C, K) each) and runs tkp::depthwise_topk2d, the kernel of csrc/depthwise_topk.cpp
 (built on first use by tkp_lib.kernels: AVX-512, or AVX2 + FMA), registered as a torch op with
 a shape function so that torch.compile and torch.export can trace it. A ReLU or ReLU6 that
-the convolution alone feeds can run in its epilogue (`fuse_activations`). Where the kernel
-cannot be built, or for inputs it does not take (not float32 on the CPU), the layer runs
-F.conv2d(groups=C) on the dense weight rebuilt from its kept taps: the same numbers.
+the convolution alone feeds runs in the kernel's epilogue (`fuse_activations`, and
+tkp_lib.deploy_layers.fuse_epilogues for a ReLU); a residual add or 2x2 max pool that
+fuse_epilogues folds in, as into the other kernel layers, runs after it as torch ops. Where
+the kernel cannot be built, or for inputs it does not take (not float32 on the CPU), the layer
+runs F.conv2d(groups=C) on the dense weight rebuilt from its kept taps: the same numbers.
 Measured speed against oneDNN's depthwise convolution: RESULTS.md.
 May import: tkp_lib.kernels.
 """
@@ -83,14 +85,16 @@ def kernel_takes(conv: nn.Module) -> str | None:
 class DepthwiseTopKConv2d(nn.Module):
     """A depthwise Conv2d (groups = channels, dilation 1, zero padding, stride 1 or 2) whose
     kernels keep at most K taps, stored as `values` (C, K) and `taps` (C, K, uint8, dy*kw + dx),
-    computed by tkp::depthwise_topk2d from the kept taps alone, followed by ReLU (`relu`) or
-    ReLU6 (`relu6`) when asked. Where the kernel is unavailable (or for inputs it does not take:
-    not float32 on the CPU) it runs F.conv2d(groups=C) on the dense weight."""
+    computed by tkp::depthwise_topk2d from the kept taps alone. As the other kernel layers, it
+    may add a `residual` (forward's second argument), then apply a ReLU (`relu`; or ReLU6,
+    `relu6`), then a 2x2 max pool (`pool` = 2); the activation runs in the kernel when nothing
+    comes between. Where the kernel is unavailable (or for inputs it does not take: not float32
+    on the CPU) it runs F.conv2d(groups=C) on the dense weight."""
 
     def __init__(self, channels: int, kernel_size, stride=1, padding=0, k: int = 1, bias: bool = True,
-                 relu: bool = False, relu6: bool = False):
+                 relu: bool = False, relu6: bool = False, pool: int = 0):
         super().__init__()
-        self.channels, self.k, self.relu, self.relu6 = channels, k, relu, relu6
+        self.channels, self.k, self.relu, self.relu6, self.pool = channels, k, relu, relu6, pool
         self.kernel_size, self.stride, self.padding = _pair(kernel_size), _pair(stride), _pair(padding)
         self.register_buffer("values", torch.zeros(channels, k))
         self.register_buffer("taps", torch.zeros(channels, k, dtype=torch.uint8))
@@ -117,11 +121,11 @@ class DepthwiseTopKConv2d(nn.Module):
     def config(self) -> dict:
         return {"channels": self.channels, "kernel_size": list(self.kernel_size), "stride": list(self.stride),
                 "padding": list(self.padding), "k": self.k, "bias": self.bias is not None, "relu": self.relu,
-                "relu6": self.relu6}
+                "relu6": self.relu6, "pool": self.pool}
 
     def extra_repr(self) -> str:
         return (f"{self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
-                f"k={self.k}, relu={self.relu}, relu6={self.relu6}")
+                f"k={self.k}, relu={self.relu}, relu6={self.relu6}, pool={self.pool}")
 
     def _apply(self, fn, recurse=True):  # .to() / .float() etc.: repack from the new buffers
         self._packed = self._dense = None
@@ -138,19 +142,28 @@ class DepthwiseTopKConv2d(nn.Module):
         """The epilogue as the op takes it: 0 none, 1 ReLU, 2 ReLU6."""
         return 2 if self.relu6 else 1 if self.relu else 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        fused = residual is None  # the activation in the kernel: nothing comes between
         if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and kernel_available():
             if self._packed is None:
                 self._packed = (self.values.float().contiguous(), self.taps.int().contiguous())
-            args = (*self._packed, self.bias, *self.kernel_size, *self.stride, *self.padding, self.act())
+            args = (*self._packed, self.bias, *self.kernel_size, *self.stride, *self.padding,
+                    self.act() if fused else 0)
             if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-                return torch.ops.tkp.depthwise_topk2d(x, *args)  # the registered op, which they can trace
-            return kernel().depthwise_topk2d(x, *args)  # the same function without torch.ops' parsing
-        if self._dense is None or self._dense.dtype != x.dtype:
-            self._dense = self.dense_weight().to(x.dtype)
-        y = F.conv2d(x, self._dense, None if self.bias is None else self.bias.to(x.dtype), self.stride,
-                     self.padding, groups=self.channels)
-        return F.relu6(y) if self.relu6 else F.relu(y) if self.relu else y
+                y = torch.ops.tkp.depthwise_topk2d(x, *args)  # the registered op, which they can trace
+            else:
+                y = kernel().depthwise_topk2d(x, *args)  # the same function without torch.ops' parsing
+        else:
+            if self._dense is None or self._dense.dtype != x.dtype:
+                self._dense = self.dense_weight().to(x.dtype)
+            y = F.conv2d(x, self._dense, None if self.bias is None else self.bias.to(x.dtype), self.stride,
+                         self.padding, groups=self.channels)
+            fused = False
+        if residual is not None:
+            y = y + residual
+        if not fused:
+            y = F.relu6(y) if self.relu6 else F.relu(y) if self.relu else y
+        return F.max_pool2d(y, 2) if self.pool else y
 
 
 def _activation(node: torch.fx.Node, modules: dict) -> str | None:
@@ -167,13 +180,13 @@ def _activation(node: torch.fx.Node, modules: dict) -> str | None:
 
 
 def fuse_activations(gm: torch.fx.GraphModule) -> int:
-    """Fold into each DepthwiseTopKConv2d the ReLU or ReLU6 it alone feeds (in place); returns
-    how many were folded."""
+    """Fold into each DepthwiseTopKConv2d the ReLU or ReLU6 it alone feeds (in place; after
+    fuse_epilogues, which folds ReLUs but not ReLU6); returns how many were folded."""
     modules = dict(gm.named_modules())
     fused = 0
     for node in list(gm.graph.nodes):
         conv = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(conv, DepthwiseTopKConv2d) or conv.relu or conv.relu6 or len(node.users) != 1:
+        if not isinstance(conv, DepthwiseTopKConv2d) or conv.relu or conv.relu6 or conv.pool or len(node.users) != 1:
             continue
         user = next(iter(node.users))
         kind = _activation(user, modules)
