@@ -17,11 +17,13 @@ What `python tkp_deploy.py` does:
    preceding convolution (fold_batchnorm); a model torch.fx cannot trace, or one that uses an
    operation deploy.pt cannot hold (tkp_lib.deploy_ops), is refused here in one line naming
    the module, before any timing;
-3. replaces every pruned (ungrouped) Conv2d the kernels take by a TopKConv2d (tkp_lib.topk_conv: the
-   kept taps of every kernel) or, for tap-group masks, a TapGroupConv2d (tkp_lib.tapgroup),
-   where it measures faster than its dense convolution at every --batch-sizes on this
-   machine (tkp_lib.deploy_layers.choose_layers), and folds a residual add, ReLU and 2x2 max
-   pool it alone feeds into its epilogue;
+3. replaces every pruned Conv2d the kernels take by a TopKConv2d (tkp_lib.topk_conv: the
+   kept taps of every kernel), for tap-group masks a TapGroupConv2d (tkp_lib.tapgroup), for
+   depthwise convolutions a DepthwiseTopKConv2d (tkp_lib.depthwise), where it measures
+   faster than its dense convolution at every --batch-sizes on this machine
+   (tkp_lib.deploy_layers.choose_layers), and folds a residual add, ReLU and 2x2 max pool it
+   alone feeds into its epilogue (a depthwise layer: also a ReLU6); other grouped
+   convolutions stay dense;
 4. checks the deployed model against the masked model (fp32, max |difference| / max
    |reference| <= 1e-4 and identical top-1 on a batch of standard-normal inputs at the
    training input shape: the training data need not be on the deploying machine);
@@ -115,13 +117,15 @@ def format_report(report: dict) -> str:
         for b in batches:
             t = r["timings"].get(b) or r["timings"].get(str(b))
             if t:
-                ms = t["kernel_ms"] if r["deploy"] in ("topk", "tapgroup") else t["dense_ms"]
+                ms = t["kernel_ms"] if r["deploy"] != "dense" else t["dense_ms"]
                 cells.append(f"{t['dense_ms']:>10.3f} {ms:>8.3f} {t['dense_ms'] / ms:>7.2f}x")
             else:
                 cells.append(f"{'-':>10} {'-':>8} {'-':>8}")
         decision = f"Top-K tile {r['tile'][0]}x{r['tile'][1]}" if r["deploy"] == "topk" else f"dense ({r['why']})"
         if r["deploy"] == "tapgroup":
             decision = f"tap group {r['group']}, tile {r['tile'][0]}x{r['tile'][1]}"
+        if r["deploy"] == "depthwise":
+            decision = "depthwise Top-K"
         lines.append(f"{r['name']:<28} {shape:<22} {r['k']:>2} {r['theoretical']:>6.2f}x  " + "  ".join(cells)
                      + f"  {decision}")
     w = report["whole_model"]

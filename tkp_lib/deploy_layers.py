@@ -8,18 +8,19 @@ Top-K pattern survives), `choose_layers` (each pruned conv timed against its den
 this machine, every register tile, every batch size; the kernel kept only where it is
 faster at every batch size; `_candidates` alone decides which kernel may replace a conv),
 `apply_layers` and `fuse_epilogues` (a residual add, ReLU and 2x2 max pool that a kernel
-layer alone feeds run in its epilogue), `to_channels_last`, `verify` (deployed vs masked
+layer alone feeds run in its epilogue; a depthwise layer also a ReLU6), `to_channels_last`, `verify` (deployed vs masked
 outputs), `summary` and `time_models`.
 
 Memory layout: the tap-group kernel works in NHWC (channels_last) and returns channels_last;
-the Top-K kernel works in NCHW. A deployed network with tap-group layers therefore converts
+the Top-K and depthwise kernels work in NCHW. A deployed network with tap-group layers therefore converts
 its input to channels_last once, at the top of the graph (`to_channels_last`: a permute,
 contiguous, permute, which deploy.pt holds as plain values), and stays there: torch's
 ReLU, add, pooling and dense convolutions keep channels_last (the dense convolutions'
 weights are made channels_last too, where oneDNN runs fastest), and an op that needs
 another order (flatten before a Linear) reorders as it copies. Each candidate is timed
 per layer in the layout it will run in, against the faster dense layout.
-May import: tkp_lib.kernels, tkp_lib.topk_conv, tkp_lib.tapgroup, tkp_lib.deploy_ops, tkp_lib.deploy_format.
+May import: tkp_lib.kernels, tkp_lib.topk_conv, tkp_lib.tapgroup, tkp_lib.depthwise, tkp_lib.deploy_ops,
+tkp_lib.deploy_format.
 """
 
 from __future__ import annotations
@@ -35,14 +36,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from tkp_lib import deploy_format, deploy_ops, kernels, tapgroup, topk_conv
+from tkp_lib import deploy_format, deploy_ops, depthwise, kernels, tapgroup, topk_conv
 from tkp_lib.deploy_format import DeployError
+from tkp_lib.depthwise import DepthwiseTopKConv2d
 from tkp_lib.tapgroup import TapGroupConv2d
 from tkp_lib.topk_conv import TopKConv2d
 
 REL_TOLERANCE = 1e-4  # deployed vs masked: max |difference| / max |reference|
 KERNEL_LAYERS = tuple(deploy_ops.KERNEL_LAYERS.values())
-KIND_NAMES = {"topk": "Top-K", "tapgroup": "tap-group"}  # choose_layers' "deploy" kinds, as the summary names them
+# choose_layers' "deploy" kinds, as the summary names them
+KIND_NAMES = {"topk": "Top-K", "tapgroup": "tap-group", "depthwise": "depthwise"}
 GROUPED = "grouped/depthwise: dense"
 NHWC_LAYERS = (TapGroupConv2d,)  # kernel layers that work in channels_last
 
@@ -221,7 +224,7 @@ def choose_layers(gm: torch.fx.GraphModule, input_shape: tuple, batch_sizes: lis
                 log(f"  timed {name} ({kind}): {_timing_line(measured[key])}")
             tile, timings = measured[key]
             faster = all(t["kernel_ms"] < t["dense_ms"] for t in timings.values())
-            rec.update(timings=timings, tile=list(tile), deploy=kind if faster else "dense",
+            rec.update(timings=timings, tile=None if tile is None else list(tile), deploy=kind if faster else "dense",
                        why=None if faster else "not faster than dense here", **(extra if faster else {}))
             if faster:
                 break
@@ -230,10 +233,18 @@ def choose_layers(gm: torch.fx.GraphModule, input_shape: tuple, batch_sizes: lis
 
 def _candidates(conv: nn.Conv2d, tiles) -> list[tuple] | str:
     """[(kind, make(tile) -> module, tiles, record fields)] of the kernels that may replace
-    `conv`, in order of preference, or why none may. Grouped and depthwise convs stay dense."""
+    `conv`, in order of preference, or why none may: a pruned depthwise conv has the
+    depthwise kernel, other grouped convs stay dense."""
     if conv.groups != 1:
         taps = conv.weight.detach().flatten(2)  # (C_out, C_in / groups, kh * kw)
-        return "dense" if int((taps != 0).sum(-1).max()) >= taps.shape[-1] else GROUPED
+        if int((taps != 0).sum(-1).max()) >= taps.shape[-1]:
+            return "dense"
+        why = depthwise.kernel_takes(conv)
+        if why is None and not depthwise.kernel_available():
+            return "kernel unavailable"
+        if why is not None:
+            return GROUPED
+        return [("depthwise", lambda t: DepthwiseTopKConv2d.from_conv(conv), [None], {})]  # one variant, no tiles
     out = []
     gk = tapgroup.tap_group_of(conv)
     if gk is not None and tapgroup.kernel_available():
@@ -276,7 +287,7 @@ def time_layer(conv: nn.Conv2d, make: Callable, in_shape: tuple, batch_sizes: li
 
 def _timing_line(measured) -> str:
     tile, timings = measured
-    return f"tile {tile[0]}x{tile[1]}, " + ", ".join(
+    return ("" if tile is None else f"tile {tile[0]}x{tile[1]}, ") + ", ".join(
         f"batch {b}: {t['dense_ms']:.3f} ms dense, {t['kernel_ms']:.3f} ms kernel "
         f"({t['dense_ms'] / t['kernel_ms']:.2f}x)"
         for b, t in timings.items())
@@ -291,7 +302,10 @@ def apply_layers(gm: torch.fx.GraphModule, records: list[dict], input_shape: tup
         elif rec["deploy"] == "tapgroup":
             _set_module(gm, rec["name"], TapGroupConv2d.from_conv(
                 gm.get_submodule(rec["name"]), rec["group"], rec["group_k"], rec["tile"]))
+        elif rec["deploy"] == "depthwise":
+            _set_module(gm, rec["name"], DepthwiseTopKConv2d.from_conv(gm.get_submodule(rec["name"])))
     fuse_epilogues(gm, torch.zeros(1, *input_shape))
+    depthwise.fuse_activations(gm)  # a ReLU6
     if any(isinstance(m, NHWC_LAYERS) for m in gm.modules()):
         to_channels_last(gm)
     return gm

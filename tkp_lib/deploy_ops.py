@@ -10,7 +10,7 @@ To let deploy.pt hold a new kernel layer, add it to KERNEL_LAYERS (one line, plu
 import). A kernel layer is rebuilt as `cls(**config)` from its `config()` (plain values),
 then `load_state_dict`; its integer buffers named `taps` are checked to lie inside
 `kernel_size` when a deploy.pt is loaded.
-May import: tkp_lib.topk_conv, tkp_lib.tapgroup.
+May import: tkp_lib.topk_conv, tkp_lib.tapgroup, tkp_lib.depthwise.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tkp_lib.depthwise import DepthwiseTopKConv2d
 from tkp_lib.tapgroup import TapGroupConv2d
 from tkp_lib.topk_conv import TopKConv2d
 
@@ -28,6 +29,7 @@ from tkp_lib.topk_conv import TopKConv2d
 KERNEL_LAYERS: dict[str, type[nn.Module]] = {
     "TopKConv2d": TopKConv2d,
     "TapGroupConv2d": TapGroupConv2d,
+    "DepthwiseTopKConv2d": DepthwiseTopKConv2d,
 }
 
 # torch.nn modules deploy.pt holds as modules, with the constructor arguments read back from them
