@@ -316,10 +316,11 @@ EXAMPLES = [nn.Conv2d(3, 4, 3, padding="same", groups=1, bias=False), nn.Conv2d(
 
 
 def test_every_registered_module_round_trips():
+    from tkp_lib.depthwise import DepthwiseTopKConv2d
     from tkp_lib.tapgroup import TapGroupConv2d
     from tkp_lib.topk_conv import TopKConv2d
     kernels = [TopKConv2d(3, 8, (3, 5), 2, (1, 2), k=2, bias=False, relu=True, pool=2),
-               TapGroupConv2d(4, 8, 3, padding=1, k=1, group=4)]
+               TapGroupConv2d(4, 8, 3, padding=1, k=1, group=4), DepthwiseTopKConv2d(6, 7, 2, 3, k=4)]
     assert {type(m).__name__ for m in EXAMPLES} == set(deploy_ops.NN_MODULES)
     assert {type(m).__name__ for m in kernels} == set(deploy_ops.KERNEL_LAYERS)
     for m in EXAMPLES + kernels:
