@@ -7,8 +7,8 @@ at the model's own temperature, plus beta * L_aux over every block of M consecut
 of the attention (packed in_proj_weight, out_proj) and MLP (c_fc, c_proj) weights of both
 towers; then a hard N:M mask and masked fine-tuning. Embeddings, the patch embedding and the
 final projections are never pruned. Evaluation is zero-shot top-1/top-5: the classifier is
-rebuilt from the (pruned) text tower before every evaluation. Method, flags and outputs:
-README.md ("clip_vit.py — CLIP with N:M sparsity in both towers").
+rebuilt from the (pruned) text tower before every evaluation. Method and outputs: README.md;
+flags: --help; what is pruned, FLYP and the zero-shot evaluation: DESIGN.md §13.
 
     pip install -r requirements.txt
     python clip_vit.py --data-path /data/imagenet --one-shot       # masks from the pretrained weights, no training
@@ -19,7 +19,7 @@ README.md ("clip_vit.py — CLIP with N:M sparsity in both towers").
 
 --data-path holds train/ and val/, each with one folder per class (ImageFolder layout).
 Offline: --pretrained-path FILE (open_clip's weights file for --model) or --no-pretrained.
-Measured results: none yet (README.md, "Results"); the default hyperparameters are FLYP's
+Measured results: none yet (RESULTS.md); the default hyperparameters are FLYP's
 ImageNet learning rate and weight decay, and the ViT script's beta and alpha, untuned here.
 """
 

@@ -13,7 +13,7 @@ README.md; the method's fine print: DESIGN.md.
     torchrun --nproc_per_node 4 densenet_optimized.py
 
 Offline: --pretrain-path FILE takes a copy of torchvision's densenet121-a639ec97.pth.
-Measured results: see README.md ("Results"); no full run has been measured yet.
+Measured results: RESULTS.md; no full run has been measured yet.
 """
 
 import re

@@ -3,7 +3,7 @@
 Fine-tunes torchvision's GoogLeNet, its classifiers replaced for 100 classes, in two stages:
 cross-entropy plus beta * L_aux, then a hard Top-K mask on every Conv2d (the 7x7 stem too,
 unless --exclude-layers conv1 keeps it dense), BatchNorm recalibration and masked
-fine-tuning. Method, flags and outputs: README.md; the method's fine print: DESIGN.md.
+fine-tuning. Method and outputs: README.md, flags: --help; the method's fine print: DESIGN.md.
 
     pip install -r requirements.txt
     python googlenet_optimized.py                     # Top-1, the paper's defaults (100+100 epochs)
@@ -12,7 +12,7 @@ fine-tuning. Method, flags and outputs: README.md; the method's fine print: DESI
     torchrun --nproc_per_node 4 googlenet_optimized.py
 
 Offline: --pretrain-path FILE takes a copy of torchvision's googlenet-1378be20.pth.
-Measured results: see README.md ("Results"); no full run has been measured yet.
+Measured results: RESULTS.md; no full run has been measured yet.
 """
 
 import torch.nn as nn

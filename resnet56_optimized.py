@@ -4,7 +4,7 @@ Trains the CIFAR ResNet-56 of He et al. (2016) in two stages: `--epochs-stage1` 
 cross-entropy plus beta * L_aux (which pushes each 3x3 kernel's energy into its K largest
 taps), then a hard Top-K mask, BatchNorm recalibration and `--epochs-stage2` epochs of
 masked fine-tuning. A copy of vgg8_optimized.py in which only the model section differs.
-Method, flags and outputs: README.md; the method's fine print: DESIGN.md.
+Method and outputs: README.md, flags: --help; the method's fine print: DESIGN.md.
 
     pip install -r requirements.txt
     python resnet56_optimized.py                          # Top-1 from scratch, 100+100 epochs
@@ -19,7 +19,7 @@ table (batch 128/256, 100+100 epochs, AdamW lr 1e-3, weight decay 1e-4, beta 300
 The paper reports 93.58% dense -> 91.80% at Top-1 on CIFAR-10 with an 8.83x theoretical
 speed-up; our MAC count gives 9.00x for the same mask (DESIGN.md §12 explains the difference).
 
-Measured results: see README.md ("Results"); no full 200-epoch run has been measured yet.
+Measured results: RESULTS.md; no full 200-epoch run has been measured yet.
 """
 
 import torch.nn as nn

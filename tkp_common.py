@@ -115,7 +115,8 @@ __all__ = [
     "cnn_parser", "cnn_script", "loads_imagenet_weights", "loads_pretrain_path", "start_from_pretrain_path",
     # flags, weights and data for scripts of their own (vit_small.py, clip_vit.py)
     "ArgumentParser", "base_parser", "int_range", "comma_list", "nm_pattern", "load_weights", "pretrained_state",
-    "CIFAR_CLASSES", "image_folder", "fake_splits", "Plan", "nm_plan", "nm_param_plan", "weights_only_loads",
+    "CIFAR_CLASSES", "image_folder", "fake_splits", "Plan", "nm_plan", "nm_param_plan", "topk_plan", "add_topk_args",
+    "weights_only_loads",
 ]
 
 CHECKPOINT_FORMAT = "tkp-checkpoint-1"

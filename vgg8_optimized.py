@@ -3,7 +3,7 @@
 Trains the reference's VGG-8 from scratch in two stages: `--epochs-stage1` epochs of
 cross-entropy plus beta * L_aux (which pushes each 3x3 kernel's energy into its K largest
 taps), then a hard Top-K mask, BatchNorm recalibration and `--epochs-stage2` epochs of
-masked fine-tuning. Method, flags and outputs: README.md; the method's fine print: DESIGN.md.
+masked fine-tuning. Method and outputs: README.md, flags: --help; the method's fine print: DESIGN.md.
 
     pip install -r requirements.txt
     python vgg8_optimized.py                       # Top-1, the paper's defaults (100+100 epochs)
@@ -11,7 +11,7 @@ masked fine-tuning. Method, flags and outputs: README.md; the method's fine prin
     python vgg8_optimized.py --dry-run             # the whole pipeline on generated data, seconds
     torchrun --nproc_per_node 4 vgg8_optimized.py  # one process per GPU
 
-Measured results: see README.md ("Results"); no full 200-epoch run has been measured yet.
+Measured results: RESULTS.md; no full 200-epoch run has been measured yet.
 """
 
 import torch.nn as nn

@@ -3,7 +3,7 @@
 Fine-tunes a pretrained timm Vision Transformer in two stages: cross-entropy plus
 beta * L_aux over every block of M consecutive weights of the attention (qkv, proj) and MLP
 (fc1, fc2) Linears, then a hard N:M mask and masked fine-tuning. The patch embedding and
-the classifier head are never pruned. Method, flags and outputs: README.md; the method's fine print: DESIGN.md.
+the classifier head are never pruned. Method and outputs: README.md, flags: --help; the method's fine print: DESIGN.md.
 
     pip install -r requirements.txt
     python vit_small.py --data-path /data/imagenet                 # ViT-S/16, 2:4, 30+30 epochs
@@ -15,7 +15,7 @@ the classifier head are never pruned. Method, flags and outputs: README.md; the 
 
 --data-path holds train/ and val/, each with one folder per class (ImageFolder layout).
 Offline: --pretrained-path FILE (timm's weights file for --model) or --no-pretrained.
-Measured results: see README.md ("Results"); no full run has been measured yet.
+Measured results: RESULTS.md; no full run has been measured yet.
 """
 
 import argparse
@@ -120,7 +120,7 @@ def build_data(args):
     RandAugment rand-m9-mstd0.5-inc1 and random erasing 0.25 (pixel) for training; the
     model's crop_pct and interpolation for validation. The data sets give RandAugment's
     posterize at 0 bits the black image of Pillow < 13 (newer Pillow raises) and skip
-    unreadable files with a warning (tkp_data)."""
+    unreadable files with a warning (tkp_lib.data)."""
     config = resolve_data_config({"input_size": (3, args.img_size, args.img_size)},
                                  pretrained_cfg=timm.models.get_pretrained_cfg(args.model).to_dict())
     train_tf = create_transform(**config, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",

@@ -21,7 +21,7 @@ then, fp32, at every batch size, with every variant timed interleaved in one run
   --shapes C@HW,...  isolated 3x3 stride-1 C->C layers on HW x HW inputs (no model), masked
                     with --topk and --tap-group as the engine masks them, per-layer timing only.
 
-"theory" is dense MACs / non-zero MACs (the README's speedup_theoretical). torch.compile is
+"theory" is dense MACs / non-zero MACs (summary.json's speedup_theoretical). torch.compile is
 skipped with the reason where it does not work on this CPU (it needs a C++ compiler) or with
 --no-compile. The per-layer table shows every pruned layer, also those deployment keeps
 dense because the kernel is not faster there ("kept": dense); grouped and depthwise

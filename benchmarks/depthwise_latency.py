@@ -55,12 +55,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--ks", type=int_list(), default=None, help="K kept taps to time (default: the model's)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--batch-sizes", type=int_list(), default=[1, 32])
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--batch-sizes", type=int_list(), default=[1, 32], help="batch sizes timed")
     p.add_argument("--repeats", type=int, default=9, help="interleaved timing rounds (medians)")
     p.add_argument("--min-round-ms", type=float, default=4.0, help="minimum length of one timing round")
     p.add_argument("--runs", type=int, default=1, help="repeat everything; report the medians over the runs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     p.add_argument("--json", default=None, help="write every measurement here")
     return p
 

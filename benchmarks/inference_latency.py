@@ -38,7 +38,7 @@ one. Dense kernels multiply zeros like any other value, so the measured speed-up
 
 Flags this benchmark does not know are passed to the model script (e.g. --topk,
 --sparsity-type, --model, --img-size, --no-pretrained); with --checkpoint they come from the
-checkpoint instead. Measured numbers: README.md ("Inference latency").
+checkpoint instead. Measured numbers: RESULTS.md.
 """
 
 from __future__ import annotations

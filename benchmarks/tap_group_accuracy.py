@@ -10,8 +10,8 @@ Each run is `vgg8_optimized.py` itself (in this process), with --tap-group G, --
 --epochs-stage1 E and --epochs-stage2 E, and the flags after `--`; its folder is
 OUT/g{G}-s{S}. A finished run is read back instead of trained again, so an interrupted
 sweep continues where it stopped. The table gives, per G, the mean and the per-seed final
-top-1, the post-mask top-1 and the theoretical speed-up. Measured numbers: README.md
-("Tap groups").
+top-1, the post-mask top-1 and the theoretical speed-up. Measured numbers: RESULTS.md
+("Tap groups: the accuracy price").
 """
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ def layer_macs(gm: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, float]]:
 
 def theoretical_speedup(macs: dict) -> float:
     """Dense MACs / non-zero MACs (each layer's MACs scaled by its weight density), as the
-    README's speedup_theoretical."""
+    summary.json's speedup_theoretical."""
     dense = sum(m for m, _ in macs.values())
     nonzero = sum(m * d for m, d in macs.values())
     return dense / nonzero if nonzero else float("inf")
