@@ -12,8 +12,9 @@ Sections (search for "# ===="):
 
 The method's pieces live in the package beside it, tkp_lib/: sparsity (plans, masks, the
 regularizer), train (the update step, an epoch, evaluation, BatchNorm recalibration),
-runtime (command line, processes, files), data (data sets, transforms, loaders), report
-(MACs, sparsity, summary), qat (stage 3), figures (PNGs); deployment is tkp_deploy.py's.
+runtime (command line, processes, reading files), runs (a run's folder and saves), data
+(data sets, transforms, loaders), report (MACs, sparsity, summary), qat (stage 3), figures
+(PNGs); deployment is tkp_deploy.py's.
 Scripts use `import tkp_common as tkp`; `__all__` lists what they use, including the names
 re-exported from tkp_lib. May import: tkp_lib's training modules; none of them imports this
 one. Nothing here reads global state or has side effects at import.
@@ -22,16 +23,12 @@ one. Nothing here reads global state or has side effects at import.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import importlib.util
 import json
 import math
 import random
 import re
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,11 +54,11 @@ from tkp_lib.data import (
     upscaled_cifar_transforms,
 )
 from tkp_lib.qat import freeze_to_int8, int8_size_bytes, load_int8, prepare_qat, qat_layers, strip_qat
-from tkp_lib.report import check_sparsity, format_summary, sparsity_report, tap_frequencies
+from tkp_lib.report import check_sparsity, format_summary, sparsity_report, stage_warnings, tap_frequencies
+from tkp_lib.runs import Output, check_file_masks, check_final, check_saved_args, clean_up, prepare_output_dir
 from tkp_lib.runtime import (
     ArgumentParser,
     Dist,
-    Output,
     Terminated,
     TKPError,
     add_topk_args,
@@ -79,7 +76,6 @@ from tkp_lib.runtime import (
     int_range,
     load_file,
     load_weights,
-    lock_folder,
     main_process_first,
     nm_pattern,
     plain,
@@ -90,7 +86,6 @@ from tkp_lib.runtime import (
     sigterm_stops,
     to_cpu,
     to_device,
-    unlock_folder,
     versions,
     weights_only_loads,
 )
@@ -104,7 +99,16 @@ from tkp_lib.sparsity import (
     nm_plan,
     topk_plan,
 )
-from tkp_lib.train import Trainer, _to_device, build_trainer, evaluate, recalibrate_bn, train_one_epoch
+from tkp_lib.train import (
+    Trainer,
+    _to_device,
+    build_trainer,
+    continue_schedule,
+    evaluate,
+    match_state_layout,
+    recalibrate_bn,
+    train_one_epoch,
+)
 
 # What a model script uses: the driver and its hooks (defined here), and the helpers of
 # tkp_lib a script needs to build its flags, model and data (re-exported).
@@ -225,99 +229,6 @@ def _mac_parts(script: Script, args) -> dict | None:
     return script.mac_parts(args) if script.mac_parts is not None else None
 
 
-# What a run writes into its folder: --overwrite removes these (and only these) of an earlier
-# run; the temporary files of their interrupted saves (".checkpoint_last.pt.*.tmp") go at the
-# next start. A folder holding one of FINISHED_FILES holds a finished run.
-RUN_FILES = ("args.json", "log.jsonl", "checkpoint_last.pt", "final.pt", "final_qat.pt", "summary.json",
-             "tap_frequencies.png", "training_curves.png")
-FINISHED_FILES = ("final.pt", "final_qat.pt", "summary.json")
-
-
-def _prepare_output_dir(args, script: Script, dist: Dist):
-    """Resolve --output-dir, create it and lock it for the run (rank 0; every process stops if
-    that fails); never adopt a folder that holds another run, unless --overwrite.
-    Returns the folder, whether this call created it, and the lock."""
-    temporary = False
-    if args.output_dir is None:
-        if args.resume:
-            args.output_dir = str(Path(args.resume).parent)
-        elif args.dry_run:
-            args.output_dir, temporary = tempfile.mkdtemp(prefix=f"tkp-dry-run-{script.name}-"), True
-        else:
-            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-            args.output_dir = str(Path("runs") / f"{script.name}-{stamp}")
-    folder = Path(args.output_dir)
-    created = temporary or not folder.exists()
-    lock, error = None, None
-    if dist.is_main:
-        try:
-            lock = _claim_folder(folder, args)
-        except TKPError as e:
-            error = str(e)
-    if dist.enabled:  # the other processes wait for rank 0's verdict
-        verdict = [error]
-        torch_dist.broadcast_object_list(verdict, src=0)
-        error = verdict[0]
-    if error is not None:
-        if dist.is_main:
-            raise TKPError(error)
-        raise SystemExit(2)  # rank 0 says why, in one line
-    return folder, created, lock
-
-
-def _claim_folder(folder: Path, args):
-    """Rank 0: create and lock `folder`; refuse another run's folder (a run in progress, a
-    checkpoint that is not the one resumed, a finished run), or clear it with --overwrite;
-    remove the temporary files of an interrupted save. Returns the lock."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TKPError(f"cannot create --output-dir {folder}: {e.strerror}") from None
-    lock = lock_folder(folder)
-    try:
-        existing = folder / "checkpoint_last.pt"
-        resumed_here = bool(args.resume) and existing.exists() and existing.resolve() == Path(args.resume).resolve()
-        finished = [name for name in FINISHED_FILES if (folder / name).exists()]
-        if resumed_here and args.overwrite:
-            raise TKPError(f"--overwrite would delete {existing}, which --resume continues; leave --overwrite out")
-        if existing.exists() and not resumed_here and not args.overwrite:
-            raise TKPError(f"{folder} already holds a run; continue it with --resume {existing}, start it over "
-                           f"with --overwrite, or choose another --output-dir")
-        if finished and not resumed_here and not args.overwrite:
-            raise TKPError(f"{folder} holds a finished run ({', '.join(finished)}); choose another --output-dir, "
-                           f"or pass --overwrite to replace it")
-        stale = [p for name in RUN_FILES for p in folder.glob(f".{name}.*tmp")]
-        old = [folder / name for name in RUN_FILES if args.overwrite and (folder / name).exists()]
-        for path in stale + old:
-            path.unlink()
-    except BaseException:
-        unlock_folder(lock, folder)
-        raise
-    if stale:
-        print(f"removed {len(stale)} temporary file(s) of an interrupted save from {folder}", flush=True)
-    if old:
-        print(f"--overwrite: removed the earlier run's {', '.join(p.name for p in old)} from {folder}", flush=True)
-    return lock
-
-
-def _clean_up(folder: Path, created: bool, temporary: bool, failed: bool, lock, out: Output) -> None:
-    """After a run: remove a --dry-run's temporary folder; after a failure with no checkpoint
-    saved, remove the files the run wrote first (args.json, log.jsonl) and the folder if this
-    run created it and nothing else is in it. Releases the folder's lock."""
-    if out.dist.is_main and folder.is_dir():
-        if temporary:
-            shutil.rmtree(folder, ignore_errors=True)
-            out.print(f"dry run: removed {folder} (pass --output-dir to keep the outputs)")
-        elif failed and not (folder / "checkpoint_last.pt").exists():
-            for name in ("args.json", "log.jsonl"):
-                with contextlib.suppress(FileNotFoundError):
-                    (folder / name).unlink()
-    unlock_folder(lock, folder)
-    if out.dist.is_main and failed and created:
-        with contextlib.suppress(OSError):
-            folder.rmdir()  # only if nothing else is in it
-
-
 def _apply_dry_run(args) -> None:
     """--dry-run: a one-step epoch per stage on a few generated images (every batch of the
     same size: on CPU each new shape costs kernel set-up time)."""
@@ -395,7 +306,7 @@ def run(args, script: Script) -> dict:
     folder, created, lock, finished = None, False, None, False
     try:
         with sigterm_stops():
-            folder, created, lock = _prepare_output_dir(args, script, dist)
+            folder, created, lock = prepare_output_dir(args, script.name, dist)
             summary = _run(args, script, dist, device, folder)
         finished = True
         return summary
@@ -405,7 +316,7 @@ def run(args, script: Script) -> dict:
         raise
     finally:
         if folder is not None:
-            _clean_up(folder, created, temporary, not finished, lock, Output(folder, dist))
+            clean_up(folder, created, temporary, not finished, lock, Output(folder, dist))
         torch.backends.mkldnn.enabled = onednn
         torch.set_num_threads(threads)
         if dist.enabled and torch_dist.is_initialized():
@@ -547,30 +458,6 @@ def _trainer(r: Run, stage: int, lr: float | None = None, min_lr: float | None =
     return trainer
 
 
-def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
-    """Give every loaded optimizer state tensor its parameter's memory layout. A resume may
-    change --channels-last (or the device, whose default differs), and AdamW's fused kernel
-    walks storage in order: moments in another layout would update other weights."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state.get(p, {})
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
-                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
-
-
-def continue_schedule(trainer: Trainer, total_steps: int, steps_done: int) -> None:
-    """Continue a per-step cosine over `total_steps` from `steps_done`: the stage's remaining
-    epochs follow the same curve (lr by fraction of the stage done) whatever the steps per
-    epoch were before the resume."""
-    sched = trainer.scheduler
-    sched.T_max, sched.last_epoch = max(total_steps, 1), steps_done
-    for group, base in zip(trainer.optimizer.param_groups, sched.base_lrs):
-        group["lr"] = sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * steps_done / sched.T_max)) / 2
-    sched._last_lr = [group["lr"] for group in trainer.optimizer.param_groups]
-    trainer.step = steps_done
-
-
 def _checkpoint(r: Run, trainer: Trainer) -> dict:
     """checkpoint_last.pt: everything needed to continue the run exactly."""
     return {"format": CHECKPOINT_FORMAT, "model": to_cpu(r.module.state_dict()), "masks": to_cpu(r.masks),
@@ -622,30 +509,6 @@ def train_epochs(r: Run, trainer: Trainer) -> None:
         r.out.print(_epoch_line(r, label, stats, val))
         for line in flagged:
             r.out.print(f"warning: {line}")
-
-
-def stage_warnings(stage: int, epochs: list[dict], val: dict) -> list[str]:
-    """Signs that stage `stage` failed although its loss stayed finite (a NaN/inf loss stops
-    the run instead), from its epochs' log records and its last validation:
-    - diverged: its last epoch's mean training loss (cross-entropy, or the script's own loss)
-      is more than 10x the loss of its first batch, and above ln(classes), a uniform guess's
-      (--lr 1e4 on VGG-8: 2.3 at the start, 1e13 after it);
-    - at chance: its validation top-1 is within three standard errors of chance (100/classes
-      percent), judged only on at least 10 validation images per class and 100 in all: on
-      fewer the figure is noise (20 images at chance are no finding)."""
-    name = {1: "stage 1", 2: "stage 2", 3: "QAT"}[stage]
-    classes, images, out = val["classes"], val["images"], []
-    first, last = epochs[0].get("train_ce_first_batch"), epochs[-1]["train_ce"]
-    if first is not None and classes > 1 and last > 10 * first and last > math.log(classes):
-        out.append(f"{name}: the training loss ended at {last:.3g}, {last / first:.3g} times the {first:.3g} it "
-                   f"started at: training diverged; try a lower --lr, or --clip-grad 1.0")
-    chance = 1 / classes if classes > 1 else 0.0
-    margin = 3 * math.sqrt(chance * (1 - chance) / images) if images else 0.0
-    if classes > 1 and images >= max(10 * classes, 100) and val["top1"] <= 100 * (chance + margin):
-        out.append(f"{name}: validation top-1 {val['top1']:.2f}% is at chance ({100 * chance:.2f}% for {classes} "
-                   f"classes, on {images} images): the model learned nothing; check the data and labels, or "
-                   f"lower --lr")
-    return out
 
 
 def _epoch_line(r: Run, label: str, stats: dict, val: dict | None) -> str:
@@ -841,71 +704,6 @@ def checkpoint_args(base: dict, ckpt_args: dict, path: str) -> argparse.Namespac
     return saved
 
 
-def check_final(ckpt: dict, path: str, parser: argparse.ArgumentParser | None = None, finite: bool = True) -> None:
-    """Refuse a damaged final.pt (or final_qat.pt) before anything is built from it, in one line
-    that blames the file: model, masks or args that are not dicts, weights that are not
-    tensors (not finite ones, with `finite`: a checkpoint of QAT holds observers' infinite
-    starting values), masks that are not bool tensors of their weight's shape, and (given the
-    script's parser) args the script's command line could not have produced."""
-    missing = sorted({"model", "masks", "args"} - set(ckpt))
-    if missing:
-        raise TKPError(f"{path} is not a TKP final.pt (it lacks {'/'.join(missing)})")
-    for part in ("model", "masks", "args"):
-        if not isinstance(ckpt[part], dict) or not all(isinstance(k, str) for k in ckpt[part]):
-            raise TKPError(f"{path} is damaged: its {part} is a {type(ckpt[part]).__name__}, not a dict by name")
-    state = ckpt["model"]
-    for name, value in state.items():
-        if not isinstance(value, torch.Tensor) or (finite and value.is_floating_point() and not value.isfinite().all()):
-            raise TKPError(f"{path} is damaged: its weight {name} is not a finite tensor")
-    state = clean_state_dict(state)
-    for name, mask in ckpt["masks"].items():
-        if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and name in state
-                and mask.shape == state[name].shape):
-            raise TKPError(f"{path} is damaged: its mask {name} is not a bool tensor of that weight's shape")
-    if parser is not None:
-        _check_saved_args(ckpt["args"], parser, path)
-
-
-def _check_saved_args(saved: dict, parser: argparse.ArgumentParser, path: str) -> None:
-    """Every science flag of a final.pt must hold a value that one of the parser's actions for
-    it produces (its type and choices): a damaged value would fail deep in model building."""
-    actions = {}
-    for action in parser._actions:
-        actions.setdefault(action.dest, []).append(action)
-    for key, value in saved.items():
-        if key in actions and key not in OPERATIONAL_FLAGS and not any(_produces(a, value) for a in actions[key]):
-            raise TKPError(f"{path} is damaged: its args give --{key.replace('_', '-')} the value {value!r}, "
-                           f"which the script's command line cannot produce")
-
-
-def _produces(action: argparse.Action, value) -> bool:
-    """Whether the command line can give `action.dest` the value `value` through `action`."""
-    if type(value) is type(action.default) and value == action.default:
-        return True
-    if action.nargs == 0:  # store_true, store_false, store_const
-        return type(value) is type(action.const) and value == action.const
-    if isinstance(value, bool) or not isinstance(value, (str, int, float, list)):
-        return False
-    if action.choices is not None and value not in action.choices:
-        return False
-    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
-    try:
-        return (action.type or str)(text) == value
-    except (argparse.ArgumentTypeError, TypeError, ValueError):
-        return False
-
-
-def _check_file_masks(module: nn.Module, plan: Plan, masks: dict, path: str, model_name: str) -> None:
-    """A final.pt's masks against the model rebuilt from it: one per pruned layer, and every
-    pruned weight zero (a violation is the file's fault here, not the training's)."""
-    if set(masks) != {t.name for t in plan.targets}:
-        raise TKPError(f"{path}: its masks do not match the pruned layers of its {model_name} model")
-    try:
-        check_sparsity(module, plan, masks)
-    except RuntimeError as e:
-        raise TKPError(f"{path} is damaged: {str(e).split(' (a TKP bug')[0]}") from None
-
-
 def _script_parser(script: Script) -> argparse.ArgumentParser | None:
     """The command line of the script that defines `script` (its get_args_parser()), if any."""
     make = getattr(sys.modules.get(script.build_model.__module__), "get_args_parser", None)
@@ -916,7 +714,7 @@ def evaluate_checkpoint(args, script: Script) -> dict:
     """--eval CKPT: rebuild the model from a final.pt (or a final_qat.pt, evaluated with its
     int8 weights and input quantization, in fp32), evaluate it, print its summary."""
     ckpt = load_file(args.eval, "--eval checkpoint")
-    check_final(ckpt, args.eval, _script_parser(script))
+    check_final(ckpt, args.eval, _script_parser(script), ignore=OPERATIONAL_FLAGS)
     dist, device = init_distributed(args.device)
     try:
         return _evaluate_checkpoint(args, script, ckpt, dist, device)
@@ -931,7 +729,7 @@ def _evaluate_checkpoint(args, script: Script, ckpt: dict, dist: Dist, device: t
     load_weights(module, clean_state_dict(ckpt["model"]), args.eval)
     plan = script.build_plan(module, saved)
     masks = {k: v.to(device) for k, v in ckpt["masks"].items()}
-    _check_file_masks(module, plan, masks, args.eval, script.name)
+    check_file_masks(module, plan, masks, args.eval, script.name)
     _, val_set = script.build_data(saved)
     loader = make_loader(val_set, args.batch_val, train=False, num_workers=args.num_workers,
                          device=device, dist=dist)
@@ -1026,7 +824,7 @@ def load_trained(path: str, script: str | None = None, what: str = "checkpoint")
     for module in _script_candidates(ckpt, script):
         parser = module.get_args_parser()
         try:
-            _check_saved_args(ckpt["args"], parser, path)
+            check_saved_args(ckpt["args"], parser, path, OPERATIONAL_FLAGS)
         except TKPError:
             if script or module.SCRIPT.name == named:
                 raise
@@ -1041,7 +839,7 @@ def load_trained(path: str, script: str | None = None, what: str = "checkpoint")
         load_weights(model, state, path)
         plan = module.SCRIPT.build_plan(model, args)
         masks = dict(ckpt["masks"])
-        _check_file_masks(model, plan, masks, path, module.SCRIPT.name)
+        check_file_masks(model, plan, masks, path, module.SCRIPT.name)
         return Trained(module.SCRIPT, args, model.eval(), plan, masks, ckpt)
     raise TKPError(f"{path}: no model script in {ROOT} builds a model these weights fit; name the script")
 

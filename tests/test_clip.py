@@ -19,7 +19,7 @@ from test_vit import write_image_folder
 
 import clip_vit
 import tkp_common as tkp
-from tkp_lib import runtime
+from tkp_lib import runs
 from tkp_lib.report import sparsity_report
 from tkp_lib.sparsity import compute_masks, group_ranks
 
@@ -85,7 +85,7 @@ def test_2_4_in_both_towers_end_to_end_strict_reload_and_exact_resume(tiny, tmp_
     assert [(e["stage"], e["epoch"]) for e in log] == [(1, 1), (2, 1), (2, 2)] and log[0]["train_aux"] > 0
 
     # the same run, stopped right after stage 2's first epoch is saved, then `--resume` alone
-    resumed, real, saves = tmp_path / "resumed", runtime.save_atomic, []
+    resumed, real, saves = tmp_path / "resumed", runs.save_atomic, []
 
     def save_then_crash(obj, path):
         real(obj, path)
@@ -93,10 +93,10 @@ def test_2_4_in_both_towers_end_to_end_strict_reload_and_exact_resume(tiny, tmp_
         if saves.count("checkpoint_last.pt") == 3:  # stage 1's epoch, post-mask, stage 2's first epoch
             raise Crash()
 
-    monkeypatch.setattr(runtime, "save_atomic", save_then_crash)
+    monkeypatch.setattr(runs, "save_atomic", save_then_crash)
     with pytest.raises(Crash):
         clip_vit.main(flags(tiny, resumed))
-    monkeypatch.setattr(runtime, "save_atomic", real)
+    monkeypatch.setattr(runs, "save_atomic", real)
     clip_vit.main(["--resume", str(resumed / "checkpoint_last.pt")])
     again = torch.load(resumed / "final.pt", weights_only=True)
     assert_exact_2_4_in_both_towers(again["model"], again["masks"])

@@ -90,14 +90,14 @@ def test_two_process_crash_mid_stage_then_resume_in_one_process(tmp_path):
     crashing = tmp_path / "crash_after_two_saves.py"
     crashing.write_text(textwrap.dedent("""
         import tkp_common as tkp, vgg8_optimized as vgg8
-        from tkp_lib import runtime
-        real, calls = runtime.save_atomic, []
+        from tkp_lib import runs, runtime
+        real, calls = runs.save_atomic, []
         def save(obj, path):
             real(obj, path)
             calls.append(path)
             if len(calls) == 2:
                 raise SystemExit(3)   # rank 0 dies after stage 1 epoch 2 (of 4) was saved
-        runtime.save_atomic = save
+        runs.save_atomic = save
         tkp.cli(vgg8.main)
     """))
     common = ["--device", "cpu", "--data-root", str(data), "--epochs-stage1", "4", "--epochs-stage2", "1",

@@ -11,6 +11,7 @@ ALLOWED = {
     "tkp_lib.runtime": set(), "tkp_lib.kernels": set(), "tkp_lib.figures": set(), "tkp_lib.qat": set(),
     "tkp_lib.data": {"tkp_lib.runtime"}, "tkp_lib.report": {"tkp_lib.runtime"},
     "tkp_lib.sparsity": {"tkp_lib.runtime"}, "tkp_lib.train": {"tkp_lib.runtime", "tkp_lib.sparsity"},
+    "tkp_lib.runs": {"tkp_lib.runtime", "tkp_lib.report", "tkp_lib.sparsity"},
     "tkp_lib.topk_conv": {"tkp_lib.kernels"}, "tkp_lib.tapgroup": {"tkp_lib.kernels"},
     "tkp_lib.depthwise": {"tkp_lib.kernels"},
     "tkp_lib.deploy_ops": {"tkp_lib.topk_conv", "tkp_lib.tapgroup", "tkp_lib.depthwise"},
@@ -19,7 +20,7 @@ ALLOWED = {
                               "tkp_lib.deploy_ops",
                               "tkp_lib.deploy_format"},
     "tkp_common": {"tkp_lib.runtime", "tkp_lib.data", "tkp_lib.report", "tkp_lib.qat", "tkp_lib.sparsity",
-                   "tkp_lib.train", "tkp_lib.figures"},
+                   "tkp_lib.train", "tkp_lib.runs", "tkp_lib.figures"},
     "tkp_deploy": {"tkp_common", "tkp_lib.runtime", "tkp_lib.topk_conv", "tkp_lib.deploy_format",
                    "tkp_lib.deploy_layers"},
 }

@@ -15,10 +15,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import vgg8_optimized as vgg8
 import vit_small
-from tkp_lib import runtime
+from tkp_lib import runs
 from tkp_lib.qat import export_int8, freeze_qat, load_int8, prepare_qat, qat_layers, strip_qat
 from tkp_lib.report import check_sparsity
-from tkp_lib.runtime import Dist, save_atomic
+from tkp_lib.runs import save_atomic
+from tkp_lib.runtime import Dist
 from tkp_lib.sparsity import Masker, compute_masks, topk_plan
 from tkp_lib.train import build_trainer, train_one_epoch
 
@@ -152,10 +153,10 @@ def test_qat_resume_is_exact(cifar10_root, tmp_path, monkeypatch):
         if obj.get("stage") == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(runtime, "save_atomic", crash_in_stage_3)
+    monkeypatch.setattr(runs, "save_atomic", crash_in_stage_3)
     with pytest.raises(KeyboardInterrupt):
         vgg8.main(["--data-root", str(cifar10_root), "--output-dir", str(tmp_path / "b"), *QAT])
-    monkeypatch.setattr(runtime, "save_atomic", real)
+    monkeypatch.setattr(runs, "save_atomic", real)
     checkpoint = str(tmp_path / "b" / "checkpoint_last.pt")
     resumed = vgg8.main(["--data-root", str(cifar10_root), *QAT, "--resume", checkpoint])
     assert straight["qat_top1"] == resumed["qat_top1"]

@@ -3,13 +3,14 @@ layout or machine precision; defaults; dry-run and failed-run folders; dense-bas
 
 import json
 import math
+import tempfile
 
 import pytest
 import torch
 
 import tkp_common as tkp
 import vgg8_optimized as vgg8
-from tkp_lib import runtime
+from tkp_lib import runs, runtime
 from tkp_lib.runtime import resolve_amp
 from tkp_lib.sparsity import topk_plan
 
@@ -23,7 +24,7 @@ class Crash(Exception):
 
 def crash_after(monkeypatch, n, exc=Crash):
     """Make the n-th checkpoint save raise `exc` just after the file is written."""
-    real, calls = runtime.save_atomic, {"n": 0}
+    real, calls = runs.save_atomic, {"n": 0}
 
     def save(obj, path):
         real(obj, path)
@@ -31,8 +32,8 @@ def crash_after(monkeypatch, n, exc=Crash):
         if calls["n"] == n:
             raise exc()
 
-    monkeypatch.setattr(runtime, "save_atomic", save)
-    return lambda: monkeypatch.setattr(runtime, "save_atomic", real)
+    monkeypatch.setattr(runs, "save_atomic", save)
+    return lambda: monkeypatch.setattr(runs, "save_atomic", real)
 
 
 def read_log(folder):
@@ -175,7 +176,7 @@ def test_failed_run_leaves_no_folder(tmp_path):
 
 
 def test_dry_run_removes_its_temporary_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(tkp.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     vgg8.main(["--dry-run"])
     assert not list(tmp_path.glob("tkp-dry-run-*"))
     vgg8.main(["--dry-run", "--output-dir", str(tmp_path / "kept")])

@@ -21,7 +21,7 @@ import googlenet_optimized as googlenet
 import tkp_common as tkp
 import vgg8_optimized as vgg8
 import vit_small
-from tkp_lib import runtime
+from tkp_lib import report, runs, runtime
 
 
 class Payload:
@@ -144,40 +144,40 @@ def vgg8_run(data, out, *extra):
 def test_a_second_run_into_a_folder_in_use_ends_in_one_line(cifar10_root, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    lock = runtime.lock_folder(out)  # what the first run holds while it trains
+    lock = runs.lock_folder(out)  # what the first run holds while it trains
     try:
         with pytest.raises(tkp.TKPError, match=f"{out} is in use by another run .process {os.getpid()} on "):
             vgg8_run(cifar10_root, out)
         assert sorted(p.name for p in out.iterdir()) == [".tkp.lock"]  # nothing of the first run touched
     finally:
-        runtime.unlock_folder(lock, out)
+        runs.unlock_folder(lock, out)
     vgg8_run(cifar10_root, out)
     assert not (out / ".tkp.lock").exists()  # released and removed when the run ends
-    runtime.unlock_folder(runtime.lock_folder(out), out)
+    runs.unlock_folder(runs.lock_folder(out), out)
 
 
 def test_resume_into_the_folder_of_a_live_run_is_refused(cifar10_root, tmp_path, crash_after_first_save):
     out = tmp_path / "run"
     with pytest.raises(Crash):
         vgg8_run(cifar10_root, out)
-    lock = runtime.lock_folder(out)
+    lock = runs.lock_folder(out)
     try:
         with pytest.raises(tkp.TKPError, match="is in use by another run"):
             vgg8.main(["--resume", str(out / "checkpoint_last.pt")])
     finally:
-        runtime.unlock_folder(lock, out)
+        runs.unlock_folder(lock, out)
 
 
 @pytest.fixture
 def crash_after_first_save(monkeypatch):
-    real = runtime.save_atomic
+    real = runs.save_atomic
 
     def save(obj, path):
         real(obj, path)
-        monkeypatch.setattr(runtime, "save_atomic", real)
+        monkeypatch.setattr(runs, "save_atomic", real)
         raise Crash()
 
-    monkeypatch.setattr(runtime, "save_atomic", save)
+    monkeypatch.setattr(runs, "save_atomic", save)
 
 
 class Crash(Exception):
@@ -226,14 +226,14 @@ def test_a_run_under_torchrun_into_a_folder_in_use_ends_in_one_line(cifar10_root
     """Only rank 0 takes the lock; the other ranks wait for its verdict and end quietly."""
     out = tmp_path / "run"
     out.mkdir()
-    lock = runtime.lock_folder(out)
+    lock = runs.lock_folder(out)
     try:
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                             "vgg8_optimized.py", "--data-root", str(cifar10_root), "--output-dir", str(out),
                             "--device", "cpu", *TINY], capture_output=True, text=True, cwd=ROOT, timeout=300,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     finally:
-        runtime.unlock_folder(lock, out)
+        runs.unlock_folder(lock, out)
     assert r.returncode != 0
     ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(ours) == 1 and "is in use by another run" in ours[0], r.stderr
@@ -301,17 +301,17 @@ def test_sigterm_before_the_first_epoch_leaves_no_folder(cifar10_root, tmp_path)
 def test_the_sigterm_handler_lives_as_long_as_the_run(cifar10_root, tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     seen = []
-    real = runtime.save_atomic
+    real = runs.save_atomic
 
     def save(obj, path):
         seen.append(signal.getsignal(signal.SIGTERM))
         real(obj, path)
 
-    runtime.save_atomic = save
+    runs.save_atomic = save
     try:
         vgg8_run(cifar10_root, tmp_path / "run", "--epochs-stage1", "0")
     finally:
-        runtime.save_atomic = real
+        runs.save_atomic = real
     assert seen and all(h is not before and callable(h) for h in seen)
     assert signal.getsignal(signal.SIGTERM) is before
 
@@ -337,7 +337,7 @@ def disk_full(kind):
 @pytest.mark.parametrize("kind", ["oserror", "zip-writer", "both"])
 def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_file(kind, tmp_path, monkeypatch):
     path = tmp_path / "checkpoint_last.pt"
-    runtime.save_atomic({"epoch": 1}, path)
+    runs.save_atomic({"epoch": 1}, path)
 
     def save(obj, fh):
         fh.write(b"x" * 1000)  # part of the file was written
@@ -345,7 +345,7 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_file(kind, 
 
     monkeypatch.setattr(torch, "save", save)
     with pytest.raises(tkp.TKPError) as err:
-        runtime.save_atomic({"epoch": 2}, path)
+        runs.save_atomic({"epoch": 2}, path)
     assert str(err.value).startswith(f"cannot write checkpoint_last.pt in {tmp_path}: no space left on device")
     assert "the previous checkpoint_last.pt is intact" in str(err.value) and "\n" not in str(err.value)
     assert torch.load(path, weights_only=True) == {"epoch": 1}
@@ -376,7 +376,7 @@ def test_a_full_disk_while_writing_json_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runtime.Path, "write_text", write_text)
     with pytest.raises(tkp.TKPError, match=f"cannot write summary.json in {tmp_path}: no space left on device"):
-        runtime.Output(tmp_path, runtime.Dist()).write_json("summary.json", {})
+        runs.Output(tmp_path, runtime.Dist()).write_json("summary.json", {})
 
 
 @pytest.fixture(scope="module")
@@ -471,5 +471,5 @@ def test_a_small_run_is_not_flagged(cifar10_root, tmp_path):
 ])
 def test_divergence_thresholds(first, last, top1, images, classes, expected):
     epochs = [{"train_ce_first_batch": first, "train_ce": last}]
-    warnings = tkp.stage_warnings(2, epochs, {"top1": top1, "images": images, "classes": classes})
+    warnings = report.stage_warnings(2, epochs, {"top1": top1, "images": images, "classes": classes})
     assert [w for w in ("diverged", "at chance") if any(w in line for line in warnings)] == expected

@@ -14,7 +14,7 @@ import torch.nn as nn
 from conftest import ROOT, write_cifar
 
 import tkp_common as tkp
-from tkp_lib import runtime
+from tkp_lib import runs
 from tkp_lib.sparsity import Masker, compute_masks, group_ranks, topk_plan
 
 USER = ROOT / "tests" / "user_models"
@@ -86,16 +86,16 @@ def test_short_run_beta_auto_resume_eval_and_load_trained(name, ratio, tmp_path,
     line = next(x for x in printed.splitlines() if x.startswith("stage 1 starts at"))
     assert f"(ratio {target:.2g};" in line
 
-    real_save = runtime.save_atomic
+    real_save = runs.save_atomic
 
     def crash_after_first(obj, path):
         real_save(obj, path)
         raise Crash()
 
-    monkeypatch.setattr(runtime, "save_atomic", crash_after_first)
+    monkeypatch.setattr(runs, "save_atomic", crash_after_first)
     with pytest.raises(Crash):
         script.main([*flags, "--output-dir", str(tmp_path / "b")])
-    monkeypatch.setattr(runtime, "save_atomic", real_save)
+    monkeypatch.setattr(runs, "save_atomic", real_save)
     capsys.readouterr()
     resumed = script.main([*flags, "--resume", str(tmp_path / "b" / "checkpoint_last.pt")])
     assert "--beta auto" not in capsys.readouterr().out  # never measured again

@@ -12,8 +12,8 @@ from conftest import ROOT, write_cifar
 
 import tkp_common as tkp
 import vgg8_optimized as vgg8
-from tkp_lib import runtime
-from tkp_lib.runtime import save_atomic
+from tkp_lib import runs
+from tkp_lib.runs import save_atomic
 
 FAST = ["--epochs-stage1", "2", "--epochs-stage2", "2", "--batch-train", "16", "--batch-val", "16",
         "--num-workers", "0", "--bn-recal-batches", "2", "--progress-every", "0"]
@@ -105,7 +105,7 @@ def test_resume_gives_the_same_result_as_a_straight_run(cifar10_root, tmp_path, 
     workers = ["--num-workers", str(workers)]
     straight = run_vgg8(cifar10_root, tmp_path / "a", "--topk", "1", *workers)
 
-    real_save, calls = runtime.save_atomic, {"n": 0}
+    real_save, calls = runs.save_atomic, {"n": 0}
 
     def crashing_save(obj, path):
         real_save(obj, path)
@@ -113,10 +113,10 @@ def test_resume_gives_the_same_result_as_a_straight_run(cifar10_root, tmp_path, 
         if calls["n"] == crash_after_save:
             raise Crash()
 
-    monkeypatch.setattr(runtime, "save_atomic", crashing_save)
+    monkeypatch.setattr(runs, "save_atomic", crashing_save)
     with pytest.raises(Crash):
         run_vgg8(cifar10_root, tmp_path / "b", "--topk", "1", *workers)
-    monkeypatch.setattr(runtime, "save_atomic", real_save)
+    monkeypatch.setattr(runs, "save_atomic", real_save)
     # --output-dir defaults to the folder of --resume
     resumed = vgg8.main(["--data-root", str(cifar10_root), *FAST, "--topk", "1", *workers,
                          "--resume", str(tmp_path / "b" / "checkpoint_last.pt")])
@@ -258,10 +258,10 @@ def test_resume_re_zeroes_pruned_weights(cifar10_root, tmp_path, monkeypatch):
         if calls["n"] == 3:  # stage 1 epochs 1-2, then the post-mask checkpoint
             raise Crash()
 
-    monkeypatch.setattr(runtime, "save_atomic", crash_after_post_mask)
+    monkeypatch.setattr(runs, "save_atomic", crash_after_post_mask)
     with pytest.raises(Crash):
         run_vgg8(cifar10_root, tmp_path / "a", "--topk", "1")
-    monkeypatch.setattr(runtime, "save_atomic", real)
+    monkeypatch.setattr(runs, "save_atomic", real)
     path = tmp_path / "a" / "checkpoint_last.pt"
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["stage"] == 2

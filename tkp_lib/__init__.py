@@ -1,6 +1,7 @@
 """TKP's support code: what the model scripts (through tkp_common.py) and tkp_deploy.py use.
 
-Training:   runtime (errors, flags, processes, precision, files), data (data sets, loaders),
+Training:   runtime (errors, flags, processes, precision, reading files), runs (a run's
+            folder, lock and atomic saves), data (data sets, loaders),
             sparsity (plans, masks, the regularizer), train (the update step, an epoch,
             evaluation, BatchNorm recalibration), report (MACs, sparsity, summary),
             qat (stage 3), figures (PNGs of a run folder).

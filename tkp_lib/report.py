@@ -9,6 +9,7 @@ May import: tkp_lib.runtime. Never the driver (tkp_common): plans and masks arri
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable
 
 import torch
@@ -151,3 +152,27 @@ def format_summary(s: dict) -> str:
             f"params {s['params_nonzero']:,}/{s['params_total']:,} non-zero | "
             f"MACs {s['macs_nonzero'] / 1e6:,.1f}M/{s['macs_dense'] / 1e6:,.1f}M{parts} | "
             f"theoretical speed-up {s['speedup_theoretical']:.2f}x")
+
+
+def stage_warnings(stage: int, epochs: list[dict], val: dict) -> list[str]:
+    """Signs that stage `stage` failed although its loss stayed finite (a NaN/inf loss stops
+    the run instead), from its epochs' log records and its last validation:
+    - diverged: its last epoch's mean training loss (cross-entropy, or the script's own loss)
+      is more than 10x the loss of its first batch, and above ln(classes), a uniform guess's
+      (--lr 1e4 on VGG-8: 2.3 at the start, 1e13 after it);
+    - at chance: its validation top-1 is within three standard errors of chance (100/classes
+      percent), judged only on at least 10 validation images per class and 100 in all: on
+      fewer the figure is noise (20 images at chance are no finding)."""
+    name = {1: "stage 1", 2: "stage 2", 3: "QAT"}[stage]
+    classes, images, out = val["classes"], val["images"], []
+    first, last = epochs[0].get("train_ce_first_batch"), epochs[-1]["train_ce"]
+    if first is not None and classes > 1 and last > 10 * first and last > math.log(classes):
+        out.append(f"{name}: the training loss ended at {last:.3g}, {last / first:.3g} times the {first:.3g} it "
+                   f"started at: training diverged; try a lower --lr, or --clip-grad 1.0")
+    chance = 1 / classes if classes > 1 else 0.0
+    margin = 3 * math.sqrt(chance * (1 - chance) / images) if images else 0.0
+    if classes > 1 and images >= max(10 * classes, 100) and val["top1"] <= 100 * (chance + margin):
+        out.append(f"{name}: validation top-1 {val['top1']:.2f}% is at chance ({100 * chance:.2f}% for {classes} "
+                   f"classes, on {images} images): the model learned nothing; check the data and labels, or "
+                   f"lower --lr")
+    return out

@@ -1,8 +1,8 @@
 """TKP runtime: what every run needs around the method.
 
 Owns: user errors (TKPError) and the one-line exit of `cli`, the command-line types and the
-flags every script shares, process setup (torchrun, device, precision, seeds), and files
-(plain values, atomic saves, reading checkpoints and weights, the run folder's outputs).
+flags every script shares, process setup (torchrun, device, precision, seeds, SIGTERM), and
+reading files (checkpoints, weights: never as code). A run's folder and its writes: runs.
 May import: torch and the standard library only; every other tkp_lib module may import it.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import errno
 import hashlib
 import json
 import math
@@ -21,7 +20,6 @@ import random
 import re
 import signal
 import sys
-import tempfile
 import threading
 import urllib.parse
 from dataclasses import dataclass
@@ -485,64 +483,6 @@ def clean_state_dict(state: dict) -> dict:
     return state
 
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash mid-write
-    never leaves a half-written file under `path`. A full disk is one line (TKPError)."""
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a saved run is for sharing
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        if isinstance(e, Exception):
-            raise_if_disk_full(e, path)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """`text` into `path` through a temporary file and a rename; a full disk is one line."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise_if_disk_full(e, path)
-        raise
-
-
-def raise_if_disk_full(e: BaseException, path: Path) -> None:
-    """A TKPError naming the folder when writing `path` failed for want of space: an OSError
-    ENOSPC/EDQUOT in `e` or the exceptions it was raised from (torch's zip writer reports it as
-    RuntimeError "[enforce fail at inline_container.cc...]" raised while handling it), or that
-    RuntimeError alone (torch writing to a path itself, when the disk is full). The file that
-    was there before is left as it was."""
-    cause, reason = e, None
-    while cause is not None and reason is None:
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            reason = os.strerror(cause.errno).lower()
-        cause = cause.__cause__ or cause.__context__
-    if reason is None and isinstance(e, RuntimeError) and "inline_container" in str(e):
-        reason = f"no space left on device (torch's writer failed: {str(e).splitlines()[0][:80]})"
-    if reason is not None:
-        kept = f"; the previous {path.name} is intact" if path.exists() else ""
-        checkpoint = path.parent / "checkpoint_last.pt"
-        then = f"continue with --resume {checkpoint}" if checkpoint.exists() else "run again"
-        raise TKPError(f"cannot write {path.name} in {path.parent}: {reason}{kept}; free some space, "
-                       f"then {then}") from None
-
-
 def load_file(path: str, what: str) -> dict:
     """torch.load(weights_only=True) with a one-line error for missing or unreadable files."""
     if not Path(path).is_file():
@@ -557,52 +497,6 @@ def load_file(path: str, what: str) -> dict:
     return obj
 
 
-LOCK_FILE = ".tkp.lock"
-
-
-def lock_folder(folder: Path):
-    """Lock `folder` for one run: an exclusive flock on folder/.tkp.lock, held until
-    unlock_folder(). The OS drops it when the process ends, however it ends, so a killed run
-    leaves no stale lock. Another process that asks gets one line naming the folder and the
-    holder. Returns the lock (an open file), or None where the platform or the file system has
-    no flock (Windows, some network file systems): the run then goes on unlocked."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    path = folder / LOCK_FILE
-    while True:
-        fh = open(path, "a+")  # "a+": opening does not erase the holder's line
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip()
-            fh.close()
-            raise TKPError(f"{folder} is in use by another run{f' ({holder})' if holder else ''}; wait for it "
-                           f"to end, or choose another --output-dir") from None
-        except OSError as e:  # e.g. a network file system without locks
-            fh.close()
-            print(f"warning: cannot lock {folder} ({e.strerror}); another run into it would not be stopped",
-                  file=sys.stderr, flush=True)
-            return None
-        with contextlib.suppress(OSError):
-            if os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino:
-                break
-        fh.close()  # the run that held it removed the file as it ended: lock the new one
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"process {os.getpid()} on {platform.node()}\n")
-    fh.flush()
-    return fh
-
-
-def unlock_folder(lock, folder: Path) -> None:
-    """Release lock_folder()'s lock and remove its file."""
-    if lock is not None:
-        with contextlib.suppress(OSError):
-            os.unlink(Path(folder) / LOCK_FILE)
-        lock.close()
 
 
 def read_state_dict(path: str, what: str = "weights file") -> dict:
@@ -701,24 +595,3 @@ def weights_only_loads():
                 os.environ[k] = v
 
 
-class Output:
-    """Console lines and files of the main process; silent on other ranks."""
-
-    def __init__(self, folder: Path | None, dist: Dist):
-        self.folder, self.dist = folder, dist
-
-    def print(self, line: str) -> None:
-        if self.dist.is_main:
-            print(line, flush=True)
-
-    def write_json(self, name: str, obj) -> None:
-        if self.dist.is_main:
-            write_text_atomic(self.folder / name, json.dumps(obj, indent=2, default=str) + "\n")
-
-    def write_log(self, history: list[dict]) -> None:
-        if self.dist.is_main:
-            write_text_atomic(self.folder / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-
-    def save(self, obj, name: str) -> None:
-        if self.dist.is_main:
-            save_atomic(obj, self.folder / name)

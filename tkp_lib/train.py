@@ -222,3 +222,27 @@ def recalibrate_bn(module: nn.Module, loader, batches: int, device: torch.device
         bn.momentum = momentum
     module.eval()
     return used
+
+
+def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every loaded optimizer state tensor its parameter's memory layout. A resume may
+    change --channels-last (or the device, whose default differs), and AdamW's fused kernel
+    walks storage in order: moments in another layout would update other weights."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+def continue_schedule(trainer: Trainer, total_steps: int, steps_done: int) -> None:
+    """Continue a per-step cosine over `total_steps` from `steps_done`: the stage's remaining
+    epochs follow the same curve (lr by fraction of the stage done) whatever the steps per
+    epoch were before the resume."""
+    sched = trainer.scheduler
+    sched.T_max, sched.last_epoch = max(total_steps, 1), steps_done
+    for group, base in zip(trainer.optimizer.param_groups, sched.base_lrs):
+        group["lr"] = sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * steps_done / sched.T_max)) / 2
+    sched._last_lr = [group["lr"] for group in trainer.optimizer.param_groups]
+    trainer.step = steps_done
