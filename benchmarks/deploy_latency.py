@@ -66,13 +66,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=1, help="with --script: taps kept per kernel")
     p.add_argument("--tap-group", type=int, default=1,
                    help="with --script: G consecutive outputs share their --topk taps per input channel (the "
-                        "largest summed squared weights of the group), deployed by tkp_tapgroup.TapGroupConv2d")
+                        "largest summed squared weights of the group), deployed by tkp_lib.tapgroup.TapGroupConv2d")
     p.add_argument("--script-args", default="", help="with --script: its flags, e.g. '--img-size 32 --no-pretrain'")
     p.add_argument("--threads", type=int_list(), default=[1, 2], help="CPU thread counts, each a run of its own")
     p.add_argument("--batch-sizes", type=int_list(), default=[1, 32], help="batch sizes timed")
     p.add_argument("--repeats", type=int, default=9, help="interleaved timing rounds (medians)")
     p.add_argument("--min-round-ms", type=float, default=4.0, help="minimum length of one timing round")
-    p.add_argument("--tiles", type=D.tile_list, default=None, help="register tiles to try (default: all)")
+    p.add_argument("--tiles", type=D.tile_list, default=None,
+                   help="register tiles to try, M output channels x S vectors, e.g. 4x4,2x8 (default: every tile)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager only")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init and inputs")
     p.add_argument("--json", default=None, help="write every measurement here")

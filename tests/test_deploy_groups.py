@@ -1,4 +1,4 @@
-"""tkp_tapgroup: the tap-group kernel (tkp::tap_group_conv2d) and its torch-ops fallback
+"""tkp_lib.tapgroup: the tap-group kernel (tkp::tap_group_conv2d) and its torch-ops fallback
 against F.conv2d, detection of tap groups, and deployment of a VGG-8 trained with
 --tap-group 32 (TapGroupConv2d layers where faster, same predictions, deploy.pt reloads)."""
 

@@ -32,7 +32,7 @@ DEFAULT_TILE = (32, 12)  # (B, RB) where nothing else is known
 
 def kernel():
     """The built tkp::tap_group_conv2d extension, or None where it cannot be built (one line says why)."""
-    return kernels.native("tap_group_conv", "tkp_tapgroup: the tap-group kernel", "tap-group layers run with torch ops")
+    return kernels.native("tap_group_conv", "tkp_deploy: the tap-group kernel", "tap-group layers run with torch ops")
 
 
 def kernel_available() -> bool:
