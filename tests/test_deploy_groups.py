@@ -47,9 +47,10 @@ def random_cases(n, seed):
     def pick(options):
         return options[int(torch.randint(len(options), (1,), generator=rng))]
 
-    fixed = [(1, 64, 64, 1, 1, 1, 32, 16), (3, 17, 40, 2, 2, 3, 16, 9), (1, 3, 19, 1, 0, 4, 8, 5)]
+    fixed = [(1, 64, 64, 1, 1, 1, 32, 16), (3, 17, 40, 2, 2, 3, 16, 9), (1, 3, 19, 1, 0, 4, 8, 5),
+             (2, 32, 64, 1, 1, 1, 32, 7), (1, 16, 32, 2, 1, 2, 32, 14)]
     rand = [(pick([1, 3]), pick([3, 5, 17, 32]), pick([8, 19, 40, 70]), pick([1, 2]), pick([0, 1, 2]),
-             pick([1, 2, 3, 4]), pick([8, 16, 32]), pick([5, 9, 16])) for _ in range(n)]
+             pick([1, 2, 3, 4]), pick([8, 16, 32]), pick([5, 7, 9, 14, 16])) for _ in range(n)]
     return fixed + rand
 
 
@@ -71,17 +72,18 @@ def test_kernel_and_fallback_match_conv2d_over_random_shapes(kernel):
 def test_epilogue_residual_relu_pool_and_threads(kernel):
     gen = torch.Generator().manual_seed(2)
     conv = grouped_conv(32, 48, 3, 1, 1, 1, 16, gen)
-    m = T.TapGroupConv2d.from_conv(conv, 16, 1, kernel[0])
-    m.relu, m.pool = True, 2
     old = torch.get_num_threads()
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            for n, hw in ((1, 12), (3, 13)):
+            for n, hw in ((1, 12), (3, 13), (2, 7), (1, 14)):  # 7 and 14 wide: rows walked one by one
                 x = torch.randn(n, 32, hw, hw, generator=gen)
                 r = torch.randn(n, 48, hw, hw, generator=gen)
                 ref = F.max_pool2d(torch.relu(conv(x) + r), 2).detach()
-                assert max_rel(m(x, r), ref) < 1e-5
+                for tile in kernel:
+                    m = T.TapGroupConv2d.from_conv(conv, 16, 1, tile)
+                    m.relu, m.pool = True, 2
+                    assert max_rel(m(x, r), ref) < 1e-5, (threads, n, hw, tile)
                 assert max_rel(m.forward_torch(x, r), ref) < 1e-5
     finally:
         torch.set_num_threads(old)

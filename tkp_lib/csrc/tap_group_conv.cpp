@@ -18,9 +18,13 @@
 // To make every entry one constant offset, each image is first copied into a zero-padded
 // buffer: stride 1 pads rows and columns; stride s splits the padded image into its sh*sw
 // phases (rows a, a + sh, ...; columns b, b + sw, ...), so that tap (dy, dx) reads phase
-// (dy % sh, dx % sw) at pixel (dy / sh) * Wq + dx / sw past the output position. Output
-// positions run over rows of Wq pixels; the columns past the output width are computed and
-// dropped. The epilogue (residual add, ReLU, 2x2 max pool) is applied as the tile is stored.
+// (dy % sh, dx % sw) at pixel (dy / sh) * Wq + dx / sw past the output position. A tile's RB
+// positions are consecutive pixels of the padded buffer, in one of two walks, whichever
+// computes fewer positions: across rows (tiles run on over the Wq - OW padding columns, whose
+// sums are dropped: few wasted for wide rows) or row by row (each row's OW outputs in
+// ceil(OW / RB) tiles: none wasted where RB divides OW, as 7 or 14 does the 7x7 and 14x14
+// layers, which the first walk computes 9 or 16 positions wide). The epilogue (residual add,
+// ReLU, 2x2 max pool) is applied as the tile is stored.
 //
 // Threads: one parallel region per call (parallel.h), over (image, block, rows) units sized
 // so that every thread gets several, handed out one at a time; each thread pads the images
@@ -143,10 +147,11 @@ struct Kind {
 // The compiled (B, RB) tiles: RB*B/V accumulators, B/V weights and one broadcast in the registers.
 #if defined(__AVX512F__)
 const Kind kKinds[] = {{16, 8, tile<1, 8>},   {16, 16, tile<1, 16>}, {16, 24, tile<1, 24>}, {32, 6, tile<2, 6>},
-                       {32, 12, tile<2, 12>}, {32, 14, tile<2, 14>}, {64, 3, tile<4, 3>},   {64, 6, tile<4, 6>}};
+                       {32, 7, tile<2, 7>},   {32, 12, tile<2, 12>}, {32, 14, tile<2, 14>}, {64, 3, tile<4, 3>},
+                       {64, 6, tile<4, 6>}};
 #else
-const Kind kKinds[] = {{8, 6, tile<1, 6>},   {8, 12, tile<1, 12>}, {16, 3, tile<2, 3>},
-                       {16, 6, tile<2, 6>},  {32, 2, tile<4, 2>}};
+const Kind kKinds[] = {{8, 6, tile<1, 6>},  {8, 7, tile<1, 7>},  {8, 12, tile<1, 12>}, {8, 14, tile<1, 14>},
+                       {16, 3, tile<2, 3>}, {16, 6, tile<2, 6>}, {32, 2, tile<4, 2>}};
 #endif
 constexpr int kMaxTile = 24 * 64;  // floats of the largest RB x B tile
 
@@ -175,6 +180,7 @@ struct Call {
   Geo g;
   const Kind* kind;
   int64_t NB, E, chunks, rows_per_chunk;
+  bool by_row;  // the row-by-row walk (see the top of the file)
   at::Tensor x, res, y;
   std::vector<int32_t> off;  // [NB][E] offsets of the entries into the padded buffer
   std::vector<float> bias;   // [NB*B]
@@ -190,18 +196,33 @@ void run_unit(const Call& c, const float* buf, int64_t n, int64_t b, int64_t r0,
   float* yp = c.y.data_ptr<float>();
   float* pooled = g.pool ? scratch_pool.get<float>((r1 - r0) * g.OW * B) : nullptr;
   TORCH_CHECK(!g.pool || pooled, "tkp::tap_group_conv2d: out of memory");
-  const int64_t q1 = r1 * g.Wq;
-  int64_t oh = r0, ow = 0;  // of position p0 + r, stepped along (no division per position)
-  for (int64_t p0 = r0 * g.Wq; p0 < q1; p0 += RB) {
+  // the sums of the tile at padded pixel p0 (output row h, column w: p0 = h*Wq + w)
+  auto tile_at = [&](int64_t p0) {
     c.kind->fn(buf + p0 * g.C, g.C, c.off.data() + b * c.E, c.E, c.w + b * c.E * B, c.bias.data() + o0, tmp);
-    for (int64_t r = 0; r < RB && p0 + r < q1; ++r) {
-      const int64_t h = oh, w = ow;
-      if (++ow == g.Wq) ow = 0, ++oh;
-      if (w >= g.OW) continue;
-      const int64_t pix = (n * g.OH + h) * g.OW + w;
-      const float* res = resp ? resp + pix * g.O + o0 : nullptr;
-      if (g.pool) store_pixel(tmp + r * B, res, pooled + ((h - r0) * g.OW + w) * B, nb, g.relu);
-      else store_pixel(tmp + r * B, res, yp + pix * g.O + o0, nb, g.relu);
+  };
+  // its r-th sum is output pixel (h, w) (w < OW)
+  auto store = [&](int64_t r, int64_t h, int64_t w) {
+    const int64_t pix = (n * g.OH + h) * g.OW + w;
+    const float* res = resp ? resp + pix * g.O + o0 : nullptr;
+    if (g.pool) store_pixel(tmp + r * B, res, pooled + ((h - r0) * g.OW + w) * B, nb, g.relu);
+    else store_pixel(tmp + r * B, res, yp + pix * g.O + o0, nb, g.relu);
+  };
+  if (c.by_row) {
+    for (int64_t h = r0; h < r1; ++h)
+      for (int64_t w0 = 0; w0 < g.OW; w0 += RB) {
+        tile_at(h * g.Wq + w0);
+        for (int64_t r = 0; r < RB && w0 + r < g.OW; ++r) store(r, h, w0 + r);
+      }
+  } else {
+    const int64_t q1 = r1 * g.Wq;
+    int64_t oh = r0, ow = 0;  // of position p0 + r, stepped along (no division per position)
+    for (int64_t p0 = r0 * g.Wq; p0 < q1; p0 += RB) {
+      tile_at(p0);
+      for (int64_t r = 0; r < RB && p0 + r < q1; ++r) {
+        const int64_t h = oh, w = ow;
+        if (++ow == g.Wq) ow = 0, ++oh;
+        if (w < g.OW) store(r, h, w);
+      }
     }
   }
   if (!g.pool) return;
@@ -239,6 +260,9 @@ at::Tensor tap_group_conv2d(const at::Tensor& x_in, const at::Tensor& weights, c
   c.x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   c.g = make_geo(c.x, out_channels, kh, kw, sh, sw, ph, pw, pool, relu, tile_rb);
   const Geo& g = c.g;
+  // positions computed per image: the walk across rows rounds OH*Wq up to tiles, the row walk
+  // each row's OW
+  c.by_row = g.OH * ((g.OW + tile_rb - 1) / tile_rb * tile_rb) < (g.OH * g.Wq + tile_rb - 1) / tile_rb * tile_rb;
   c.bias.assign(c.NB * B, 0.f);
   if (bias_in.has_value() && bias_in->defined()) {
     TORCH_CHECK(bias_in->scalar_type() == at::kFloat && bias_in->numel() == out_channels,
