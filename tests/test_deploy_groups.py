@@ -185,3 +185,35 @@ def test_tap_group_network_runs_channels_last_from_its_input(kernel):
         h.remove()
     assert seen == [True, True]
     assert max_rel(y, model(x).detach()) < 1e-5
+
+
+def test_nchw_kernels_are_timed_in_the_channels_last_network_they_join(kernel, monkeypatch):
+    """A network with tap-group masks runs channels_last, so a layer that falls back to the
+    (NCHW) Top-K kernel is timed on channels_last input with its output converted back."""
+    gen = torch.Generator().manual_seed(5)
+    stem = nn.Conv2d(3, 16, 3, padding=1)  # per-kernel Top-1 taps: the Top-K kernel's
+    with torch.no_grad():
+        w = stem.weight.flatten(2)
+        stem.weight.copy_((w * F.one_hot(w.abs().argmax(-1), 9)).reshape_as(stem.weight))
+    net = nn.Sequential(stem, nn.ReLU(), grouped_conv(16, 32, 3, 1, 1, 1, 16, gen))
+    flags = []
+    real = deploy_layers.time_layer
+    monkeypatch.setattr(deploy_layers, "time_layer", lambda *a: flags.append(a[-1]) or real(*a))
+    deploy_layers.choose_layers(deploy_layers.trace(net), (3, 8, 8), [1], repeats=1, log=lambda s: None)
+    assert flags and all(flags)
+    flags.clear()
+    deploy_layers.choose_layers(deploy_layers.trace(nn.Sequential(stem)), (3, 8, 8), [1], repeats=1,
+                                log=lambda s: None)
+    assert flags == [False]
+
+    seen = []
+
+    class Spy(nn.Module):  # an NCHW kernel layer that notes the layout it is given
+        def forward(self, x):
+            seen.append(x.is_contiguous(memory_format=torch.channels_last))
+            return stem(x).contiguous()
+
+    for channels_last in (False, True):
+        seen.clear()
+        _, timings = deploy_layers.time_layer(stem, lambda t: Spy(), (1, 3, 8, 8), [1], 1, [None], channels_last)
+        assert seen and all(s == channels_last for s in seen) and timings[1]["kernel_ms"] > 0

@@ -198,9 +198,14 @@ def choose_layers(gm: torch.fx.GraphModule, input_shape: tuple, batch_sizes: lis
     else TopKConv2d. Every register tile is timed against the dense convolution at every
     batch size (interleaved, medians); the fastest tile (least mean time relative to dense)
     is kept if it beats dense at every batch size. Layers of the same shape, K (and G) share
-    one measurement. `tiles` restricts the Top-K kernel's tiles. One record per Conv2d."""
+    one measurement. `tiles` restricts the Top-K kernel's tiles. One record per Conv2d.
+    Where the network has tap-group masks, it will run channels_last (`to_channels_last`),
+    so an NCHW kernel (Top-K) is timed as it would run there: channels_last in, its output
+    converted back to channels_last, the conversions in its time."""
     shapes = conv_input_shapes(gm, torch.zeros(1, *input_shape))
     modules = dict(gm.named_modules())
+    channels_last = tapgroup.kernel_available() and any(
+        isinstance(m, nn.Conv2d) and tapgroup.tap_group_of(m) is not None for m in modules.values())
     records, measured = [], {}
     for name, in_shape in shapes.items():
         conv = modules[name]
@@ -220,7 +225,7 @@ def choose_layers(gm: torch.fx.GraphModule, input_shape: tuple, batch_sizes: lis
             key = (kind, conv.in_channels, conv.out_channels, kh, kw, conv.stride, conv.padding,
                    tuple(in_shape[1:]), rec["k"], tuple(extra.items()))
             if key not in measured:
-                measured[key] = time_layer(conv, make, in_shape, batch_sizes, repeats, kind_tiles)
+                measured[key] = time_layer(conv, make, in_shape, batch_sizes, repeats, kind_tiles, channels_last)
                 log(f"  timed {name} ({kind}): {_timing_line(measured[key])}")
             tile, timings = measured[key]
             faster = all(t["kernel_ms"] < t["dense_ms"] for t in timings.values())
@@ -260,20 +265,24 @@ def _candidates(conv: nn.Conv2d, tiles) -> list[tuple] | str:
 
 
 def time_layer(conv: nn.Conv2d, make: Callable, in_shape: tuple, batch_sizes: list[int], repeats: int,
-               tiles: list) -> tuple[tuple, dict]:
+               tiles: list, channels_last: bool = False) -> tuple[tuple, dict]:
     """(best tile, {batch: {"dense_ms", "kernel_ms"}}) of the module `make(tile)` builds from
     `conv` against `conv`: every tile timed interleaved with dense at every batch size, then
-    a second, longer measurement of the best tile alone."""
+    a second, longer measurement of the best tile alone. `channels_last`: the layer sits in a
+    channels_last network, so an NCHW kernel's time includes converting its output back."""
     candidates = {t: make(t) for t in tiles}
     nhwc = isinstance(next(iter(candidates.values())), NHWC_LAYERS)
     conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
 
+    def run(m, x):
+        return m(x) if nhwc or not channels_last else m(x).contiguous(memory_format=torch.channels_last)
+
     def timed(b: int, kernel_fns: dict, repeats: int) -> dict:  # dense = the faster of NCHW and channels_last
         x = torch.randn(b, *in_shape[1:])
         x_cl = x.contiguous(memory_format=torch.channels_last)
-        x_kernel = x_cl if nhwc else x
+        x_kernel = x_cl if nhwc or channels_last else x
         r = kernels.median_ms({"nchw": lambda: conv(x), "nhwc": lambda: conv_cl(x_cl),
-                               **{k: (lambda m=m: m(x_kernel)) for k, m in kernel_fns.items()}}, repeats=repeats)
+                               **{k: (lambda m=m: run(m, x_kernel)) for k, m in kernel_fns.items()}}, repeats=repeats)
         return {"dense": min(r.pop("nchw"), r.pop("nhwc")), **r}
 
     per_batch = {b: timed(b, candidates, max(3, repeats // 2)) for b in batch_sizes}
