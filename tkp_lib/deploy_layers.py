@@ -204,8 +204,8 @@ def choose_layers(gm: torch.fx.GraphModule, input_shape: tuple, batch_sizes: lis
     converted back to channels_last, the conversions in its time."""
     shapes = conv_input_shapes(gm, torch.zeros(1, *input_shape))
     modules = dict(gm.named_modules())
-    channels_last = tapgroup.kernel_available() and any(
-        isinstance(m, nn.Conv2d) and tapgroup.tap_group_of(m) is not None for m in modules.values())
+    channels_last = any(isinstance(m, nn.Conv2d) and tapgroup.tap_group_of(m) is not None
+                        for m in modules.values()) and tapgroup.kernel_available()
     records, measured = [], {}
     for name, in_shape in shapes.items():
         conv = modules[name]
