@@ -14,7 +14,7 @@ flags: --help; what is pruned, FLYP and the zero-shot evaluation: DESIGN.md §13
     python clip_vit.py --data-path /data/imagenet --one-shot       # masks from the pretrained weights, no training
     python clip_vit.py --data-path /data/imagenet                  # 2:4 in both towers, 5+5 epochs
     python clip_vit.py --data-path /data/imagenet --sparsity-type dense    # the baseline (FLYP alone)
-    python clip_vit.py --dry-run                                   # whole pipeline, generated data, ViT-S-32
+    python clip_vit.py --dry-run                                   # whole pipeline, generated data, ViT-S-32-alt
     torchrun --nproc_per_node 8 clip_vit.py --data-path /data/imagenet --batch-size 32
 
 --data-path holds train/ and val/, each with one folder per class (ImageFolder layout).
@@ -43,7 +43,7 @@ BLOCK_WEIGHT = re.compile(r"(?:^|\.)resblocks\.\d+\.(.+)$")
 TEMPLATES = {"openai": open_clip.OPENAI_IMAGENET_TEMPLATES, "simple": open_clip.SIMPLE_IMAGENET_TEMPLATES}
 WNID = re.compile(r"n\d{8}")
 DRY_RUN_CLASSES = 4
-DRY_RUN_MODEL = "ViT-S-32"  # --dry-run without --model: ~22M + 40M parameters, 50 image tokens
+DRY_RUN_MODEL = "ViT-S-32-alt"  # --dry-run without --model: ~22M + 20M parameters, 50 image tokens
 
 
 # ---- arguments ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ the classifier head are never pruned. Method and outputs: README.md, flags: --he
     python vit_small.py --data-path /data/imagenet --sparsity-type dense   # the baseline
     python vit_small.py --data-path /data/imagenet \\
         --model vit_base_patch16_224.augreg2_in21k_ft_in1k             # ViT-B/16, no code change
-    python vit_small.py --dry-run                                  # whole pipeline, generated data
+    python vit_small.py --dry-run                                  # whole pipeline, generated data, 64 px
     torchrun --nproc_per_node 8 vit_small.py --data-path /data/imagenet
 
 --data-path holds train/ and val/, each with one folder per class (ImageFolder layout).
@@ -147,10 +147,15 @@ SCRIPT = tkp.Script(name="vit", build_model=build_model, build_data=build_data, 
                     pretrained=starts_pretrained, min_lr_ratio=0.01, topk_metrics=(1, 5), conv_net=False)
 
 
+DRY_RUN_IMG_SIZE = 64  # --dry-run without --img-size: 16 patches, a check of the install in seconds
+
+
 def main(argv=None) -> dict:
     args = get_args_parser().parse_args(argv)
     if args.batch_val is None:
         args.batch_val = args.batch_train
+    if args.dry_run and "img_size" not in args.explicit_flags:
+        args.img_size = DRY_RUN_IMG_SIZE
     return tkp.run(args, SCRIPT)
 
 

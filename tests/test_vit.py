@@ -183,3 +183,12 @@ def test_unreadable_images_are_skipped_and_counted_in_the_log(imagenet_root, tmp
     err = capsys.readouterr().err
     for path in bad:
         assert err.count(str(path)) == 1  # named once per run, not once per epoch
+
+
+def test_dry_run_defaults_to_a_small_image_unless_one_is_named(monkeypatch):
+    seen = []
+    monkeypatch.setattr(vit_small.tkp, "run", lambda args, script: seen.append(args.img_size))
+    vit_small.main(["--dry-run"])
+    vit_small.main(["--dry-run", "--img-size", "224"])
+    vit_small.main([])  # a real run keeps the default
+    assert seen == [vit_small.DRY_RUN_IMG_SIZE, 224, 224]
