@@ -79,6 +79,23 @@ def test_kernel_matches_conv2d_over_random_shapes(kernel):
         assert relative_error(y, ref) < 1e-5, (n, c_in, c_out, kh, kw, stride, pad, k, h, w, tile)
 
 
+def test_every_tile_matches_conv2d_where_the_last_tile_ends_early(kernel):
+    """Each call computes the flat positions up to the last output only (not the padding rows
+    after the last image): every compiled tile, at plane sizes whose last tile is cut short,
+    one and several images, strides 1 and 2, against F.conv2d."""
+    gen = torch.Generator().manual_seed(11)
+    for n, c, ks, stride, pad, hw in [(1, 9, 3, 1, 1, 7), (1, 6, 3, 1, 1, 8), (3, 5, 3, 1, 1, 5), (2, 4, 3, 2, 1, 9),
+                                      (1, 3, 5, 1, 2, 11)]:
+        conv = nn.Conv2d(c, c + 2, ks, stride, pad)
+        with torch.no_grad():
+            conv.weight.copy_(topk_weight(c + 2, c, ks, ks, 1, gen))
+        x = torch.randn(n, c, hw, hw, generator=gen)
+        ref = conv(x)
+        for tile in kernel:
+            m = topk_conv.TopKConv2d.from_conv(conv, tile)
+            assert relative_error(m(x), ref) < 1e-5, (n, c, ks, stride, hw, tile)
+
+
 def test_aligned_tiles_match_conv2d(kernel):
     """Tiles (0, S): one output at a time, sums grouped by tap at aligned positions."""
     gen = torch.Generator().manual_seed(10)
