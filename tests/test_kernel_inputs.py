@@ -58,3 +58,23 @@ def test_from_conv_refuses_what_the_layers_do_not_compute(cls, conv):
             topk_conv.TopKConv2d.from_conv(conv)
         else:
             tapgroup.TapGroupConv2d.from_conv(conv, 16, 1)
+
+
+def test_topk_op_refuses_tap_indices_and_channels_out_of_range():
+    """tkp::topk_conv2d reads the input at each entry's tap (and, for the aligned tiles, its
+    channel): any entry out of range, wherever it sits in the packed weights, is refused."""
+    if not topk_conv.kernel_available():
+        pytest.skip("the Top-K kernel cannot be built here")
+    conv = nn.Conv2d(5, 8, 3, padding=1)
+    x = torch.randn(1, 5, 6, 6)
+    for tile in [(4, 4), (0, 4)]:
+        m = topk_conv.TopKConv2d.from_conv(conv, tile)
+        values, taps = m.packed()
+        last = taps.numel() - 1
+        bad_entries = [9, -1, 1 << 30] if tile[0] else [9, 5 * 256, -1, -256]  # aligned: channel * 256 + tap
+        for where in (0, last // 2, last):
+            for bad in bad_entries:
+                t = taps.clone()
+                t.view(-1)[where] = bad
+                with pytest.raises(RuntimeError, match="tap index out of range"):
+                    torch.ops.tkp.topk_conv2d(x, values, t, None, 8, 3, 3, 1, 1, 1, 1, *tile)
