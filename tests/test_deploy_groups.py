@@ -89,6 +89,30 @@ def test_epilogue_residual_relu_pool_and_threads(kernel):
         torch.set_num_threads(old)
 
 
+def test_wide_inputs_and_every_walk_match_conv2d(kernel):
+    """256 and 512 input channels (the padded buffer gets one cache line more per pixel),
+    and planes on which the tiles walk across rows, row by row and by pairs of rows (7x7,
+    an odd last row), with the epilogue, at 1 and 2 threads."""
+    gen = torch.Generator().manual_seed(3)
+    old = torch.get_num_threads()
+    try:
+        for c_in, n, hw, stride, pool in ((256, 1, 7, 1, 0), (512, 2, 7, 1, 2), (256, 1, 9, 2, 0), (64, 3, 5, 1, 0),
+                                          (48, 1, 11, 1, 2)):
+            conv = grouped_conv(c_in, 64, 3, stride, 1, 2, 32, gen)
+            x = torch.randn(n, c_in, hw, hw, generator=gen)
+            y = conv(x).detach()
+            r = torch.randn(y.shape, generator=gen)
+            ref = F.max_pool2d(torch.relu(y + r), 2) if pool else torch.relu(y + r)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                for tile in kernel:
+                    m = T.TapGroupConv2d.from_conv(conv, 32, 2, tile)
+                    m.relu, m.pool = True, pool
+                    assert max_rel(m(x, r), ref) < 1e-5, (c_in, n, hw, stride, pool, threads, tile)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_detection():
     gen = torch.Generator().manual_seed(3)
     assert T.tap_group_of(grouped_conv(8, 64, 3, 1, 1, 1, 16, gen)) == (16, 1)

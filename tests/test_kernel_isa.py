@@ -18,8 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 FUZZ = ["tests/test_deploy.py::test_kernel_matches_conv2d_over_random_shapes",
         "tests/test_deploy.py::test_kernel_epilogue_residual_relu_pool",
         "tests/test_deploy.py::test_kernel_uses_torch_threads_and_stays_exact",
+        "tests/test_deploy.py::test_every_tile_matches_conv2d_where_the_last_tile_ends_early",
         "tests/test_deploy_groups.py::test_kernel_and_fallback_match_conv2d_over_random_shapes",
         "tests/test_deploy_groups.py::test_epilogue_residual_relu_pool_and_threads",
+        "tests/test_deploy_groups.py::test_wide_inputs_and_every_walk_match_conv2d",
         "tests/test_kernel_inputs.py"]
 
 

@@ -19,11 +19,13 @@
 // buffer: stride 1 pads rows and columns; stride s splits the padded image into its sh*sw
 // phases (rows a, a + sh, ...; columns b, b + sw, ...), so that tap (dy, dx) reads phase
 // (dy % sh, dx % sw) at pixel (dy / sh) * Wq + dx / sw past the output position. A tile's RB
-// positions are consecutive pixels of the padded buffer, in one of two walks, whichever
-// computes fewer positions: across rows (tiles run on over the Wq - OW padding columns, whose
-// sums are dropped: few wasted for wide rows) or row by row (each row's OW outputs in
-// ceil(OW / RB) tiles: none wasted where RB divides OW, as 7 or 14 does the 7x7 and 14x14
-// layers, which the first walk computes 9 or 16 positions wide). The epilogue (residual add,
+// positions are consecutive pixels of the padded buffer, or two half rows, in one of three
+// walks, whichever computes fewest positions: across rows (tiles run on over the Wq - OW
+// padding columns, whose sums are dropped: few wasted for wide rows), row by row (each row's
+// OW outputs in ceil(OW / RB) tiles: none wasted where RB divides OW, as 14 does the 14x14
+// layers), or by pairs of rows (RB / 2 columns of two neighbouring rows per tile: a 7x7
+// layer in 4 tiles of 2 x 7, each weight vector loaded once per 14 positions instead of 7;
+// an odd last row computes one row it drops). The epilogue (residual add,
 // ReLU, 2x2 max pool) is applied as the tile is stored.
 //
 // Threads: one parallel region per call (parallel.h), over (image, block, rows) units sized
@@ -56,9 +58,20 @@ thread_local Scratch scratch_image, scratch_pool;
 struct Geo {
   int64_t N, C, H, W, O, kh, kw, sh, sw, ph, pw, OH, OW, YH, YW;
   int64_t Wq, Hq, phase_px, phases;  // pixels per row and rows of one phase plane, pixels per phase, sh*sw
+  int64_t Cp;                        // floats per pixel in the padded buffer (C, or more: see pixel_stride)
   int64_t pool;
   bool relu;
 };
+
+// Floats per pixel of the padded buffer. A tile broadcasts the same channel of some 30 pixels
+// (its positions times the kernel's rows and columns); with C a multiple of 256 floats those
+// sit a multiple of 1 KiB apart and fall into 4 or fewer of L1's 64 sets, which then evict one
+// another (512 channels: 2 sets, 16 lines). One cache line more per pixel spreads them over
+// every set.
+int64_t pixel_stride(int64_t C) {
+  const int64_t lines = (C + 15) / 16;
+  return C % 256 == 0 ? (lines + 1) * 16 : C;
+}
 
 Geo make_geo(const at::Tensor& x, int64_t O, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
              int64_t pool, bool relu, int64_t rb) {
@@ -73,30 +86,33 @@ Geo make_geo(const at::Tensor& x, int64_t O, int64_t kh, int64_t kw, int64_t sh,
   g.YH = pool ? g.OH / 2 : g.OH, g.YW = pool ? g.OW / 2 : g.OW;
   g.phases = sh * sw;
   g.Wq = std::max((g.W + 2 * pw + sw - 1) / sw, g.OW + (kw - 1) / sw);
-  // rows enough for every read of every tile: positions up to OH*Wq + rb, plus the largest shift
-  const int64_t reach = g.OH * g.Wq + rb + ((kh - 1) / sh) * g.Wq + (kw - 1) / sw;
+  // rows enough for every read of every tile: positions up to (OH + 1)*Wq + rb (a paired
+  // tile on an odd last row reads the row below it), plus the largest shift
+  const int64_t reach = (g.OH + 1) * g.Wq + rb + ((kh - 1) / sh) * g.Wq + (kw - 1) / sw;
   g.Hq = std::max((g.H + 2 * ph + sh - 1) / sh, (reach + g.Wq - 1) / g.Wq);
   g.phase_px = g.Hq * g.Wq;
-  TORCH_CHECK(g.phases * g.phase_px * g.C < (int64_t(1) << 31), "tkp::tap_group_conv2d: input too large");
+  g.Cp = pixel_stride(g.C);
+  TORCH_CHECK(g.phases * g.phase_px * g.Cp < (int64_t(1) << 31), "tkp::tap_group_conv2d: input too large");
   return g;
 }
 
-// image n of x (NHWC) -> buf: its sh*sw zero-padded phase planes, each Hq x Wq pixels of C floats
+// image n of x (NHWC) -> buf: its sh*sw zero-padded phase planes, each Hq x Wq pixels of Cp
+// floats (channels C..Cp are never read)
 void pad_image(const float* x, int64_t n, float* buf, const Geo& g) {
-  const int64_t C = g.C;
+  const int64_t C = g.C, Cp = g.Cp;
   const float* img = x + n * g.H * g.W * C;
   for (int64_t a = 0; a < g.sh; ++a)
     for (int64_t b = 0; b < g.sw; ++b) {
-      float* plane = buf + (a * g.sw + b) * g.phase_px * C;
+      float* plane = buf + (a * g.sw + b) * g.phase_px * Cp;
       for (int64_t i = 0; i < g.Hq; ++i) {
-        float* row = plane + i * g.Wq * C;
+        float* row = plane + i * g.Wq * Cp;
         const int64_t h = i * g.sh + a - g.ph;
         if (h < 0 || h >= g.H) {
-          std::memset(row, 0, sizeof(float) * g.Wq * C);
+          std::memset(row, 0, sizeof(float) * g.Wq * Cp);
           continue;
         }
         const float* src = img + h * g.W * C;
-        if (g.sw == 1) {  // one copy of the row between the zeros of both sides
+        if (g.sw == 1 && Cp == C) {  // one copy of the row between the zeros of both sides
           const int64_t left = std::min(g.pw, g.Wq), n_copy = std::min(g.W, g.Wq - left);
           std::memset(row, 0, sizeof(float) * left * C);
           std::memcpy(row + left * C, src, sizeof(float) * n_copy * C);
@@ -105,8 +121,8 @@ void pad_image(const float* x, int64_t n, float* buf, const Geo& g) {
         }
         for (int64_t j = 0; j < g.Wq; ++j) {
           const int64_t w = j * g.sw + b - g.pw;
-          if (w >= 0 && w < g.W) std::memcpy(row + j * C, src + w * C, sizeof(float) * C);
-          else std::memset(row + j * C, 0, sizeof(float) * C);
+          if (w >= 0 && w < g.W) std::memcpy(row + j * Cp, src + w * C, sizeof(float) * C);
+          else std::memset(row + j * Cp, 0, sizeof(float) * C);
         }
       }
     }
@@ -114,9 +130,14 @@ void pad_image(const float* x, int64_t n, float* buf, const Geo& g) {
 
 // ---- the register tile ---------------------------------------------------------------------
 
-// out[r][0..OCB*V) = bias + sum over e < E of x[r*C + off[e]] * w[e][0..OCB*V), r < RB
-template <int OCB, int RB>
-void tile(const float* x, int64_t C, const int32_t* off, int64_t E, const float* w, const float* bias, float* out) {
+// out[r][0..OCB*V) = bias + sum over e < E of x[pixel(r)*C + off[e]] * w[e][0..OCB*V), r < RB,
+// where pixel(r) = r for a tile of consecutive pixels (HALF = RB) and, for a tile of two
+// half rows (HALF = RB / 2), r % HALF in the first row and r % HALF + jump / C in the next
+// (jump = the row's pixels * C; C here is the padded buffer's pixel stride).
+template <int OCB, int RB, int HALF>
+void tile(const float* x, int64_t C, const int32_t* off, int64_t E, const float* w, const float* bias, float* out,
+          int64_t jump) {
+  static_assert(HALF == RB || 2 * HALF == RB, "a tile is one run of pixels or two half rows");
   constexpr int B = OCB * V;
   vec acc[RB][OCB];
   for (int b = 0; b < OCB; ++b) {
@@ -125,11 +146,12 @@ void tile(const float* x, int64_t C, const int32_t* off, int64_t E, const float*
   }
   for (int64_t e = 0; e < E; ++e, w += B) {
     const float* xe = x + off[e];
+    const float* xe2 = xe + jump;
     vec wv[OCB];
     for (int b = 0; b < OCB; ++b) wv[b] = vload(w + b * V);
 #pragma GCC unroll 32
     for (int r = 0; r < RB; ++r) {
-      const vec xv = vset1(xe[r * C]);
+      const vec xv = vset1(r < HALF ? xe[r * C] : xe2[(r - HALF) * C]);
       for (int b = 0; b < OCB; ++b) acc[r][b] = vfmadd(xv, wv[b], acc[r][b]);
     }
   }
@@ -137,21 +159,27 @@ void tile(const float* x, int64_t C, const int32_t* off, int64_t E, const float*
     for (int b = 0; b < OCB; ++b) vstore(out + r * B + b * V, acc[r][b]);
 }
 
-using TileFn = void (*)(const float*, int64_t, const int32_t*, int64_t, const float*, const float*, float*);
+using TileFn = void (*)(const float*, int64_t, const int32_t*, int64_t, const float*, const float*, float*, int64_t);
 
 struct Kind {
   int B, RB;  // output channels per block, positions per tile
-  TileFn fn;
+  TileFn fn;      // RB consecutive pixels
+  TileFn paired;  // RB / 2 pixels of two neighbouring rows (even RB), else null
 };
+
+template <int OCB, int RB>
+constexpr Kind kind() {
+  if constexpr (RB % 2 == 0) return {OCB * V, RB, tile<OCB, RB, RB>, tile<OCB, RB, RB / 2>};
+  else return {OCB * V, RB, tile<OCB, RB, RB>, nullptr};
+}
 
 // The compiled (B, RB) tiles: RB*B/V accumulators, B/V weights and one broadcast in the registers.
 #if defined(__AVX512F__)
-const Kind kKinds[] = {{16, 8, tile<1, 8>},   {16, 16, tile<1, 16>}, {16, 24, tile<1, 24>}, {32, 6, tile<2, 6>},
-                       {32, 7, tile<2, 7>},   {32, 12, tile<2, 12>}, {32, 14, tile<2, 14>}, {64, 3, tile<4, 3>},
-                       {64, 6, tile<4, 6>}};
+const Kind kKinds[] = {kind<1, 8>(), kind<1, 16>(), kind<1, 24>(), kind<2, 6>(), kind<2, 7>(),
+                       kind<2, 12>(), kind<2, 14>(), kind<4, 3>(), kind<4, 6>()};
 #else
-const Kind kKinds[] = {{8, 6, tile<1, 6>},  {8, 7, tile<1, 7>},  {8, 12, tile<1, 12>}, {8, 14, tile<1, 14>},
-                       {16, 3, tile<2, 3>}, {16, 6, tile<2, 6>}, {32, 2, tile<4, 2>}};
+const Kind kKinds[] = {kind<1, 6>(), kind<1, 7>(), kind<1, 12>(), kind<1, 14>(),
+                       kind<2, 3>(), kind<2, 6>(), kind<4, 2>()};
 #endif
 constexpr int kMaxTile = 24 * 64;  // floats of the largest RB x B tile
 
@@ -176,11 +204,24 @@ inline void store_pixel(const float* v, const float* res, float* dst, int64_t n,
 
 // ---- the op ----------------------------------------------------------------------------------
 
+// How a unit's tiles cover its output rows (see the top of the file).
+enum class Walk { across, by_row, paired };
+
+// The walk that computes the fewest positions per image (the first of equals): across rows
+// rounds OH*Wq up to tiles; by row rounds each row's OW; paired rounds each pair of rows'
+// OW to half tiles (and an odd last row computes a second row it drops).
+Walk choose_walk(const Geo& g, const Kind& k) {
+  const int64_t RB = k.RB, across = (g.OH * g.Wq + RB - 1) / RB * RB, by_row = g.OH * ((g.OW + RB - 1) / RB * RB);
+  const int64_t paired = k.paired ? (g.OH + 1) / 2 * ((g.OW + RB / 2 - 1) / (RB / 2) * RB) : across + by_row;
+  if (across <= by_row && across <= paired) return Walk::across;
+  return by_row <= paired ? Walk::by_row : Walk::paired;
+}
+
 struct Call {
   Geo g;
   const Kind* kind;
   int64_t NB, E, chunks, rows_per_chunk;
-  bool by_row;  // the row-by-row walk (see the top of the file)
+  Walk walk;
   at::Tensor x, res, y;
   std::vector<int32_t> off;  // [NB][E] offsets of the entries into the padded buffer
   std::vector<float> bias;   // [NB*B]
@@ -198,7 +239,8 @@ void run_unit(const Call& c, const float* buf, int64_t n, int64_t b, int64_t r0,
   TORCH_CHECK(!g.pool || pooled, "tkp::tap_group_conv2d: out of memory");
   // the sums of the tile at padded pixel p0 (output row h, column w: p0 = h*Wq + w)
   auto tile_at = [&](int64_t p0) {
-    c.kind->fn(buf + p0 * g.C, g.C, c.off.data() + b * c.E, c.E, c.w + b * c.E * B, c.bias.data() + o0, tmp);
+    const TileFn fn = c.walk == Walk::paired ? c.kind->paired : c.kind->fn;
+    fn(buf + p0 * g.Cp, g.Cp, c.off.data() + b * c.E, c.E, c.w + b * c.E * B, c.bias.data() + o0, tmp, g.Wq * g.Cp);
   };
   // its r-th sum is output pixel (h, w) (w < OW)
   auto store = [&](int64_t r, int64_t h, int64_t w) {
@@ -207,7 +249,17 @@ void run_unit(const Call& c, const float* buf, int64_t n, int64_t b, int64_t r0,
     if (g.pool) store_pixel(tmp + r * B, res, pooled + ((h - r0) * g.OW + w) * B, nb, g.relu);
     else store_pixel(tmp + r * B, res, yp + pix * g.O + o0, nb, g.relu);
   };
-  if (c.by_row) {
+  if (c.walk == Walk::paired) {  // rows h and h + 1, RB / 2 columns of each (rows_per_chunk is even)
+    const int64_t half = RB / 2;
+    for (int64_t h = r0; h < r1; h += 2)
+      for (int64_t w0 = 0; w0 < g.OW; w0 += half) {
+        tile_at(h * g.Wq + w0);
+        for (int64_t r = 0; r < RB; ++r) {
+          const int64_t row = h + r / half, w = w0 + r % half;
+          if (row < r1 && w < g.OW) store(r, row, w);
+        }
+      }
+  } else if (c.walk == Walk::by_row) {
     for (int64_t h = r0; h < r1; ++h)
       for (int64_t w0 = 0; w0 < g.OW; w0 += RB) {
         tile_at(h * g.Wq + w0);
@@ -260,9 +312,7 @@ at::Tensor tap_group_conv2d(const at::Tensor& x_in, const at::Tensor& weights, c
   c.x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   c.g = make_geo(c.x, out_channels, kh, kw, sh, sw, ph, pw, pool, relu, tile_rb);
   const Geo& g = c.g;
-  // positions computed per image: the walk across rows rounds OH*Wq up to tiles, the row walk
-  // each row's OW
-  c.by_row = g.OH * ((g.OW + tile_rb - 1) / tile_rb * tile_rb) < (g.OH * g.Wq + tile_rb - 1) / tile_rb * tile_rb;
+  c.walk = choose_walk(g, *c.kind);
   c.bias.assign(c.NB * B, 0.f);
   if (bias_in.has_value() && bias_in->defined()) {
     TORCH_CHECK(bias_in->scalar_type() == at::kFloat && bias_in->numel() == out_channels,
@@ -284,7 +334,7 @@ at::Tensor tap_group_conv2d(const at::Tensor& x_in, const at::Tensor& weights, c
     TORCH_CHECK(tp[i] >= 0 && tp[i] < kh * kw, "tkp::tap_group_conv2d: tap index ", tp[i], " outside the ", kh, "x",
                 kw, " kernel");
     const int64_t dy = tp[i] / kw, dx = tp[i] % kw;
-    c.off[i] = int32_t((((dy % sh) * sw + dx % sw) * g.phase_px + (dy / sh) * g.Wq + dx / sw) * g.C + chp[i]);
+    c.off[i] = int32_t((((dy % sh) * sw + dx % sw) * g.phase_px + (dy / sh) * g.Wq + dx / sw) * g.Cp + chp[i]);
   }
   c.w = weights.data_ptr<float>();
   c.y = at::empty({g.N, g.O, g.YH, g.YW}, c.x.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -300,7 +350,7 @@ at::Tensor tap_group_conv2d(const at::Tensor& x_in, const at::Tensor& weights, c
     int64_t image = -1;  // the image this thread's buffer holds
   };
   tkp_parallel::for_units<Padded>(g.N * c.NB * c.chunks, serial, backoff, [&](int64_t u, Padded& padded) {
-    float* buf = scratch_image.get<float>(g.phases * g.phase_px * g.C);
+    float* buf = scratch_image.get<float>(g.phases * g.phase_px * g.Cp);
     TORCH_CHECK(buf, "tkp::tap_group_conv2d: out of memory");
     const int64_t n = u / (c.NB * c.chunks), b = u / c.chunks % c.NB, k = u % c.chunks;
     if (n != padded.image) pad_image(xp, n, buf, g), padded.image = n;
