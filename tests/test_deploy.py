@@ -158,6 +158,29 @@ def test_kernel_uses_torch_threads_and_stays_exact(kernel, c, hw):
     assert relative_error(one, conv(x)) < 1e-5
 
 
+def test_batches_shared_out_over_threads_stay_exact(kernel):
+    """At 2 threads the batch is cut into a multiple of 2 groups of images with their sizes
+    differing by one (64 channels at 24x24: at most 3 images fit a group, so 7 images become
+    4 groups of 1-2); at 1 thread into full groups and what is left. Every batch size from 1
+    to 9, each output the same at 1 and 2 threads and equal to conv2d."""
+    gen = torch.Generator().manual_seed(5)
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(topk_weight(64, 64, 3, 3, 1, gen))
+    m = topk_conv.TopKConv2d.from_conv(conv)
+    before = torch.get_num_threads()
+    try:
+        for n in range(1, 10):
+            x = torch.randn(n, 64, 24, 24, generator=gen)
+            torch.set_num_threads(1)
+            one = m(x)
+            torch.set_num_threads(2)
+            assert torch.equal(m(x), one), n
+            assert relative_error(one, conv(x)) < 1e-5, n
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_dense_weight_rebuilds_the_conv_exactly():
     gen = torch.Generator().manual_seed(4)
     conv = nn.Conv2d(6, 4, 3, padding=1)

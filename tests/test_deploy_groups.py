@@ -89,6 +89,25 @@ def test_epilogue_residual_relu_pool_and_threads(kernel):
         torch.set_num_threads(old)
 
 
+def test_whole_image_and_split_units_over_threads_match_conv2d(kernel):
+    """At 2 threads a batch of at least 8 images is shared out image by image (every block
+    of an image in one unit), a smaller one by (image, block, rows); 80 outputs make 3
+    blocks, the last one partly empty. Batch sizes 1-9, 1 and 2 threads."""
+    gen = torch.Generator().manual_seed(4)
+    conv = grouped_conv(64, 80, 3, 1, 1, 1, 32, gen)
+    m = T.TapGroupConv2d.from_conv(conv, 32, 1, next(t for t in kernel if t[0] == 32))
+    old = torch.get_num_threads()
+    try:
+        for n in range(1, 10):
+            x = torch.randn(n, 64, 16, 16, generator=gen)
+            ref = conv(x).detach()
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                assert max_rel(m(x), ref) < 1e-5, (n, threads)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_wide_inputs_and_every_walk_match_conv2d(kernel):
     """256 and 512 input channels (the padded buffer gets one cache line more per pixel),
     and planes on which the tiles walk across rows, row by row and by pairs of rows (7x7,

@@ -377,11 +377,26 @@ Call check_call(const at::Tensor& x_in, int64_t c_in, const c10::optional<at::Te
   return c;
 }
 
-// Images per group: a group's input planes and sums fit in about 1 MiB of L2.
-int64_t images_per_group(const Call& c, int64_t sum_rows, int64_t tile_q) {
-  const Geometry g1 = make_geometry(c.C, c.H, c.W, c.kh, c.kw, c.sh, c.sw, c.ph, c.pw, 1, tile_q);
+// Whether a call runs on torch's threads: not with one thread, inside a parallel region, or for
+// small calls (a fork/join costs microseconds on an idle machine and can cost milliseconds on a busy one).
+bool threaded(int64_t macs) {
+  return at::get_num_threads() > 1 && !at::in_parallel_region() && macs >= (int64_t(1) << 22);
+}
+
+// How the batch is cut into groups of images: a group's input planes and sums fit in about 1 MiB
+// of L2; on threads, a multiple of the thread count of groups (3 groups on 2 threads kept one
+// idle a third of the time), the images shared out evenly.
+struct Groups {
+  int64_t count, size;  // groups, images in the largest
+};
+
+Groups plan_groups(const Call& c, const Geometry& g1, int64_t sum_rows, bool on_threads) {
   const int64_t per_image = (c.C * g1.phases + sum_rows) * g1.Hr * g1.Wr * int64_t(sizeof(float));
-  return std::max<int64_t>(1, std::min<int64_t>(c.N, (int64_t(1) << 20) / std::max<int64_t>(per_image, 1)));
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(c.N, (int64_t(1) << 20) / std::max<int64_t>(per_image, 1)));
+  const int64_t count = (c.N + most - 1) / most, t = at::get_num_threads();
+  if (!on_threads || count == 1) return {count, most};
+  const int64_t shared = std::min(c.N, (count + t - 1) / t * t);
+  return {shared, (c.N + shared - 1) / shared};
 }
 
 // Runs the batch group by group: input -> flat layout, compute(xb, yv, images, t0, t1) fills
@@ -391,13 +406,16 @@ int64_t images_per_group(const Call& c, int64_t sum_rows, int64_t tile_q) {
 // each thread flattening the group's input into its own buffer (a small copy, no second
 // fork/join); small calls run on the calling thread alone.
 template <class Compute>
-void run_groups(const Call& c, const Geometry& g, int64_t T, int64_t M, int64_t y_stride, int64_t macs,
-                Compute compute) {
-  const int64_t G = g.G, groups = (c.N + G - 1) / G, threads = at::get_num_threads(), O = c.O;
+void run_groups(const Call& c, const Geometry& g, int64_t groups, int64_t T, int64_t M, int64_t y_stride,
+                bool on_threads, Compute compute) {
+  const int64_t threads = at::get_num_threads(), O = c.O;
   const float* xp = c.x.data_ptr<float>();
   const float* rp = c.residual.defined() ? c.residual.data_ptr<float>() : nullptr;
   float* outp = c.out.data_ptr<float>();
-  const bool serial = threads == 1 || at::in_parallel_region() || macs < (int64_t(1) << 22);
+  const bool serial = !on_threads;
+  // on threads the images shared out evenly; else groups of g.G, the last one what is left
+  // (fewer positions rounded up to whole tiles)
+  auto first_image = [&](int64_t grp) { return serial ? std::min(c.N, grp * g.G) : c.N * grp / groups; };
   const int64_t parts = serial || groups >= threads ? 1 : std::min(T, (4 * threads + groups - 1) / groups);
   struct Prepared {
     int64_t group = -1;  // the group of images this thread's buffer holds
@@ -407,7 +425,7 @@ void run_groups(const Call& c, const Geometry& g, int64_t T, int64_t M, int64_t 
     float* yv = scratch_output.get<float>(T * M * y_stride);
     TORCH_CHECK(xb && yv, "tkp::topk_conv2d: out of memory");
     const int64_t grp = u / parts, part = u % parts, t0 = T * part / parts, t1 = T * (part + 1) / parts;
-    const int64_t n0 = grp * G, count = std::min(G, c.N - n0);
+    const int64_t n0 = first_image(grp), count = first_image(grp + 1) - n0;
     if (prepared.group != grp) prepare_input(xp, n0, count, xb, g), prepared.group = grp;
     compute(xb, yv, count, t0, t1);
     // flat -> NCHW: output (n, o, oh, ow) is row o at n*Hr*Wr + oh*Wr + ow, then the epilogue
@@ -461,8 +479,10 @@ at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const a
   const Call c = check_call(x_in, C, bias_in, out_channels, kh, kw, stride_h, stride_w, pad_h, pad_w, relu,
                             residual_in, pool);
   const int64_t OP = T * M, tile_q = V * tile_s;
-  const Geometry g = make_geometry(C, c.H, c.W, kh, kw, stride_h, stride_w, pad_h, pad_w,
-                                   images_per_group(c, OP, tile_q), tile_q);
+  const Geometry g1 = make_geometry(C, c.H, c.W, kh, kw, stride_h, stride_w, pad_h, pad_w, 1, tile_q);
+  const bool on_threads = threaded(c.N * g1.Hr * g1.Wr * OP * C * std::max<int64_t>(K, 1));
+  const Groups groups = plan_groups(c, g1, OP, on_threads);
+  const Geometry g = make_geometry(C, c.H, c.W, kh, kw, stride_h, stride_w, pad_h, pad_w, groups.size, tile_q);
   TORCH_CHECK(g.plane * C < (int64_t(1) << 40) && g.max_off < (int64_t(1) << 31), "tkp::topk_conv2d: input too large");
 
   // the taps (or for the aligned tiles channel * 256 + tap) in range; per-call tables: offset
@@ -484,9 +504,8 @@ at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const a
   const float* wv = values.data_ptr<float>();
   const int32_t* to = tap_off.data();
   const float* bv = bias.data();
-  const int64_t macs = c.N * g.Hr * g.Wr * OP * C * std::max<int64_t>(K, 1);
 
-  run_groups(c, g, T, M, g.q_pad, macs, [&](const float* xb, float* yv, int64_t images, int64_t t0, int64_t t1) {
+  run_groups(c, g, groups.count, T, M, g.q_pad, on_threads, [&](const float* xb, float* yv, int64_t images, int64_t t0, int64_t t1) {
     const int64_t QT = (g.q_total(images) + tile_q - 1) / tile_q;
     for (int64_t qt = 0; qt < QT; ++qt) {
       const int64_t q0 = qt * tile_q;
