@@ -26,13 +26,15 @@
 //
 // What bounds it: each multiply-add loads one unaligned 64-byte vector, which mostly spans
 // two cache lines, so the loop runs at about one multiply-add per cycle, where a dense
-// kernel reuses every loaded vector many times. Three variants that make the loads aligned
+// kernel reuses every loaded vector many times. Four variants that make the loads aligned
 // were measured and dropped: shifted copies of the input per offset residue (the windows no
 // longer fit L1); the same with 8-float vectors, whose residues are fewer (3 copies at 7x7:
 // 0.66 against 0.71 ms at 512 channels, 7x7, batch 1, single runs; even at 8x8: not worth a
-// second tile family); and sums grouped by tap at aligned positions, shifted into place in
+// second tile family); sums grouped by tap at aligned positions, shifted into place in
 // memory once per tap (the extra read-modify-write per tap cost what the aligned loads
-// saved; shifted in registers instead, they are the (0, S) tiles below, kept where faster).
+// saved; shifted in registers instead, they are the (0, S) tiles below, kept where faster);
+// and aligned loads shifted in registers per multiply-add (a two-source permute each: 0.85-0.90
+// against 0.68-0.72 ms at 512 channels, 7x7, batch 1; 1.17x slower at 8x8).
 //
 // Weights arrive packed per tile of M output channels: values[t][i][k][m] (float) and
 // taps[t][i][k][m] (int32, dy*kw + dx), missing taps and padded channels with value 0.
