@@ -34,7 +34,9 @@
 // memory once per tap (the extra read-modify-write per tap cost what the aligned loads
 // saved; shifted in registers instead, they are the (0, S) tiles below, kept where faster);
 // and aligned loads shifted in registers per multiply-add (a two-source permute each: 0.85-0.90
-// against 0.68-0.72 ms at 512 channels, 7x7, batch 1; 1.17x slower at 8x8).
+// against 0.68-0.72 ms at 512 channels, 7x7, batch 1; 1.17x slower at 8x8). Nor did 8-float
+// vectors with all 32 registers help, though a 7x7 plane then computes 56 positions, not 64
+// (even at 7x7, 0.91x at 8x8, 0.94-1.02x at 16x16 and 32x32).
 //
 // Weights arrive packed per tile of M output channels: values[t][i][k][m] (float) and
 // taps[t][i][k][m] (int32, dy*kw + dx), missing taps and padded channels with value 0.
