@@ -10,8 +10,9 @@
 // the barrier; its core is free meanwhile. Where the workers came so late that the calling
 // thread did more than half of their share besides its own, the region bought little and
 // cost their lateness, so the next calls of that kernel (2, 4, ... up to 64 of them) run on
-// the calling thread alone before threads are tried again. On an idle
-// machine the workers start within microseconds and this never triggers. Small calls run on
+// the calling thread alone before threads are tried again. On an idle machine the workers
+// start within microseconds and this rarely triggers (on the idle 2-vCPU VM measured: a few
+// of some 5000 calls a second, when a thread was held up by up to 4 ms). Small calls run on
 // the calling thread alone: a fork/join costs microseconds on an idle machine and can cost
 // milliseconds on a busy one.
 #pragma once
@@ -33,6 +34,12 @@ namespace tkp_parallel {
 // on an idle machine they finish within a unit of it (microseconds), and waking a sleeping
 // thread costs tens of microseconds in a VM (7-13% of a 0.13-0.18 ms layer at batch 32, 2 threads).
 constexpr int64_t kSpinMicroseconds = 50;
+
+// Whether a call of `work` multiply-adds runs on torch's threads: not with one thread, not
+// inside a parallel region, not under 4M multiply-adds (see above: small calls).
+inline bool worth_threads(int64_t work) {
+  return at::get_num_threads() > 1 && !at::in_parallel_region() && work >= (int64_t(1) << 22);
+}
 
 // per kernel: calls left to run on the calling thread, and how many the next backoff holds
 struct Backoff {

@@ -344,9 +344,9 @@ at::Tensor tap_group_conv2d(const at::Tensor& x_in, const at::Tensor& weights, c
   // units: whole images where there are several per thread, else (image, block, chunk of output
   // rows), so that every thread gets several; handed out one at a time
   const int64_t threads = at::get_num_threads(), per_image = c.NB * g.OH * g.Wq * B * std::max<int64_t>(c.E, 1);
-  const bool serial = threads == 1 || g.N * per_image < (int64_t(1) << 22) || at::in_parallel_region();
+  const bool serial = !tkp_parallel::worth_threads(g.N * per_image);
   const bool whole = serial || g.N >= 4 * threads;  // else each block of an image a unit of its own
-  const int64_t blocks = whole ? 1 : c.NB;           // units per image and row chunk
+  const int64_t blocks = whole ? 1 : c.NB;           // units per (image, row chunk): 1 holds all blocks
   c.chunks = whole ? 1 : std::min((g.OH + 1) / 2, std::max<int64_t>(1, (4 * threads + g.N * c.NB - 1) / (g.N * c.NB)));
   c.rows_per_chunk = ((g.OH + c.chunks - 1) / c.chunks + 1) / 2 * 2;
   c.chunks = (g.OH + c.rows_per_chunk - 1) / c.rows_per_chunk;

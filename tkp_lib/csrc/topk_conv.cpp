@@ -381,12 +381,6 @@ Call check_call(const at::Tensor& x_in, int64_t c_in, const c10::optional<at::Te
   return c;
 }
 
-// Whether a call runs on torch's threads: not with one thread, inside a parallel region, or for
-// small calls (a fork/join costs microseconds on an idle machine and can cost milliseconds on a busy one).
-bool threaded(int64_t macs) {
-  return at::get_num_threads() > 1 && !at::in_parallel_region() && macs >= (int64_t(1) << 22);
-}
-
 // How the batch is cut into groups of images: a group's input planes and sums fit in about 1 MiB
 // of L2; on threads, a multiple of the thread count of groups (3 groups on 2 threads kept one
 // idle a third of the time), the images shared out evenly.
@@ -484,7 +478,7 @@ at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const a
                             residual_in, pool);
   const int64_t OP = T * M, tile_q = V * tile_s;
   const Geometry g1 = make_geometry(C, c.H, c.W, kh, kw, stride_h, stride_w, pad_h, pad_w, 1, tile_q);
-  const bool on_threads = threaded(c.N * g1.Hr * g1.Wr * OP * C * std::max<int64_t>(K, 1));
+  const bool on_threads = tkp_parallel::worth_threads(c.N * g1.Hr * g1.Wr * OP * C * std::max<int64_t>(K, 1));
   const Groups groups = plan_groups(c, g1, OP, on_threads);
   const Geometry g = make_geometry(C, c.H, c.W, kh, kw, stride_h, stride_w, pad_h, pad_w, groups.size, tile_q);
   TORCH_CHECK(g.plane * C < (int64_t(1) << 40) && g.max_off < (int64_t(1) << 31), "tkp::topk_conv2d: input too large");
