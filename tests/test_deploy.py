@@ -114,6 +114,21 @@ def test_aligned_tiles_match_conv2d(kernel):
             assert relative_error(m(x), F.relu(conv(x)) if m.relu else conv(x)) < 1e-5, (n, c_in, ks, stride, tile)
 
 
+def test_a_tile_this_build_lacks_runs_on_the_default(kernel):
+    """A deploy.pt names the tile measured fastest where it was written; AVX-512 and AVX2
+    builds compile different tiles, so a foreign one runs on DEFAULT_TILE, not an error."""
+    gen = torch.Generator().manual_seed(5)
+    conv = nn.Conv2d(16, 24, 3, padding=1)
+    conv.weight.data = topk_weight(24, 16, 3, 3, 1, gen)
+    x = torch.randn(2, 16, 9, 9, generator=gen)
+    m = topk_conv.TopKConv2d.from_conv(conv, tile=(9, 9))
+    assert (9, 9) not in kernel and m.kernel_tile() == topk_conv.DEFAULT_TILE
+    with torch.no_grad():
+        assert relative_error(m(x), conv(x)) <= 1e-5
+    m.set_tile(kernel[0])
+    assert m.kernel_tile() == kernel[0]
+
+
 def test_kernel_all_zero_weights_give_the_bias(kernel):
     conv = nn.Conv2d(5, 7, 3, padding=1)
     with torch.no_grad():
@@ -383,6 +398,16 @@ def test_deploy_pt_loads_in_a_fresh_process(kernel, finals, tmp_path, one_thread
         "('tkp_lib.train', 'tkp_lib.data', 'tkp_lib.sparsity', 'tkp_lib.qat', 'tkp_lib.report')]; "
         "assert not training, training; from tkp_lib import topk_conv; print('ok', topk_conv.kernel_available())")
     assert run_python(check).split()[-2:] == ["ok", "True"]
+    # a deploy.pt tuned on a CPU with other vector instructions may name tiles this build lacks:
+    # they run on the default tile
+    spec = torch.load(out, weights_only=True)
+    topk = [m for m in spec["modules"].values() if m["type"] == "TopKConv2d"]
+    assert topk and all(m["config"]["tile"] == [4, 4] for m in topk)
+    for m in topk:
+        m["config"]["tile"] = [9, 9]  # in no build
+    torch.save(spec, tmp_path / "foreign.pt")
+    with torch.no_grad():
+        assert torch.equal(D.load(tmp_path / "foreign.pt")(x), D.load(out)(x))
     # and where the kernel cannot be built, the same file runs its Top-K layers densely
     stdout = run_python(check.replace("print('ok', topk_conv.kernel_available())", "print('ok')"),
                         {"TKP_DEPLOY_NO_KERNEL": "1"})

@@ -69,6 +69,17 @@ def test_kernel_and_fallback_match_conv2d_over_random_shapes(kernel):
         assert torch.equal(m.dense_weight(), conv.weight.detach())
 
 
+def test_a_tile_this_build_lacks_runs_on_the_default(kernel):
+    """AVX-512 and AVX2 builds compile different tiles: one named by a deploy.pt written
+    elsewhere runs on the group's default tile."""
+    gen = torch.Generator().manual_seed(3)
+    conv = grouped_conv(16, 64, 3, 1, 1, 1, 32, gen)
+    x = torch.randn(2, 16, 9, 9, generator=gen)
+    m = T.TapGroupConv2d.from_conv(conv, 32, 1, tile=(48, 5))
+    assert (48, 5) not in kernel
+    assert max_rel(m(x), conv(x).detach()) < 1e-5
+
+
 def test_epilogue_residual_relu_pool_and_threads(kernel):
     gen = torch.Generator().manual_seed(2)
     conv = grouped_conv(32, 48, 3, 1, 1, 1, 16, gen)

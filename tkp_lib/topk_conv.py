@@ -22,6 +22,7 @@ from torch.nn.modules.utils import _pair
 from tkp_lib import kernels
 
 MAX_K = 8  # the kernel keeps at most this many taps per kernel
+DEFAULT_TILE = (4, 4)  # compiled in on AVX-512 and AVX2 alike
 
 
 def kernel():
@@ -67,7 +68,7 @@ class TopKConv2d(nn.Module):
     not float32 on the CPU) it runs F.conv2d on the dense weight rebuilt from the kept taps."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, k: int = 1,
-                 bias: bool = True, tile=(4, 4), relu: bool = False, pool: int = 0):
+                 bias: bool = True, tile=DEFAULT_TILE, relu: bool = False, pool: int = 0):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = _pair(kernel_size), _pair(stride), _pair(padding)
@@ -77,10 +78,11 @@ class TopKConv2d(nn.Module):
         self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
         self.tile = tuple(tile)
         self._packed = None  # (values, taps) in the kernel's tile order, built on first use
+        self._tile = None    # the tile the kernel runs (kernel_tile), found on first use
         self._dense = None   # the dense weight, built on first use where the kernel cannot run
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, tile=(4, 4)) -> "TopKConv2d":
+    def from_conv(cls, conv: nn.Conv2d, tile=DEFAULT_TILE) -> "TopKConv2d":
         why = kernels.unsupported_conv(conv)
         if why:
             raise ValueError(f"TopKConv2d cannot compute this Conv2d: {why}")
@@ -104,7 +106,7 @@ class TopKConv2d(nn.Module):
                 f"padding={self.padding}, k={self.k}, tile={self.tile}, relu={self.relu}, pool={self.pool}")
 
     def set_tile(self, tile) -> None:
-        self.tile, self._packed = tuple(tile), None
+        self.tile, self._packed, self._tile = tuple(tile), None, None
 
     def _apply(self, fn, recurse=True):  # .to() / .float() etc.: repack from the new buffers
         self._packed = self._dense = None
@@ -128,10 +130,10 @@ class TopKConv2d(nn.Module):
             tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()  # no int() of data there
             if self.taps.numel() and not tracing and int(self.taps.max()) >= kh * kw:
                 raise ValueError(f"TopKConv2d: a tap index outside the {kh}x{kw} kernel")
-            if self.tile[0] == 0:
+            if self.kernel_tile()[0] == 0:
                 self._packed = self._packed_aligned()
                 return self._packed
-            m = self.tile[0]
+            m = self.kernel_tile()[0]
             tiles = -(-self.out_channels // m)
             v = torch.zeros(tiles * m, self.in_channels, self.k)
             t = torch.zeros(tiles * m, self.in_channels, self.k, dtype=torch.int32)
@@ -151,12 +153,19 @@ class TopKConv2d(nn.Module):
         order = torch.argsort((v == 0).long() * (1 << 40) + code % 256 * (1 << 20) + code // 256, dim=1)
         return (v.gather(1, order).reshape(shape).contiguous(), code.gather(1, order).int().reshape(shape).contiguous())
 
+    def kernel_tile(self) -> tuple[int, int]:
+        """self.tile where this build compiles it in, else DEFAULT_TILE: a deploy.pt tuned on a
+        CPU with other vector instructions (AVX-512 or AVX2) may name a tile this one lacks."""
+        if self._tile is None:
+            self._tile = self.tile if kernel_available() and self.tile in tile_kinds() else DEFAULT_TILE
+        return self._tile
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and kernel_available()
                 and (residual is None or residual.dtype == torch.float32)):
             values, taps = self.packed()
             args = (values, taps, self.bias, self.out_channels, *self.kernel_size, *self.stride, *self.padding,
-                    self.tile[0], self.tile[1], 0, self.relu, residual, self.pool)
+                    *self.kernel_tile(), 0, self.relu, residual, self.pool)
             if torch.compiler.is_compiling() or torch.compiler.is_exporting():
                 return torch.ops.tkp.topk_conv2d(x, *args)  # the registered op, which they can trace
             return kernel().topk_conv2d(x, *args)  # the same function without torch.ops' parsing
