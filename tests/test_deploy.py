@@ -127,6 +127,11 @@ def test_a_tile_this_build_lacks_runs_on_the_default(kernel):
         assert relative_error(m(x), conv(x)) <= 1e-5
     m.set_tile(kernel[0])
     assert m.kernel_tile() == kernel[0]
+    with torch.no_grad():
+        assert relative_error(m(x), conv(x)) <= 1e-5
+        # found during tracing too: torch.compile of a fresh layer, one graph
+        fresh = topk_conv.TopKConv2d.from_conv(conv, tile=(9, 9))
+        assert relative_error(torch.compile(fresh, fullgraph=True, backend="eager")(x), conv(x)) <= 1e-5
 
 
 def test_kernel_all_zero_weights_give_the_bias(kernel):

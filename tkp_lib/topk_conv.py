@@ -41,8 +41,8 @@ def kernel_problem() -> str:
 
 
 def tile_kinds() -> list[tuple[int, int]]:
-    """The (M output channels, S vectors of 16 positions) register tiles compiled in; M = 0:
-    one output channel at a time, its sums grouped by tap at aligned positions."""
+    """The (M output channels, S vectors of 16 positions, 8 on AVX2) register tiles compiled
+    in; M = 0: one output channel at a time, its sums grouped by tap at aligned positions."""
     flat = list(torch.ops.tkp.tile_kinds())
     return list(zip(flat[0::2], flat[1::2]))
 

@@ -110,7 +110,8 @@ struct TileKind {
 // vector registers (32 on AVX-512; 16 on AVX2, where 4x4 and 2x8 spill one). Small S suits
 // small planes (batch 1 at 8x8), large S large ones. On AVX2 (an AMD Zen 3) one output channel
 // with 7-14 vectors was the fastest tile on most layers: each (channel, tap) entry's broadcast
-// weight and tap lookups then feed S multiply-adds (256 @ 8, batch 1: 1.16-1.43x).
+// weight and tap lookups then feed S multiply-adds (256 @ 8, batch 1: 1.16-1.43x over the best
+// tile compiled before).
 #if defined(__AVX512F__)
 const TileKind kTiles[] = {
     {1, 8, tile<1, 8>},   {2, 4, tile<2, 4>},  {2, 8, tile<2, 8>},  {2, 12, tile<2, 12>}, {3, 5, tile<3, 5>},
