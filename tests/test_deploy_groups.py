@@ -76,7 +76,7 @@ def test_a_tile_this_build_lacks_runs_on_the_default(kernel):
     conv = grouped_conv(16, 64, 3, 1, 1, 1, 32, gen)
     x = torch.randn(2, 16, 9, 9, generator=gen)
     m = T.TapGroupConv2d.from_conv(conv, 32, 1, tile=(48, 5))
-    assert (48, 5) not in kernel and m._kernel_tile() == T.default_tile(32)
+    assert (48, 5) not in kernel and m.kernel_tile() == T.default_tile(32)
     assert max_rel(m(x), conv(x).detach()) < 1e-5
 
 

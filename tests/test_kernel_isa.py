@@ -22,6 +22,10 @@ FUZZ = ["tests/test_deploy.py::test_kernel_matches_conv2d_over_random_shapes",
         "tests/test_deploy_groups.py::test_kernel_and_fallback_match_conv2d_over_random_shapes",
         "tests/test_deploy_groups.py::test_epilogue_residual_relu_pool_and_threads",
         "tests/test_deploy_groups.py::test_wide_inputs_and_every_walk_match_conv2d",
+        "tests/test_deploy.py::test_batches_shared_out_over_threads_stay_exact",
+        "tests/test_deploy.py::test_a_tile_this_build_lacks_runs_on_the_default",
+        "tests/test_deploy_groups.py::test_whole_image_and_split_units_over_threads_match_conv2d",
+        "tests/test_deploy_groups.py::test_a_tile_this_build_lacks_runs_on_the_default",
         "tests/test_kernel_inputs.py"]
 
 
@@ -33,6 +37,21 @@ def test_build_flags(monkeypatch):
     monkeypatch.setenv(kernels.ISA_ENV, "sse")
     with pytest.raises(RuntimeError, match="avx2"):
         kernels.build_flags()
+
+
+def test_a_cpu_that_is_not_x86_gets_one_clear_line():
+    """Built for a CPU that is not x86 (an Arm laptop or server), the kernels' first error is
+    their own #error, the line deployment prints before it stays dense (not a missing
+    immintrin.h). Simulated by compiling the shared headers with x86's macros undefined."""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("no g++ here")
+    source = '#include "simd.h"\n#include "parallel.h"\n'  # the kernels' order
+    proc = subprocess.run([gxx, "-x", "c++", "-std=c++20", "-fsyntax-only", "-U__x86_64__", "-U__i386__",
+                           "-I", str(ROOT / "tkp_lib" / "csrc"), "-"], input=source,
+                          capture_output=True, text=True, timeout=120)
+    line = kernels.one_line(RuntimeError(proc.stderr))
+    assert proc.returncode != 0 and "#error" in line and "not x86" in line, proc.stderr[-2000:]
 
 
 def test_native_build_reports_its_instruction_set():

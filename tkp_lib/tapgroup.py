@@ -156,7 +156,7 @@ class TapGroupConv2d(nn.Module):
         if self._packed is None:
             self.check()
             kh, kw = self.kernel_size
-            (width, rb), c_in, t = self._kernel_tile(), self.in_channels, kh * kw
+            (width, rb), c_in, t = self.kernel_tile(), self.in_channels, kh * kw
             dense = self.dense_weight().detach().float().cpu().reshape(self.out_channels, c_in * t)
             group_of = torch.arange(self.out_channels) // self.group
             kept = torch.zeros(self.taps.shape[0], c_in * t, dtype=torch.bool)
@@ -177,7 +177,7 @@ class TapGroupConv2d(nn.Module):
                             rb)
         return self._packed
 
-    def _kernel_tile(self) -> tuple[int, int]:
+    def kernel_tile(self) -> tuple[int, int]:
         """self.tile where it is compiled in (a deploy.pt written by another build may name
         one that is not), else the default for the group."""
         return tuple(self.tile) if tuple(self.tile) in tile_kinds() else default_tile(self.group)

@@ -46,7 +46,11 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#else  // the first line the compiler prints, and the one tkp_lib/kernels.py shows
+#error "the depthwise Top-K kernel needs an x86-64 CPU with AVX-512 or AVX2 and FMA; this one is not x86"
+#endif
 
 #include <algorithm>
 #include <array>

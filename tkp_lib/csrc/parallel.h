@@ -25,7 +25,6 @@
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
-#include <immintrin.h>
 #include <mutex>
 
 namespace tkp_parallel {
@@ -39,6 +38,13 @@ constexpr int64_t kSpinMicroseconds = 50;
 // inside a parallel region, not under 4M multiply-adds (see above: small calls).
 inline bool worth_threads(int64_t work) {
   return at::get_num_threads() > 1 && !at::in_parallel_region() && work >= (int64_t(1) << 22);
+}
+
+// A spin-wait hint to the core (x86's PAUSE; nothing elsewhere, where the kernels do not build).
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
 }
 
 // per kernel: calls left to run on the calling thread, and how many the next backoff holds
@@ -79,7 +85,7 @@ void for_units(int64_t units, bool serial, Backoff& backoff, const F& fn) {
     if (begin == 0) {  // the calling thread spins a little, then waits asleep (not at the barrier)
       const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicroseconds);
       for (int i = 1; left.load() > end - begin; ++i) {
-        _mm_pause();
+        cpu_relax();
         if (i % 64 == 0 && std::chrono::steady_clock::now() > until) break;
       }
     }

@@ -1,11 +1,15 @@
 // The vector instructions the TKP kernels use, for the instruction set chosen at build time:
 // AVX-512 (16 floats per vector, 32 registers) where the compiler targets it, else AVX2 + FMA
-// (8 floats, 16 registers); a CPU with neither gets a clear #error (tkp_lib/kernels.py prints
+// (8 floats, 16 registers); a CPU with neither, or not x86, gets a clear #error (kernels.py prints
 // it and deployment falls back to torch). tkp_lib/kernels.py builds with -march=native, or
 // with -mno-avx512f for the AVX2 variant (TKP_KERNEL_ISA=avx2), from the same sources.
 #pragma once
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#else  // the first line the compiler prints, and the one tkp_lib/kernels.py shows
+#error "the TKP kernels need an x86-64 CPU with AVX-512 or AVX2 and FMA; this one is not x86"
+#endif
 
 #include <algorithm>
 #include <cstdint>

@@ -46,8 +46,8 @@
 #include <cstring>
 #include <vector>
 
+#include "simd.h"  // first: its #error is the line a CPU it cannot build for sees
 #include "parallel.h"
-#include "simd.h"
 
 namespace {
 
