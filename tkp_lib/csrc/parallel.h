@@ -38,8 +38,8 @@ constexpr int64_t kSpinMicroseconds = 50;
 
 // Whether a call of `work` multiply-adds runs on torch's threads: not with one thread, not
 // inside a parallel region, not under 256K vector multiply-adds (see above: small calls): 4M
-// multiply-adds with AVX-512's 16-float vectors, 2M with AVX2's 8 (on an AMD Zen 3, tap-group
-// layers of 2.4-4.1M ran 1.39-1.55x faster on 2 threads than on 1, batch 1).
+// multiply-adds with AVX-512's 16-float vectors, 2M with AVX2's 8 (on an AMD Zen 3, layers of
+// 2.6-4.1M multiply-adds ran 1.16-1.59x faster on 2 threads than on 1 at batch 1).
 inline bool worth_threads(int64_t work) {
   return at::get_num_threads() > 1 && !at::in_parallel_region() && work >= (int64_t(1) << 18) * tkp_simd::V;
 }

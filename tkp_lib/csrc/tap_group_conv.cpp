@@ -25,10 +25,10 @@
 // OW outputs in ceil(OW / RB) tiles: none wasted where RB divides OW, as 14 does the 14x14
 // layers), or by pairs of rows (RB / 2 columns of two neighbouring rows per tile: a 7x7
 // layer in 4 tiles of 2 x 7, each weight vector loaded once per 14 positions instead of 7;
-// an odd last row computes one row it drops). The epilogue (residual add,
-// ReLU) is applied to the tile's registers as they are stored to the output (1.03-1.30x
-// over a pass through a buffer, 64-512 channels, on an AMD Zen 3); a 2x2 max pool reads them
-// back from a per-thread buffer of the unit's rows.
+// an odd last row computes one row it drops). The epilogue (residual add, ReLU) is applied
+// to the tile's registers as they are stored to the output (against a pass through a buffer,
+// on an AMD Zen 3: up to 1.30x at 64 channels, 0.94-1.04x at 128-512); a 2x2 max pool reads
+// them back from a per-thread buffer of the unit's rows.
 //
 // Threads: one parallel region per call (parallel.h), over whole images where there are at
 // least 4 per thread, else over (image, block, rows) units sized so that every thread gets
@@ -134,9 +134,10 @@ void pad_image(const float* x, int64_t n, float* buf, const Geo& g) {
 
 // ---- the register tile ---------------------------------------------------------------------
 
-// Where a tile's RB sums go: output pixel r's first channel of the block at dst[r] (null:
-// a position the walk computes and drops), its residual at res[r] (or no residual: res
-// null), n of the block's B channels kept (the last block may hold fewer), ReLU or not.
+// Where a tile's RB sums go: output pixel r's first channel of the block at dst[r] (or its
+// slot in the pool buffer; null: a position the walk computes and drops), its residual at
+// res[r] (or no residual: res null), n of the block's B channels kept (the last block may
+// hold fewer), ReLU or not.
 struct Out {
   float* const* dst;
   const float* const* res;
@@ -193,8 +194,11 @@ struct Kind {
   TileFn paired;  // RB / 2 pixels of two neighbouring rows (even RB), else null
 };
 
+constexpr int kMaxRB = 24;  // the largest RB (run_unit's pointer arrays)
+
 template <int OCB, int RB>
 constexpr Kind kind() {
+  static_assert(RB <= kMaxRB, "a tile of more positions than run_unit holds pointers for");
   if constexpr (RB % 2 == 0) return {OCB * V, RB, tile<OCB, RB, RB>, tile<OCB, RB, RB / 2>};
   else return {OCB * V, RB, tile<OCB, RB, RB>, nullptr};
 }
@@ -210,8 +214,6 @@ const Kind kKinds[] = {kind<1, 8>(), kind<1, 16>(), kind<1, 24>(), kind<2, 6>(),
 const Kind kKinds[] = {kind<1, 6>(), kind<1, 7>(), kind<1, 12>(), kind<1, 14>(),
                        kind<2, 3>(), kind<2, 6>(), kind<2, 7>(), kind<4, 2>()};
 #endif
-constexpr int kMaxRB = 24;  // the largest RB
-
 const Kind& find_kind(int64_t B, int64_t RB) {
   for (const Kind& k : kKinds)
     if (k.B == B && k.RB == RB) return k;
