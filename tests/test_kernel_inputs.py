@@ -39,6 +39,24 @@ def test_tap_group_refuses_a_tap_outside_the_kernel(tg_kernel):
         m.forward_torch(torch.randn(1, 4, 8, 8))
 
 
+def test_tap_group_op_refuses_channels_and_taps_out_of_range(tg_kernel):
+    """tkp::tap_group_conv2d reads the padded input at each entry's (input channel, tap): any
+    entry out of range, first, middle or last in the packed blocks, is refused."""
+    m = tap_group_layer(c_in=5, c_out=40, padding=1)
+    x = torch.randn(1, 5, 6, 6)
+    weights, channels, taps, rb = m.packed()
+    last = channels.numel() - 1
+    for which, bad_values in (("channels", [5, -1, 1 << 30]), ("taps", [9, -1, 1 << 30])):
+        for where in (0, last // 2, last):
+            for bad in bad_values:
+                ch, tp = channels.clone(), taps.clone()
+                (ch if which == "channels" else tp).view(-1)[where] = bad
+                with pytest.raises(RuntimeError, match="out of range"):
+                    torch.ops.tkp.tap_group_conv2d(x, weights, ch, tp, None, 40, 3, 3, 1, 1, 1, 1, rb)
+    y = torch.ops.tkp.tap_group_conv2d(x, weights, channels, taps, None, 40, 3, 3, 1, 1, 1, 1, rb)
+    assert y.shape == (1, 40, 6, 6)
+
+
 def test_tap_group_refuses_a_bias_of_the_wrong_length(tg_kernel):
     m = tap_group_layer(padding=1)
     m.bias = torch.zeros(15)
