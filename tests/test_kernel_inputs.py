@@ -5,8 +5,9 @@ biases of the wrong length, depthwise and dilated convolutions (issue 20, item 7
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from tkp_lib import tapgroup, topk_conv
+from tkp_lib import depthwise, tapgroup, topk_conv
 
 
 def tap_group_layer(c_in=4, c_out=16, stride=1, padding=0, bias=True):
@@ -55,6 +56,27 @@ def test_tap_group_op_refuses_channels_and_taps_out_of_range(tg_kernel):
                     torch.ops.tkp.tap_group_conv2d(x, weights, ch, tp, None, 40, 3, 3, 1, 1, 1, 1, rb)
     y = torch.ops.tkp.tap_group_conv2d(x, weights, channels, taps, None, 40, 3, 3, 1, 1, 1, 1, rb)
     assert y.shape == (1, 40, 6, 6)
+
+
+def test_depthwise_op_refuses_taps_out_of_range():
+    """tkp::depthwise_topk2d reads the input at each (channel, kept tap): any tap out of range,
+    first, middle or last, is refused."""
+    if not depthwise.kernel_available():
+        pytest.skip("the depthwise kernel cannot be built here")
+    conv = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+    with torch.no_grad():
+        conv.weight.mul_((torch.arange(9) % 4 == 0).float().reshape(3, 3))  # taps 0, 4, 8
+    m = depthwise.DepthwiseTopKConv2d.from_conv(conv)
+    x = torch.randn(1, 6, 8, 8)
+    values, taps = m.values.float().contiguous(), m.taps.int().contiguous()
+    for where in (0, taps.numel() // 2, taps.numel() - 1):
+        for bad in (9, -1, 1 << 30):
+            t = taps.clone()
+            t.view(-1)[where] = bad
+            with pytest.raises(RuntimeError, match="tap index out of range"):
+                torch.ops.tkp.depthwise_topk2d(x, values, t, None, 3, 3, 1, 1, 1, 1, 0)
+    y = torch.ops.tkp.depthwise_topk2d(x, values, taps, None, 3, 3, 1, 1, 1, 1, 0)
+    assert torch.allclose(y, F.conv2d(x, m.dense_weight(), None, 1, 1, groups=6), atol=1e-5)
 
 
 def test_tap_group_refuses_a_bias_of_the_wrong_length(tg_kernel):

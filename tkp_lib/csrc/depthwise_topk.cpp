@@ -459,18 +459,23 @@ at::Tensor depthwise_topk2d(const at::Tensor& x_in, const at::Tensor& values, co
     TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == C, "tkp::depthwise_topk2d: bad bias");
   }
   const int32_t* tp = taps.data_ptr<int32_t>();
-  for (int64_t j = 0; j < taps.numel(); ++j)
-    TORCH_CHECK(tp[j] >= 0 && tp[j] < kh * kw, "tkp::depthwise_topk2d: tap index out of range");
+  uint32_t bad = 0;  // a loop the compiler vectorises
+  for (int64_t j = 0; j < taps.numel(); ++j) bad |= uint32_t(uint32_t(tp[j]) >= uint32_t(kh * kw));
+  TORCH_CHECK(bad == 0, "tkp::depthwise_topk2d: tap index out of range");
   at::Tensor out = at::empty({N, C, Ho, Wo}, x.options());
   if (out.numel() == 0) return out;
 
   const auto g = geometry({H, W, kh, kw, stride_h, stride_w, pad_h, pad_w});
-  std::vector<int32_t> refs(2 * taps.numel());  // what each kept tap reads, once per call rather than per plane
-  for (int64_t j = 0; j < taps.numel(); ++j) {
-    const int64_t dy = tp[j] / kw - pad_h, dx = tp[j] % kw - pad_w;
-    refs[2 * j] = int32_t(g->flat ? dy * W + dx : g->tiny ? tp[j] : dy);
-    refs[2 * j + 1] = int32_t(g->flat ? tp[j] * g->nvec_pad : dx);
+  // what each kept tap reads, once per call rather than per plane: per tap of the kernel, then
+  // per (channel, kept tap) from that table (no division per entry)
+  std::vector<int32_t> tap_refs(2 * kh * kw), refs(2 * taps.numel());
+  for (int64_t t = 0; t < kh * kw; ++t) {
+    const int64_t dy = t / kw - pad_h, dx = t % kw - pad_w;
+    tap_refs[2 * t] = int32_t(g->flat ? dy * W + dx : g->tiny ? t : dy);
+    tap_refs[2 * t + 1] = int32_t(g->flat ? t * g->nvec_pad : dx);
   }
+  for (int64_t j = 0; j < taps.numel(); ++j)
+    refs[2 * j] = tap_refs[2 * tp[j]], refs[2 * j + 1] = tap_refs[2 * tp[j] + 1];
   const Planes P{x.data_ptr<float>(), out.data_ptr<float>(), values.data_ptr<float>(), refs.data(),
                  bias.defined() ? bias.data_ptr<float>() : nullptr, C, K, H * W, Ho * Wo};
   // planes per task: at least 64 Ki multiply-adds' worth, so that small layers run on the calling thread alone
