@@ -57,7 +57,7 @@ using namespace tkp_simd;
 
 tkp_parallel::Backoff backoff;  // this kernel's (parallel.h)
 
-thread_local Scratch scratch_image, scratch_pool, scratch_walk;
+thread_local Scratch scratch_image, scratch_pool;
 
 struct Geo {
   int64_t N, C, H, W, O, kh, kw, sh, sw, ph, pw, OH, OW, YH, YW;
@@ -134,15 +134,13 @@ void pad_image(const float* x, int64_t n, float* buf, const Geo& g) {
 
 // ---- the register tile ---------------------------------------------------------------------
 
-// Where a tile's RB sums go: position r to dst + doff[r] (its output pixel's first channel of
-// the block, or its slot in the pool buffer; doff[r] < 0: a position the walk computes and
-// drops), its residual from res + roff[r] (res null: no residual), n of the block's B channels
-// kept (the last block may hold fewer), ReLU or not.
+// Where a tile's RB sums go: output pixel r's first channel of the block at dst[r] (or its
+// slot in the pool buffer; null: a position the walk computes and drops), its residual at
+// res[r] (or no residual: res null), n of the block's B channels kept (the last block may
+// hold fewer), ReLU or not.
 struct Out {
-  float* dst;
-  const int64_t* doff;
-  const float* res;
-  const int64_t* roff;
+  float* const* dst;
+  const float* const* res;
   int64_t n;
   bool relu;
 };
@@ -175,9 +173,9 @@ void tile(const float* x, int64_t C, const int32_t* off, int64_t E, const float*
   }
 #pragma GCC unroll 32
   for (int r = 0; r < RB; ++r) {
-    if (out.doff[r] < 0) continue;
-    float* d = out.dst + out.doff[r];
-    const float* res = out.res ? out.res + out.roff[r] : nullptr;
+    float* d = out.dst[r];
+    if (!d) continue;
+    const float* res = out.res ? out.res[r] : nullptr;
     for (int b = 0; b < OCB; ++b) {
       vec a = acc[r][b];
       if (res) a = vadd(a, vload_first(res + b * V, out.n - b * V));
@@ -196,8 +194,11 @@ struct Kind {
   TileFn paired;  // RB / 2 pixels of two neighbouring rows (even RB), else null
 };
 
+constexpr int kMaxRB = 24;  // the largest RB (run_unit's pointer arrays)
+
 template <int OCB, int RB>
 constexpr Kind kind() {
+  static_assert(RB <= kMaxRB, "a tile of more positions than run_unit holds pointers for");
   if constexpr (RB % 2 == 0) return {OCB * V, RB, tile<OCB, RB, RB>, tile<OCB, RB, RB / 2>};
   else return {OCB * V, RB, tile<OCB, RB, RB>, nullptr};
 }
@@ -246,10 +247,63 @@ struct Call {
   const float* w;
 };
 
-// 2x2 max pool of a block's stored rows [r0, r1) (pooled: OW slots of B floats per row) into
-// the output (yp: the block's first channel; nb of its channels kept)
-void pool_rows(const Geo& g, const float* pooled, float* yp, int64_t n, int64_t nb, int64_t B, int64_t r0, int64_t r1) {
-  for (int64_t pr = r0 / 2; pr < std::min(r1 / 2, g.YH); ++pr)
+// Block b of image n, output rows [r0, r1): tiles of RB positions, the epilogue on the way out.
+void run_unit(const Call& c, const float* buf, int64_t n, int64_t b, int64_t r0, int64_t r1) {
+  const Geo& g = c.g;
+  const int64_t B = c.kind->B, RB = c.kind->RB, o0 = b * B, nb = std::min(B, g.O - o0);
+  const float* resp = c.res.defined() ? c.res.data_ptr<float>() + o0 : nullptr;
+  float* yp = c.y.data_ptr<float>() + o0;
+  float* pooled = g.pool ? scratch_pool.get<float>((r1 - r0) * g.OW * B) : nullptr;
+  TORCH_CHECK(!g.pool || pooled, "tkp::tap_group_conv2d: out of memory");
+  float* dst[kMaxRB];
+  const float* res[kMaxRB];
+  const Out out{dst, resp ? res : nullptr, nb, g.relu};
+  const TileFn fn = c.walk == Walk::paired ? c.kind->paired : c.kind->fn;
+  // position r of the next tile is output pixel (h, w) (w < OW), or dropped
+  auto to = [&](int64_t r, int64_t h, int64_t w) {
+    const int64_t pix = (n * g.OH + h) * g.OW + w;
+    dst[r] = g.pool ? pooled + ((h - r0) * g.OW + w) * B : yp + pix * g.O;
+    res[r] = resp ? resp + pix * g.O : nullptr;
+  };
+  // the tile at padded pixel p0 (output row h, column w: p0 = h*Wq + w)
+  auto tile_at = [&](int64_t p0) {
+    fn(buf + p0 * g.Cp, g.Cp, c.off.data() + b * c.E, c.E, c.w + b * c.E * B, c.bias.data() + o0, out, g.Wq * g.Cp);
+  };
+  if (c.walk == Walk::paired) {  // rows h and h + 1, RB / 2 columns of each (rows_per_chunk is even)
+    const int64_t half = RB / 2;
+    for (int64_t h = r0; h < r1; h += 2)
+      for (int64_t w0 = 0; w0 < g.OW; w0 += half) {
+        for (int64_t r = 0; r < RB; ++r) {
+          const int64_t row = h + r / half, w = w0 + r % half;
+          if (row < r1 && w < g.OW) to(r, row, w);
+          else dst[r] = nullptr;
+        }
+        tile_at(h * g.Wq + w0);
+      }
+  } else if (c.walk == Walk::by_row) {
+    for (int64_t h = r0; h < r1; ++h)
+      for (int64_t w0 = 0; w0 < g.OW; w0 += RB) {
+        for (int64_t r = 0; r < RB; ++r) {
+          if (w0 + r < g.OW) to(r, h, w0 + r);
+          else dst[r] = nullptr;
+        }
+        tile_at(h * g.Wq + w0);
+      }
+  } else {
+    const int64_t q1 = r1 * g.Wq;
+    int64_t oh = r0, ow = 0;  // of position p0 + r, stepped along (no division per position)
+    for (int64_t p0 = r0 * g.Wq; p0 < q1; p0 += RB) {
+      for (int64_t r = 0; r < RB; ++r) {
+        const int64_t h = oh, w = ow;
+        if (++ow == g.Wq) ow = 0, ++oh;
+        if (p0 + r < q1 && w < g.OW) to(r, h, w);
+        else dst[r] = nullptr;
+      }
+      tile_at(p0);
+    }
+  }
+  if (!g.pool) return;
+  for (int64_t pr = r0 / 2; pr < std::min(r1 / 2, g.YH); ++pr)  // 2x2 max pool of the stored rows
     for (int64_t pc = 0; pc < g.YW; ++pc) {
       const float* s = pooled + ((2 * pr - r0) * g.OW + 2 * pc) * B;
       float* d = yp + ((n * g.YH + pr) * g.YW + pc) * g.O;
@@ -259,77 +313,6 @@ void pool_rows(const Geo& g, const float* pooled, float* yp, int64_t n, int64_t 
         vstore_first(d + j, m, nb - j);
       }
     }
-}
-
-// Blocks [b0, b1) of image n, output rows [r0, r1): the walk's tiles are laid out once (each
-// tile's first padded pixel, and per position the offset of its output, and of its residual,
-// or -1 where the walk drops it), then every block runs them, the epilogue on the way out
-// (against computing them per block and tile: 0.94-1.09x at 64-512 channels, batch 1, on an
-// AMD Zen 3; they took 9-11% of a 64-channel layer's time).
-void run_unit(const Call& c, const float* buf, int64_t n, int64_t b0, int64_t b1, int64_t r0, int64_t r1) {
-  const Geo& g = c.g;
-  const int64_t B = c.kind->B, RB = c.kind->RB;
-  const int64_t max_tiles = (r1 - r0 + 1) * (g.Wq + RB) / RB + 1;
-  int64_t* p0s = scratch_walk.get<int64_t>(max_tiles * (2 * RB + 1));
-  TORCH_CHECK(p0s, "tkp::tap_group_conv2d: out of memory");
-  int64_t* doff = p0s + max_tiles;
-  int64_t* roff = g.pool ? doff + max_tiles * RB : doff;  // without a pool, the output's offsets
-  int64_t tiles = 0;
-  // position r of tile t is output pixel (h, w) (w < OW), or dropped
-  auto to = [&](int64_t r, int64_t h, int64_t w) {
-    const int64_t i = tiles * RB + r, pix = ((n * g.OH + h) * g.OW + w) * g.O;
-    doff[i] = g.pool ? ((h - r0) * g.OW + w) * B : pix;
-    roff[i] = pix;
-  };
-  auto drop = [&](int64_t r) { doff[tiles * RB + r] = -1; };
-  if (c.walk == Walk::paired) {  // rows h and h + 1, RB / 2 columns of each (rows_per_chunk is even)
-    const int64_t half = RB / 2;
-    for (int64_t h = r0; h < r1; h += 2)
-      for (int64_t w0 = 0; w0 < g.OW; w0 += half, ++tiles) {
-        for (int64_t r = 0; r < RB; ++r) {
-          const int64_t row = h + r / half, w = w0 + r % half;
-          if (row < r1 && w < g.OW) to(r, row, w);
-          else drop(r);
-        }
-        p0s[tiles] = h * g.Wq + w0;
-      }
-  } else if (c.walk == Walk::by_row) {
-    for (int64_t h = r0; h < r1; ++h)
-      for (int64_t w0 = 0; w0 < g.OW; w0 += RB, ++tiles) {
-        for (int64_t r = 0; r < RB; ++r) {
-          if (w0 + r < g.OW) to(r, h, w0 + r);
-          else drop(r);
-        }
-        p0s[tiles] = h * g.Wq + w0;
-      }
-  } else {
-    const int64_t q1 = r1 * g.Wq;
-    int64_t oh = r0, ow = 0;  // of position p0 + r, stepped along (no division per position)
-    for (int64_t p0 = r0 * g.Wq; p0 < q1; p0 += RB, ++tiles) {
-      for (int64_t r = 0; r < RB; ++r) {
-        const int64_t h = oh, w = ow;
-        if (++ow == g.Wq) ow = 0, ++oh;
-        if (p0 + r < q1 && w < g.OW) to(r, h, w);
-        else drop(r);
-      }
-      p0s[tiles] = p0;
-    }
-  }
-  const TileFn fn = c.walk == Walk::paired ? c.kind->paired : c.kind->fn;
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t o0 = b * B, nb = std::min(B, g.O - o0);
-    float* yp = c.y.data_ptr<float>() + o0;
-    float* pooled = g.pool ? scratch_pool.get<float>((r1 - r0) * g.OW * B) : nullptr;
-    TORCH_CHECK(!g.pool || pooled, "tkp::tap_group_conv2d: out of memory");
-    Out out{g.pool ? pooled : yp, doff, c.res.defined() ? c.res.data_ptr<float>() + o0 : nullptr, roff, nb, g.relu};
-    const int32_t* off = c.off.data() + b * c.E;
-    const float *w = c.w + b * c.E * B, *bias = c.bias.data() + o0;
-    for (int64_t t = 0; t < tiles; ++t) {
-      out.doff = doff + t * RB, out.roff = roff + t * RB;
-      fn(buf + p0s[t] * g.Cp, g.Cp, off, c.E, w, bias, out, g.Wq * g.Cp);
-    }
-    if (g.pool) pool_rows(g, pooled, yp, n, nb, B, r0, r1);
-  }
 }
 
 at::Tensor tap_group_conv2d(const at::Tensor& x_in, const at::Tensor& weights, const at::Tensor& channels,
@@ -407,8 +390,8 @@ at::Tensor tap_group_conv2d(const at::Tensor& x_in, const at::Tensor& weights, c
     TORCH_CHECK(buf, "tkp::tap_group_conv2d: out of memory");
     const int64_t n = u / (blocks * c.chunks), b = u / c.chunks % blocks, k = u % c.chunks;
     if (n != padded.image) pad_image(xp, n, buf, g), padded.image = n;
-    run_unit(c, buf, n, whole ? 0 : b, whole ? c.NB : b + 1, k * c.rows_per_chunk,
-             std::min(g.OH, (k + 1) * c.rows_per_chunk));
+    for (int64_t bb = whole ? 0 : b; bb < (whole ? c.NB : b + 1); ++bb)
+      run_unit(c, buf, n, bb, k * c.rows_per_chunk, std::min(g.OH, (k + 1) * c.rows_per_chunk));
   });
   return c.y;
 }
