@@ -124,6 +124,25 @@ def test_whole_image_and_split_units_over_threads_match_conv2d(kernel):
         torch.set_num_threads(old)
 
 
+def test_non_square_kernels_strides_and_paddings_match_conv2d(kernel):
+    """1x3, 3x5 and 5x3 kernels with unequal strides and paddings: each entry reads its tap's
+    phase, row and column of the padded input, whichever the tap's (dy, dx)."""
+    gen = torch.Generator().manual_seed(4)
+    for (kh, kw), stride, pad, hw in (((1, 3), (1, 2), (0, 1), (7, 9)), ((3, 5), (2, 1), (1, 2), (9, 8)),
+                                      ((5, 3), (2, 3), (2, 0), (11, 10))):
+        conv = nn.Conv2d(24, 40, (kh, kw), stride, pad)
+        w = conv.weight.data.reshape(40, 24, kh * kw)
+        mask = torch.zeros_like(w)
+        for o in range(0, 40, 16):
+            idx = torch.rand(24, kh * kw, generator=gen).topk(2, -1).indices
+            mask[o:o + 16].scatter_(-1, idx.unsqueeze(0).expand(min(16, 40 - o), -1, -1), 1.0)
+        conv.weight.data = (w * mask).reshape(conv.weight.shape)
+        x = torch.randn(2, 24, *hw, generator=gen)
+        ref = conv(x).detach()
+        for tile in kernel:
+            m = T.TapGroupConv2d.from_conv(conv, 16, 2, tile)
+            assert max_rel(m(x), ref) < 1e-5, (kh, kw, stride, pad, tile)
+
 def test_wide_inputs_and_every_walk_match_conv2d(kernel):
     """256 and 512 input channels (the padded buffer gets one cache line more per pixel),
     and planes on which the tiles walk across rows, row by row and by pairs of rows (7x7,

@@ -54,8 +54,8 @@ def test_tap_group_op_refuses_channels_and_taps_out_of_range(tg_kernel):
                 (ch if which == "channels" else tp).view(-1)[where] = bad
                 with pytest.raises(RuntimeError, match="out of range"):
                     torch.ops.tkp.tap_group_conv2d(x, weights, ch, tp, None, 40, 3, 3, 1, 1, 1, 1, rb)
-    y = torch.ops.tkp.tap_group_conv2d(x, weights, channels, taps, None, 40, 3, 3, 1, 1, 1, 1, rb)
-    assert y.shape == (1, 40, 6, 6)
+    y = torch.ops.tkp.tap_group_conv2d(x, weights, channels, taps, m.bias, 40, 3, 3, 1, 1, 1, 1, rb)
+    assert torch.allclose(y, F.conv2d(x, m.dense_weight(), m.bias, 1, 1), atol=1e-5)
 
 
 def test_depthwise_op_refuses_taps_out_of_range():
