@@ -209,6 +209,20 @@ def test_dry_run_with_a_config_file(tiny):
     assert summary["sparsity"] == "2:4" and summary["pruned_layers"] == 16 and summary["final_top1"] is not None
 
 
+def test_dry_run_without_a_model_is_a_tiny_clip_that_writes_megabytes(tmp_path):
+    """--dry-run checks an install in seconds: without --model it builds a two-block CLIP of
+    open_clip's classes with CLIP's tokenizer (ViT-S-32-alt, open_clip's smallest named model,
+    wrote 750 MB of checkpoints and took 15 s past the imports)."""
+    out = tmp_path / "run"
+    summary = clip_vit.main(["--dry-run", "--output-dir", str(out)])
+    assert summary["sparsity"] == "2:4" and summary["pruned_layers"] == 16 and summary["final_top1"] is not None
+    assert sum(f.stat().st_size for f in out.iterdir()) < 100 * 2**20
+    args = clip_vit.get_args_parser().parse_args(["--dry-run"])
+    args.model = clip_vit.DRY_RUN_MODEL
+    model = clip_vit.build_model(args)
+    assert isinstance(model, open_clip.CLIP) and sum(p.numel() for p in model.parameters()) < 5_000_000
+    assert model.visual.image_size == (64, 64) and model.context_length == 77
+
 @pytest.mark.parametrize("extra,expected", [
     (["--qat"], "--qat is not available"),
     (["--model", "ViT-Nope-99"], "open_clip has no model 'ViT-Nope-99'"),
