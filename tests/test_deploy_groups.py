@@ -143,6 +143,7 @@ def test_non_square_kernels_strides_and_paddings_match_conv2d(kernel):
             m = T.TapGroupConv2d.from_conv(conv, 16, 2, tile)
             assert max_rel(m(x), ref) < 1e-5, (kh, kw, stride, pad, tile)
 
+
 def test_wide_inputs_and_every_walk_match_conv2d(kernel):
     """256 and 512 input channels (the padded buffer gets one cache line more per pixel),
     and planes on which the tiles walk across rows, row by row and by pairs of rows (7x7,
