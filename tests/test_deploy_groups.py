@@ -168,6 +168,36 @@ def test_wide_inputs_and_every_walk_match_conv2d(kernel):
         torch.set_num_threads(old)
 
 
+def test_inner_tiles_and_the_copied_border_match_conv2d(kernel):
+    """At stride 1 the inner tiles read the image itself and only the border is copied into
+    the padded buffer, which each thread keeps from call to call: every call follows one on
+    an input a thousand times larger, whose values any border read left uncopied would pick
+    up, for kernels of 1 to 5 rows and columns, paddings 0 to 2, odd sizes, 1 and 2 threads."""
+    gen = torch.Generator().manual_seed(5)
+    old = torch.get_num_threads()
+    try:
+        for (kh, kw), pad, hw in (((3, 3), (1, 1), (12, 13)), ((5, 5), (2, 2), (14, 12)), ((1, 3), (0, 1), (6, 15)),
+                                  ((3, 5), (1, 0), (11, 17)), ((3, 3), (0, 0), (10, 10)), ((5, 3), (2, 1), (13, 9))):
+            conv = nn.Conv2d(24, 40, (kh, kw), 1, pad)
+            w = conv.weight.data.reshape(40, 24, kh * kw)
+            mask = torch.zeros_like(w)
+            for o in range(0, 40, 16):
+                idx = torch.rand(24, kh * kw, generator=gen).topk(2, -1).indices
+                mask[o:o + 16].scatter_(-1, idx.unsqueeze(0).expand(min(16, 40 - o), -1, -1), 1.0)
+            conv.weight.data = (w * mask).reshape(conv.weight.shape)
+            loud = 1000 * torch.randn(2, 24, *hw, generator=gen)
+            x = torch.randn(2, 24, *hw, generator=gen)
+            ref = conv(x).detach()
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                for tile in kernel:
+                    m = T.TapGroupConv2d.from_conv(conv, 16, 2, tile)
+                    m(loud)
+                    assert max_rel(m(x), ref) < 1e-5, (kh, kw, pad, hw, threads, tile)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_detection():
     gen = torch.Generator().manual_seed(3)
     assert T.tap_group_of(grouped_conv(8, 64, 3, 1, 1, 1, 16, gen)) == (16, 1)
