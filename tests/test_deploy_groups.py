@@ -198,6 +198,36 @@ def test_inner_tiles_and_the_copied_border_match_conv2d(kernel):
         torch.set_num_threads(old)
 
 
+def test_outputs_come_from_a_bounded_cache_of_freed_ones(kernel):
+    """Outputs of 256 KiB or more come from a cache of freed ones (csrc/outputs.h): a freed
+    output's memory serves the next output of its size, never one while it is alive; it stays
+    an ordinary resizable tensor; at most 16 freed buffers and 256 MiB are kept."""
+    gen = torch.Generator().manual_seed(6)
+    mod = T.kernel()
+    conv = grouped_conv(16, 64, 3, 1, 1, 1, 32, gen)
+    m = T.TapGroupConv2d.from_conv(conv, 32, 1)
+    x = torch.randn(2, 16, 32, 32, generator=gen)  # outputs of 512 KiB
+    first = m(x)
+    second = m(2 * x)
+    assert first.data_ptr() != second.data_ptr()
+    assert max_rel(first, conv(x).detach()) < 1e-5 and max_rel(second, conv(2 * x).detach()) < 1e-5
+    kept = first.data_ptr()
+    del first
+    third = m(3 * x)
+    assert third.data_ptr() == kept, "the freed output of this size was not reused"
+    assert max_rel(third, conv(3 * x).detach()) < 1e-5 and max_rel(second, conv(2 * x).detach()) < 1e-5
+    third.resize_(4, 64, 32, 32)  # a storage torch can grow
+    assert third.shape == (4, 64, 32, 32)
+    del second, third
+    outputs = [m(torch.randn(n, 16, 32, 32, generator=gen)) for n in range(1, 21)]  # 20 sizes, 256 KiB to 5 MiB
+    del outputs
+    assert mod.output_cache()[0] == 16
+    big = [m(torch.randn(300, 16, 32, 32, generator=gen)) for _ in range(4)]  # 75 MiB each
+    del big
+    buffers, held = mod.output_cache()
+    assert buffers <= 16 and held <= 256 * 2**20
+
+
 def test_detection():
     gen = torch.Generator().manual_seed(3)
     assert T.tap_group_of(grouped_conv(8, 64, 3, 1, 1, 1, 16, gen)) == (16, 1)

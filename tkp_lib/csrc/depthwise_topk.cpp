@@ -62,6 +62,8 @@
 #include <mutex>
 #include <vector>
 
+#include "outputs.h"
+
 namespace {
 
 // ---- the vector instructions, one set per instruction set ---------------------------------
@@ -462,7 +464,7 @@ at::Tensor depthwise_topk2d(const at::Tensor& x_in, const at::Tensor& values, co
   uint32_t bad = 0;  // a loop the compiler vectorises
   for (int64_t j = 0; j < taps.numel(); ++j) bad |= uint32_t(uint32_t(tp[j]) >= uint32_t(kh * kw));
   TORCH_CHECK(bad == 0, "tkp::depthwise_topk2d: tap index out of range");
-  at::Tensor out = at::empty({N, C, Ho, Wo}, x.options());
+  at::Tensor out = tkp_outputs::empty({N, C, Ho, Wo});
   if (out.numel() == 0) return out;
 
   const auto g = geometry({H, W, kh, kw, stride_h, stride_w, pad_h, pad_w});

@@ -54,6 +54,7 @@
 
 #include "simd.h"  // first: its #error is the line a CPU it cannot build for sees
 #include "parallel.h"
+#include "outputs.h"
 
 namespace {
 
@@ -427,7 +428,7 @@ at::Tensor tap_group_conv2d(const at::Tensor& x_in, const at::Tensor& weights, c
     for (int64_t i = 0; i < n_entries; ++i) c.off_in[i] = tap_off[tp[i]] + chp[i];
   }
   c.w = weights.data_ptr<float>();
-  c.y = at::empty({g.N, g.O, g.YH, g.YW}, c.x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  c.y = tkp_outputs::empty({g.N, g.O, g.YH, g.YW}, at::MemoryFormat::ChannelsLast);
 
   // units: whole images where there are several per thread, else (image, block, chunk of output
   // rows), so that every thread gets several; handed out one at a time
@@ -489,4 +490,5 @@ TORCH_LIBRARY_IMPL(tkp, Meta, m) { m.impl("tap_group_conv2d", &tap_group_conv2d_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tap_group_conv2d", &tap_group_conv2d, "tkp::tap_group_conv2d without the dispatcher");
   m.def("isa", [] { return std::string(ISA); }, "the instruction set this build uses");
+  m.def("output_cache", &tkp_outputs::stats, "[freed outputs kept, their bytes] of this kernel's cache (outputs.h)");
 }

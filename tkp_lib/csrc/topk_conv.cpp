@@ -53,6 +53,7 @@
 
 #include "simd.h"  // first: its #error is the line a CPU it cannot build for sees
 #include "parallel.h"
+#include "outputs.h"
 
 namespace {
 
@@ -381,7 +382,7 @@ Call check_call(const at::Tensor& x_in, int64_t c_in, const c10::optional<at::Te
                 "tkp::topk_conv2d: residual must be a float32 CPU tensor shaped like the convolution's output");
   }
   c.out_h = pool ? Ho / 2 : Ho, c.out_w = pool ? Wo / 2 : Wo;
-  c.out = at::empty({c.N, c.O, c.out_h, c.out_w}, c.x.options());
+  c.out = tkp_outputs::empty({c.N, c.O, c.out_h, c.out_w});
   return c;
 }
 
