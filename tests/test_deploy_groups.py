@@ -170,14 +170,16 @@ def test_wide_inputs_and_every_walk_match_conv2d(kernel):
 
 def test_inner_tiles_and_the_copied_border_match_conv2d(kernel):
     """At stride 1 the inner tiles read the image itself and only the border is copied into
-    the padded buffer, which each thread keeps from call to call: every call follows one on
-    an input a thousand times larger, whose values any border read left uncopied would pick
-    up, for kernels of 1 to 5 rows and columns, paddings 0 to 2, odd sizes, 1 and 2 threads."""
+    the padded buffer, which each thread keeps from call to call: before every call a stride-2
+    layer fills that buffer with an input a thousand times larger, whose values any border
+    read left uncopied would pick up; kernels of 1 to 5 rows and columns, paddings 0 to 2, odd
+    sizes, 1 and 2 threads (the 48x45 input in units of rows on both)."""
     gen = torch.Generator().manual_seed(5)
     old = torch.get_num_threads()
     try:
         for (kh, kw), pad, hw in (((3, 3), (1, 1), (12, 13)), ((5, 5), (2, 2), (14, 12)), ((1, 3), (0, 1), (6, 15)),
-                                  ((3, 5), (1, 0), (11, 17)), ((3, 3), (0, 0), (10, 10)), ((5, 3), (2, 1), (13, 9))):
+                                  ((3, 5), (1, 0), (11, 17)), ((3, 3), (0, 0), (10, 10)), ((5, 3), (2, 1), (13, 9)),
+                                  ((3, 3), (1, 1), (48, 45))):
             conv = nn.Conv2d(24, 40, (kh, kw), 1, pad)
             w = conv.weight.data.reshape(40, 24, kh * kw)
             mask = torch.zeros_like(w)
@@ -185,14 +187,15 @@ def test_inner_tiles_and_the_copied_border_match_conv2d(kernel):
                 idx = torch.rand(24, kh * kw, generator=gen).topk(2, -1).indices
                 mask[o:o + 16].scatter_(-1, idx.unsqueeze(0).expand(min(16, 40 - o), -1, -1), 1.0)
             conv.weight.data = (w * mask).reshape(conv.weight.shape)
-            loud = 1000 * torch.randn(2, 24, *hw, generator=gen)
             x = torch.randn(2, 24, *hw, generator=gen)
             ref = conv(x).detach()
+            loud_conv = nn.Conv2d(24, 40, 3, 2, 1)
+            loud = 1000 * torch.randn(1, 24, 2 * hw[0] + 8, 2 * hw[1] + 8, generator=gen)  # pads 4 planes of it
             for threads in (1, 2):
                 torch.set_num_threads(threads)
                 for tile in kernel:
                     m = T.TapGroupConv2d.from_conv(conv, 16, 2, tile)
-                    m(loud)
+                    T.TapGroupConv2d.from_conv(loud_conv, 16, 2, tile)(loud)
                     assert max_rel(m(x), ref) < 1e-5, (kh, kw, pad, hw, threads, tile)
     finally:
         torch.set_num_threads(old)
@@ -213,11 +216,13 @@ def test_outputs_come_from_a_bounded_cache_of_freed_ones(kernel):
     assert max_rel(first, conv(x).detach()) < 1e-5 and max_rel(second, conv(2 * x).detach()) < 1e-5
     kept = first.data_ptr()
     del first
+    cached = mod.output_cache()[0]  # first's buffer among them (the oldest dropped if 16 were kept)
     third = m(3 * x)
-    assert third.data_ptr() == kept, "the freed output of this size was not reused"
+    assert third.data_ptr() == kept and mod.output_cache()[0] == cached - 1, "the freed output was not reused"
     assert max_rel(third, conv(3 * x).detach()) < 1e-5 and max_rel(second, conv(2 * x).detach()) < 1e-5
-    third.resize_(4, 64, 32, 32)  # a storage torch can grow
-    assert third.shape == (4, 64, 32, 32)
+    in_memory = third.permute(0, 2, 3, 1).flatten().clone()  # channels_last: NHWC order
+    third.resize_(4, 64, 32, 32)  # a storage torch can grow, its values kept
+    assert third.shape == (4, 64, 32, 32) and torch.equal(third.flatten()[:in_memory.numel()], in_memory)
     del second, third
     outputs = [m(torch.randn(n, 16, 32, 32, generator=gen)) for n in range(1, 21)]  # 20 sizes, 256 KiB to 5 MiB
     del outputs

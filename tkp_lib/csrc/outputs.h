@@ -5,8 +5,8 @@
 // deployed ResNet-56 at batch 32 (2 MiB activations) that cost 20-30% of the 1-thread time on
 // an AMD Zen 3 VM, and the faults do not get faster with threads. A network's calls ask for
 // the same few sizes over and over, so each kernel keeps up to kMaxBuffers freed outputs
-// (kMaxBytes in all), hands out one of exactly the size asked for, and frees the oldest past
-// those bounds. Smaller outputs come from torch's allocator, where glibc reuses them anyway.
+// (kMaxBytes in all; each of the three kernels its own), hands out one of exactly the size
+// asked for, and frees the oldest past those bounds. Smaller outputs come from torch's allocator, where glibc reuses them anyway.
 // The tensors are ordinary resizable CPU tensors; only their memory comes and goes here.
 #pragma once
 
@@ -22,6 +22,10 @@
 #include <vector>
 
 namespace tkp_outputs {
+// Internal linkage: each kernel's library keeps a cache of its own (g++ would otherwise merge
+// the function-local statics below across the three libraries, and across builds of
+// different versions of this header loaded into one process).
+namespace {
 
 constexpr size_t kMinBytes = size_t(1) << 18;   // 256 KiB: glibc's default mmap threshold is 128 KiB
 constexpr size_t kMaxBuffers = 16;
@@ -100,4 +104,5 @@ inline at::Tensor empty(at::IntArrayRef sizes, at::MemoryFormat memory_format = 
                                    memory_format);
 }
 
+}  // namespace
 }  // namespace tkp_outputs

@@ -250,15 +250,20 @@ const Kind& find_kind(int64_t B, int64_t RB) {
 // How a unit's tiles cover its output rows (see the top of the file).
 enum class Walk { across, by_row, paired };
 
-// The walk that computes the fewest positions per image (of equals, paired, then by row: their
-// inner tiles read the image itself; 128 @ 16, batch 32, ran 1.04-1.05x over across): across rows
-// rounds OH*Wq up to tiles; by row rounds each row's OW; paired rounds each pair of rows'
-// OW to half tiles (and an odd last row computes a second row it drops).
+// The walk that computes the fewest positions per image: across rows rounds OH*Wq up to
+// tiles; by row rounds each row's OW; paired rounds each pair of rows' OW to half tiles (and
+// an odd last row computes a second row it drops). Of equals, where inner tiles can read the
+// image itself, paired, then by row (128 @ 16, batch 32: 1.04-1.05x paired against across);
+// elsewhere across rows first.
 Walk choose_walk(const Geo& g, const Kind& k) {
   const int64_t RB = k.RB, across = (g.OH * g.Wq + RB - 1) / RB * RB, by_row = g.OH * ((g.OW + RB - 1) / RB * RB);
   const int64_t paired = k.paired ? (g.OH + 1) / 2 * ((g.OW + RB / 2 - 1) / (RB / 2) * RB) : across + by_row;
-  if (paired <= by_row && paired <= across) return Walk::paired;
-  return by_row <= across ? Walk::by_row : Walk::across;
+  if (g.phases == 1 && g.Cp == g.C) {  // inner tiles possible (see Inner)
+    if (paired <= by_row && paired <= across) return Walk::paired;
+    return by_row <= across ? Walk::by_row : Walk::across;
+  }
+  if (across <= by_row && across <= paired) return Walk::across;
+  return by_row <= paired ? Walk::by_row : Walk::paired;
 }
 
 // The inner tiles (see Inner) of a walk: groups of rows (1, or 2 paired) start at multiples of
