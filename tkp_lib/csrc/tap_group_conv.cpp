@@ -26,13 +26,13 @@
 // layers), or by pairs of rows (RB / 2 columns of two neighbouring rows per tile: a 7x7
 // layer in 4 tiles of 2 x 7, each weight vector loaded once per 14 positions instead of 7;
 // an odd last row computes one row it drops). At stride 1 the row walks' inner tiles, all of
-// whose reads lie inside the image, read the image itself, and only the border the other
-// tiles read is copied (see Inner: 1.01-1.03x at 64 channels, 32x32 and 56x56, batch 1, and
-// 1.10-1.25x at 2 threads, where both threads pad the one image; 0.97-1.00x at batch 32).
-// The epilogue (residual add, ReLU) is applied
-// to the tile's registers as they are stored to the output (against a pass through a buffer,
-// on an AMD Zen 3: up to 1.30x at 64 channels, 0.94-1.04x at 128-512); a 2x2 max pool reads
-// them back from a per-thread buffer of the unit's rows.
+// whose reads lie inside the image, read the image itself, and only the border the other tiles
+// read is copied (see Inner: 1.00-1.03x at 64 channels, 32x32 and 56x56, batch 1, and
+// 1.10-1.25x at 2 threads, where both threads pad the one image; 0.92-1.08x at batch 32). The
+// epilogue (residual add, ReLU) is applied to the tile's registers as they are stored to the
+// output (against a pass through a buffer, on an AMD Zen 3: up to 1.30x at 64 channels,
+// 0.94-1.04x at 128-512); a 2x2 max pool reads them back from a per-thread buffer of the
+// unit's rows.
 //
 // Threads: one parallel region per call (parallel.h), over whole images where there are at
 // least 4 per thread, else over (image, block, rows) units sized so that every thread gets
