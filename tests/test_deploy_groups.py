@@ -233,16 +233,29 @@ def test_outputs_come_from_a_bounded_cache_of_freed_ones(kernel):
     assert buffers <= 16 and held <= 256 * 2**20
 
 
-def test_the_layers_call_arguments_follow_its_buffers_and_epilogue(kernel):
-    """forward reuses the arguments it built with the packed weights: a bias changed in place
-    (also by load_state_dict, and after .to() gave the layer new buffers), the ReLU and the
-    pool switched after the first call all take effect."""
+@pytest.mark.parametrize("kind", ["tapgroup", "topk", "depthwise"])
+def test_the_layers_call_arguments_follow_its_buffers_and_epilogue(kind):
+    """Each kernel layer's forward reuses the arguments it built with the packed weights: a
+    bias changed in place (also by load_state_dict, and after .to() gave the layer new
+    buffers), the ReLU and the pool switched after the first call all take effect."""
+    from tkp_lib import depthwise, topk_conv
     gen = torch.Generator().manual_seed(7)
-    conv = grouped_conv(16, 40, 3, 1, 1, 1, 16, gen)
-    m = T.TapGroupConv2d.from_conv(conv, 16, 1)
+    if kind == "tapgroup":
+        conv = grouped_conv(16, 40, 3, 1, 1, 1, 16, gen)
+        make, available = (lambda: T.TapGroupConv2d.from_conv(conv, 16, 1)), T.kernel_available()
+    elif kind == "topk":
+        conv = grouped_conv(16, 40, 3, 1, 1, 2, 1, gen)
+        make, available = (lambda: topk_conv.TopKConv2d.from_conv(conv)), topk_conv.kernel_available()
+    else:
+        conv = nn.Conv2d(16, 16, 3, 1, 1, groups=16)
+        make, available = (lambda: depthwise.DepthwiseTopKConv2d.from_conv(conv)), depthwise.kernel_available()
+    if not available:
+        pytest.skip(f"the {kind} kernel cannot be built here")
+    m = make()
     x = torch.randn(2, 16, 12, 12, generator=gen)
     y = m(x)
     assert max_rel(y, conv(x).detach()) < 1e-5
+    n = y.shape[1]
     m.bias.sub_(0.2)  # outputs of both signs
     assert torch.allclose(m(x), y - 0.2, atol=1e-5) and (y - 0.2).min() < 0 < (y - 0.2).max()
     m.relu = True
@@ -250,7 +263,7 @@ def test_the_layers_call_arguments_follow_its_buffers_and_epilogue(kernel):
     m.pool = 2
     assert torch.allclose(m(x), F.max_pool2d(torch.relu(y - 0.2), 2), atol=1e-5)
     m.relu, m.pool = False, 0
-    m.load_state_dict({**m.state_dict(), "bias": torch.zeros(40)})
+    m.load_state_dict({**m.state_dict(), "bias": torch.zeros(n)})
     assert torch.allclose(m(x), y - conv.bias.detach().reshape(1, -1, 1, 1), atol=1e-5)
     m.double().float()
     m.bias.add_(2.0)

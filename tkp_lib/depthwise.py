@@ -89,7 +89,9 @@ class DepthwiseTopKConv2d(nn.Module):
     may add a `residual` (forward's second argument), then apply a ReLU (`relu`; or ReLU6,
     `relu6`), then a 2x2 max pool (`pool` = 2); the activation runs in the kernel when nothing
     comes between. Where the kernel is unavailable (or for inputs it does not take: not float32
-    on the CPU) it runs F.conv2d(groups=C) on the dense weight."""
+    on the CPU) it runs F.conv2d(groups=C) on the dense weight. Its packed weights and call
+    arguments are built on the first call and again after `.to()` and the like: change `values`,
+    `taps` and `bias` in place (as `load_state_dict` does), not by assigning new tensors."""
 
     def __init__(self, channels: int, kernel_size, stride=1, padding=0, k: int = 1, bias: bool = True,
                  relu: bool = False, relu6: bool = False, pool: int = 0):
@@ -145,10 +147,10 @@ class DepthwiseTopKConv2d(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         fused = residual is None  # the activation in the kernel: nothing comes between
         if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and kernel_available():
-            if self._packed is None:
+            if self._packed is None:  # and the kernel's arguments between x and the activation
                 self._packed = (self.values.float().contiguous(), self.taps.int().contiguous())
-            args = (*self._packed, self.bias, *self.kernel_size, *self.stride, *self.padding,
-                    self.act() if fused else 0)
+                self._args = (*self._packed, self.bias, *self.kernel_size, *self.stride, *self.padding)
+            args = (*self._args, self.act() if fused else 0)
             if torch.compiler.is_compiling() or torch.compiler.is_exporting():
                 y = torch.ops.tkp.depthwise_topk2d(x, *args)  # the registered op, which they can trace
             else:

@@ -65,7 +65,10 @@ class TopKConv2d(nn.Module):
     kept taps alone. Its epilogue may add a `residual` (forward's second argument, shaped
     like the convolution's output), then apply a ReLU (`relu`), then a 2x2 max pool of
     stride 2 (`pool` = 2). Where the kernel is unavailable (or for inputs it does not take:
-    not float32 on the CPU) it runs F.conv2d on the dense weight rebuilt from the kept taps."""
+    not float32 on the CPU) it runs F.conv2d on the dense weight rebuilt from the kept taps.
+    Its packed weights and call arguments are built on the first call and again after `.to()`
+    and the like or `set_tile`: change `values`, `taps` and `bias` in place (as
+    `load_state_dict` does) or through those, not by assigning new tensors."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, k: int = 1,
                  bias: bool = True, tile=DEFAULT_TILE, relu: bool = False, pool: int = 0):
@@ -132,15 +135,18 @@ class TopKConv2d(nn.Module):
                 raise ValueError(f"TopKConv2d: a tap index outside the {kh}x{kw} kernel")
             if self.kernel_tile()[0] == 0:
                 self._packed = self._packed_aligned()
-                return self._packed
-            m = self.kernel_tile()[0]
-            tiles = -(-self.out_channels // m)
-            v = torch.zeros(tiles * m, self.in_channels, self.k)
-            t = torch.zeros(tiles * m, self.in_channels, self.k, dtype=torch.int32)
-            v[:self.out_channels] = self.values.float()
-            t[:self.out_channels] = self.taps.int()
-            self._packed = (v.reshape(tiles, m, self.in_channels, self.k).permute(0, 2, 3, 1).contiguous(),
-                            t.reshape(tiles, m, self.in_channels, self.k).permute(0, 2, 3, 1).contiguous())
+            else:
+                m = self.kernel_tile()[0]
+                tiles = -(-self.out_channels // m)
+                v = torch.zeros(tiles * m, self.in_channels, self.k)
+                t = torch.zeros(tiles * m, self.in_channels, self.k, dtype=torch.int32)
+                v[:self.out_channels] = self.values.float()
+                t[:self.out_channels] = self.taps.int()
+                self._packed = (v.reshape(tiles, m, self.in_channels, self.k).permute(0, 2, 3, 1).contiguous(),
+                                t.reshape(tiles, m, self.in_channels, self.k).permute(0, 2, 3, 1).contiguous())
+            # the kernel's arguments between x and relu, for every call (as TapGroupConv2d's)
+            self._args = (*self._packed, self.bias, self.out_channels, *self.kernel_size, *self.stride,
+                          *self.padding, *self.kernel_tile(), 0)
         return self._packed
 
     def _packed_aligned(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,9 +169,9 @@ class TopKConv2d(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and kernel_available()
                 and (residual is None or residual.dtype == torch.float32)):
-            values, taps = self.packed()
-            args = (values, taps, self.bias, self.out_channels, *self.kernel_size, *self.stride, *self.padding,
-                    *self.kernel_tile(), 0, self.relu, residual, self.pool)
+            if self._packed is None:
+                self.packed()
+            args = (*self._args, self.relu, residual, self.pool)
             if torch.compiler.is_compiling() or torch.compiler.is_exporting():
                 return torch.ops.tkp.topk_conv2d(x, *args)  # the registered op, which they can trace
             return kernel().topk_conv2d(x, *args)  # the same function without torch.ops' parsing
