@@ -223,6 +223,7 @@ def test_dry_run_without_a_model_is_a_tiny_clip_that_writes_megabytes(tmp_path):
     assert isinstance(model, open_clip.CLIP) and sum(p.numel() for p in model.parameters()) < 5_000_000
     assert model.visual.image_size == (64, 64) and model.context_length == 77
 
+
 @pytest.mark.parametrize("extra,expected", [
     (["--qat"], "--qat is not available"),
     (["--model", "ViT-Nope-99"], "open_clip has no model 'ViT-Nope-99'"),

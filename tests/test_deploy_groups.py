@@ -19,12 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def grouped_conv(c_in, c_out, ks, stride, pad, k, group, gen, bias=True):
-    """A Conv2d whose groups of `group` outputs (smaller last group) share k random taps per input."""
+    """A Conv2d (kernel size ks: an int or (kh, kw)) whose groups of `group` outputs (smaller
+    last group) share k random taps per input."""
     conv = nn.Conv2d(c_in, c_out, ks, stride, pad, bias=bias)
     w = conv.weight.data.reshape(c_out, c_in, -1)
     mask = torch.zeros_like(w)
     for o in range(0, c_out, group):
-        idx = torch.rand(c_in, ks * ks, generator=gen).topk(k, -1).indices
+        idx = torch.rand(c_in, w.shape[-1], generator=gen).topk(k, -1).indices
         mask[o:o + group].scatter_(-1, idx.unsqueeze(0).expand(min(group, c_out - o), -1, -1), 1.0)
     conv.weight.data = (w * mask).reshape(conv.weight.shape)
     return conv
@@ -130,13 +131,7 @@ def test_non_square_kernels_strides_and_paddings_match_conv2d(kernel):
     gen = torch.Generator().manual_seed(4)
     for (kh, kw), stride, pad, hw in (((1, 3), (1, 2), (0, 1), (7, 9)), ((3, 5), (2, 1), (1, 2), (9, 8)),
                                       ((5, 3), (2, 3), (2, 0), (11, 10))):
-        conv = nn.Conv2d(24, 40, (kh, kw), stride, pad)
-        w = conv.weight.data.reshape(40, 24, kh * kw)
-        mask = torch.zeros_like(w)
-        for o in range(0, 40, 16):
-            idx = torch.rand(24, kh * kw, generator=gen).topk(2, -1).indices
-            mask[o:o + 16].scatter_(-1, idx.unsqueeze(0).expand(min(16, 40 - o), -1, -1), 1.0)
-        conv.weight.data = (w * mask).reshape(conv.weight.shape)
+        conv = grouped_conv(24, 40, (kh, kw), stride, pad, 2, 16, gen)
         x = torch.randn(2, 24, *hw, generator=gen)
         ref = conv(x).detach()
         for tile in kernel:
@@ -180,13 +175,7 @@ def test_inner_tiles_and_the_copied_border_match_conv2d(kernel):
         for (kh, kw), pad, hw in (((3, 3), (1, 1), (12, 13)), ((5, 5), (2, 2), (14, 12)), ((1, 3), (0, 1), (6, 15)),
                                   ((3, 5), (1, 0), (11, 17)), ((3, 3), (0, 0), (10, 10)), ((5, 3), (2, 1), (13, 9)),
                                   ((3, 3), (1, 1), (48, 45))):
-            conv = nn.Conv2d(24, 40, (kh, kw), 1, pad)
-            w = conv.weight.data.reshape(40, 24, kh * kw)
-            mask = torch.zeros_like(w)
-            for o in range(0, 40, 16):
-                idx = torch.rand(24, kh * kw, generator=gen).topk(2, -1).indices
-                mask[o:o + 16].scatter_(-1, idx.unsqueeze(0).expand(min(16, 40 - o), -1, -1), 1.0)
-            conv.weight.data = (w * mask).reshape(conv.weight.shape)
+            conv = grouped_conv(24, 40, (kh, kw), 1, pad, 2, 16, gen)
             x = torch.randn(2, 24, *hw, generator=gen)
             ref = conv(x).detach()
             loud_conv = nn.Conv2d(24, 40, 3, 2, 1)
