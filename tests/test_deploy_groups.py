@@ -190,6 +190,40 @@ def test_inner_tiles_and_the_copied_border_match_conv2d(kernel):
         torch.set_num_threads(old)
 
 
+def test_rows_end_in_short_tiles_that_match_conv2d(kernel):
+    """Where a tile's RB positions do not divide a row's OW outputs, the walk by rows can end
+    each row in RB - OW % RB tiles of RB - 1 (16 columns of 6: 6 + 5 + 5, none dropped), taken
+    where it computes fewer positions than the other walks: every tile and remainder, stride 1
+    (inner tiles; the thread's buffer filled loud before each call) and 2, with a residual and
+    ReLU or a pool."""
+    walk = T.kernel().walk  # (c, h, w, kh, kw, sh, sw, ph, pw, B, RB) -> [walk, columns of a row's tiles...]
+    if (16, 6) in kernel:
+        assert walk(64, 16, 16, 3, 3, 1, 1, 1, 1, 16, 6) == [1, 6, 5, 5]
+        # 30 columns paired, measured faster than 28 by rows in 6 + 6 + 6 + 5 + 5
+        assert walk(64, 28, 28, 3, 3, 1, 1, 1, 1, 16, 6) == [2] + [3] * 10
+    gen = torch.Generator().manual_seed(6)
+    loud_conv = nn.Conv2d(8, 40, 3, 2, 1)
+    short_rows = 0
+    for b, rb in kernel:
+        for ow in range(rb + 1, 3 * rb + 1) if rb >= 4 else ():
+            for stride in (1, 2):
+                conv = grouped_conv(8, 40, 3, stride, 1, 2, 16, gen)
+                x = torch.randn(1, 8, 5 * stride, ow * stride, generator=gen)
+                plan = walk(8, *x.shape[2:], 3, 3, stride, stride, 1, 1, b, rb)
+                if plan[0] == 1 and rb - 1 in plan:
+                    assert sum(plan[1:]) == ow and set(plan[1:]) <= {rb, rb - 1}, (b, rb, ow, plan)
+                    short_rows += 1
+                y = conv(x).detach()
+                r = torch.randn(y.shape, generator=gen)
+                pool = ow % 2 == 0
+                ref = F.max_pool2d(torch.relu(y), 2) if pool else torch.relu(y + r)
+                m = T.TapGroupConv2d.from_conv(conv, 16, 2, (b, rb))
+                m.relu, m.pool = True, int(pool) * 2
+                T.TapGroupConv2d.from_conv(loud_conv, 16, 2, (b, rb))(1000 * torch.randn(1, 8, 30, 6 * rb + 8))
+                assert max_rel(m(x, None if pool else r), ref) < 1e-5, (b, rb, ow, stride, plan)
+    assert short_rows >= 10
+
+
 def test_outputs_come_from_a_bounded_cache_of_freed_ones(kernel):
     """Outputs of 256 KiB or more come from a cache of freed ones (csrc/outputs.h): a freed
     output's memory serves the next output of its size, never one while it is alive; it stays

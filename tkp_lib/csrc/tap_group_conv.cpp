@@ -23,11 +23,12 @@
 // walks, whichever computes fewest positions: across rows (tiles run on over the Wq - OW
 // padding columns, whose sums are dropped: few wasted for wide rows), row by row (each row's
 // OW outputs in ceil(OW / RB) tiles: none wasted where RB divides OW, as 14 does the 14x14
-// layers), or by pairs of rows (RB / 2 columns of two neighbouring rows per tile: a 7x7
-// layer in 4 tiles of 2 x 7, each weight vector loaded once per 14 positions instead of 7;
-// an odd last row computes one row it drops). At stride 1 the row walks' inner tiles, all of
-// whose reads lie inside the image, read the image itself, and only the border the other tiles
-// read is copied (see Inner: 1.00-1.03x at 64 channels, 32x32 and 56x56, batch 1, and
+// layers; or exactly, in tiles of RB and RB - 1: 16 columns in 6 + 5 + 5, 1.04-1.09x against
+// paired at 32 and 128 channels), or by pairs of rows (RB / 2 columns of two neighbouring rows
+// per tile: a 7x7 layer in 4 tiles of 2 x 7, each weight vector loaded once per 14 positions
+// instead of 7; an odd last row computes one row it drops). At stride 1 the row walks' inner
+// tiles, all of whose reads lie inside the image, read the image itself, and only the border
+// the other tiles read is copied (see Inner: 1.00-1.03x at 64 channels, 32x32 and 56x56, batch 1, and
 // 1.10-1.25x at 2 threads, where both threads pad the one image; 0.92-1.08x at batch 32). The
 // epilogue (residual add, ReLU) is applied to the tile's registers as they are stored to the
 // output (against a pass through a buffer, on an AMD Zen 3: up to 1.30x at 64 channels,
@@ -213,9 +214,10 @@ void tile(const float* x, int64_t C, const int32_t* off, int64_t E, const float*
 using TileFn = void (*)(const float*, int64_t, const int32_t*, int64_t, const float*, const float*, const Out&, int64_t);
 
 struct Kind {
-  int B, RB;  // output channels per block, positions per tile
-  TileFn fn;      // RB consecutive pixels
-  TileFn paired;  // RB / 2 pixels of two neighbouring rows (even RB), else null
+  int B, RB;       // output channels per block, positions per tile
+  TileFn fn;       // RB consecutive pixels
+  TileFn paired;   // RB / 2 pixels of two neighbouring rows (even RB), else null
+  TileFn shorter;  // RB - 1 consecutive pixels (RB >= 4), else null
 };
 
 constexpr int kMaxRB = 24;  // the largest RB (run_unit's pointer arrays)
@@ -223,8 +225,10 @@ constexpr int kMaxRB = 24;  // the largest RB (run_unit's pointer arrays)
 template <int OCB, int RB>
 constexpr Kind kind() {
   static_assert(RB <= kMaxRB, "a tile of more positions than run_unit holds pointers for");
-  if constexpr (RB % 2 == 0) return {OCB * V, RB, tile<OCB, RB, RB>, tile<OCB, RB, RB / 2>};
-  else return {OCB * V, RB, tile<OCB, RB, RB>, nullptr};
+  TileFn shorter = nullptr;
+  if constexpr (RB >= 4) shorter = tile<OCB, RB - 1, RB - 1>;
+  if constexpr (RB % 2 == 0) return {OCB * V, RB, tile<OCB, RB, RB>, tile<OCB, RB, RB / 2>, shorter};
+  else return {OCB * V, RB, tile<OCB, RB, RB>, nullptr, shorter};
 }
 
 // The compiled (B, RB) tiles: RB*B/V accumulators, B/V weights and one broadcast in the
@@ -250,14 +254,28 @@ const Kind& find_kind(int64_t B, int64_t RB) {
 // How a unit's tiles cover its output rows (see the top of the file).
 enum class Walk { across, by_row, paired };
 
+// The tiles of RB - 1 that end each row in the walk by rows: where RB does not divide OW, the
+// RB - OW % RB that make the row exact, if there are tiles enough (16 columns of 6: 6 + 5 + 5
+// instead of 6 + 6 + 6 with 2 dropped); else none, and the row's last tile drops the positions
+// past OW.
+int64_t short_tiles(int64_t OW, const Kind& k) {
+  const int64_t RB = k.RB, rest = OW % RB;
+  return rest && k.shorter && RB - rest <= OW / RB + 1 ? RB - rest : 0;
+}
+
 // The walk that computes the fewest positions per image: across rows rounds OH*Wq up to
-// tiles; by row rounds each row's OW; paired rounds each pair of rows' OW to half tiles (and
-// an odd last row computes a second row it drops). Of equals, where inner tiles can read the
-// image itself, paired, then by row (128 @ 16, batch 32: 1.04-1.05x paired against across);
-// elsewhere across rows first.
+// tiles; by row computes each row's OW, exactly with short tiles; paired rounds each pair of
+// rows' OW to half tiles (and an odd last row computes a second row it drops). Short tiles
+// cost more than their positions: a walk by rows with them counts a quarter position more per
+// short tile, and 17/16 of it all (on an AMD Zen 3, 16x6 tiles at batch 1 and 32, against
+// paired: 1.05-1.10x at 16 columns, 32 and 128 channels; 0.94-1.00x at 28, 0.92-0.96x at 32).
+// Of equals, where inner tiles can read the image itself, paired, then by row (128 @ 16, batch
+// 32: 1.04-1.05x paired against across); elsewhere across rows first.
 Walk choose_walk(const Geo& g, const Kind& k) {
-  const int64_t RB = k.RB, across = (g.OH * g.Wq + RB - 1) / RB * RB, by_row = g.OH * ((g.OW + RB - 1) / RB * RB);
-  const int64_t paired = k.paired ? (g.OH + 1) / 2 * ((g.OW + RB / 2 - 1) / (RB / 2) * RB) : across + by_row;
+  const int64_t RB = k.RB, shorts = short_tiles(g.OW, k);  // costs in 64ths of a position
+  const int64_t across = 64 * ((g.OH * g.Wq + RB - 1) / RB * RB);
+  const int64_t by_row = shorts ? g.OH * (4 * g.OW + shorts) * 17 : 64 * g.OH * ((g.OW + RB - 1) / RB * RB);
+  const int64_t paired = k.paired ? 64 * ((g.OH + 1) / 2 * ((g.OW + RB / 2 - 1) / (RB / 2) * RB)) : across + by_row;
   if (g.phases == 1 && g.Cp == g.C) {  // inner tiles possible (see Inner)
     if (paired <= by_row && paired <= across) return Walk::paired;
     return by_row <= across ? Walk::by_row : Walk::across;
@@ -266,18 +284,42 @@ Walk choose_walk(const Geo& g, const Kind& k) {
   return by_row <= paired ? Walk::by_row : Walk::paired;
 }
 
-// The inner tiles (see Inner) of a walk: groups of rows (1, or 2 paired) start at multiples of
-// their rows, tiles at multiples of their columns; inner where the rows h - ph .. h + rows - 2
-// - ph + kh and the columns w - pw .. w + cols - 2 - pw + kw of the image exist.
-Inner inner_tiles(const Geo& g, const Kind& k, Walk walk) {
+// One tile of a row walk: its first output column, its columns (in each of its rows), its function.
+struct RowTile {
+  int64_t w0, cols;
+  TileFn fn;
+};
+
+// The tiles across an output row (by row: RB columns, then the short tiles) or a pair of rows
+// (paired: RB / 2 columns of each); none across rows.
+std::vector<RowTile> row_plan(const Geo& g, const Kind& k, Walk walk) {
+  std::vector<RowTile> plan;
+  if (walk == Walk::paired)
+    for (int64_t w0 = 0; w0 < g.OW; w0 += k.RB / 2) plan.push_back({w0, k.RB / 2, k.paired});
+  if (walk != Walk::by_row) return plan;
+  const int64_t shorts = short_tiles(g.OW, k), full = shorts ? (g.OW - shorts * (k.RB - 1)) / k.RB : 0;
+  for (int64_t w0 = 0; w0 < g.OW; w0 += plan.back().cols) {
+    if (shorts && int64_t(plan.size()) >= full) plan.push_back({w0, k.RB - 1, k.shorter});
+    else plan.push_back({w0, k.RB, k.fn});
+  }
+  return plan;
+}
+
+// The inner tiles (see Inner) of a row walk: groups of rows (1, or 2 paired) start at multiples
+// of their rows; inner where the rows h - ph .. h + rows - 2 - ph + kh and the columns w0 - pw
+// .. w0 + cols - 2 - pw + kw of the image exist (cols of a row's last tile counted whole).
+Inner inner_tiles(const Geo& g, const std::vector<RowTile>& plan, Walk walk) {
   Inner in;
   if (walk == Walk::across || g.phases != 1 || g.Cp != g.C) return in;
-  const int64_t rows = walk == Walk::paired ? 2 : 1, cols = walk == Walk::paired ? k.RB / 2 : k.RB;
-  const int64_t h_max = g.H - rows - g.kh + 1 + g.ph, w_max = g.W - cols - g.kw + 1 + g.pw;  // last starts
-  in.row_lo = (g.ph + rows - 1) / rows * rows, in.col_lo = (g.pw + cols - 1) / cols * cols;
-  if (h_max < in.row_lo || w_max < in.col_lo) return in;
-  in.row_hi = h_max / rows * rows + rows, in.col_hi = w_max / cols * cols + cols;
-  in.on = true;
+  const int64_t rows = walk == Walk::paired ? 2 : 1, h_max = g.H - rows - g.kh + 1 + g.ph;  // the last start
+  in.row_lo = (g.ph + rows - 1) / rows * rows, in.row_hi = h_max / rows * rows + rows;
+  in.col_lo = -1;
+  for (const RowTile& t : plan)
+    if (t.w0 >= g.pw && t.w0 + t.cols + g.kw - 2 - g.pw < g.W) {  // contiguous: w0 + cols grows
+      if (in.col_lo < 0) in.col_lo = t.w0;
+      in.col_hi = t.w0 + t.cols;
+    }
+  in.on = h_max >= in.row_lo && in.col_lo >= 0;
   return in;
 }
 
@@ -286,6 +328,7 @@ struct Call {
   const Kind* kind;
   int64_t NB, E, chunks, rows_per_chunk;
   Walk walk;
+  std::vector<RowTile> plan;  // the row walks' tiles across a row (row_plan)
   Inner inner;
   at::Tensor x, res, y;
   std::vector<int32_t> off;     // [NB][E] offsets of the entries into the padded buffer
@@ -307,7 +350,6 @@ void run_unit(const Call& c, const float* buf, int64_t n, int64_t b, int64_t r0,
   float* dst[kMaxRB];
   const float* res[kMaxRB];
   const Out out{dst, resp ? res : nullptr, nb, g.relu};
-  const TileFn fn = c.walk == Walk::paired ? c.kind->paired : c.kind->fn;
   const int64_t step = g.pool ? B : g.O;  // from one output pixel's sums to the next's
   // positions [r, r + count) of the next tile are output row h's pixels w0, w0 + 1, ...; those
   // past the row's OW outputs or the unit's rows are dropped (pointers stepped along the row:
@@ -323,36 +365,32 @@ void run_unit(const Call& c, const float* buf, int64_t n, int64_t b, int64_t r0,
       for (i = 0; i < valid; ++i) res[r + i] = resp + (pix + i) * g.O;
   };
   const float* wb = c.w + b * c.E * B;
-  // the tile at padded pixel p0 (output row h, column w: p0 = h*Wq + w)
-  auto tile_at = [&](int64_t p0) {
-    fn(buf + p0 * g.Cp, g.Cp, c.off.data() + b * c.E, c.E, wb, c.bias.data() + o0, out, g.Wq * g.Cp);
-  };
-  // the tile of the row walks at output row h, column w0: from the image where it is inner
-  auto row_tile = [&](int64_t h, int64_t w0) {
+  // the tile of a row walk at output row h, column w0: from the image where it is inner
+  auto row_tile = [&](TileFn fn, int64_t h, int64_t w0) {
     if (in.on && h >= in.row_lo && h < in.row_hi && w0 >= in.col_lo && w0 < in.col_hi)
       fn(img + ((h - g.ph) * g.W + w0 - g.pw) * g.C, g.C, c.off_in.data() + b * c.E, c.E, wb, c.bias.data() + o0, out,
          g.W * g.C);
     else
-      tile_at(h * g.Wq + w0);
+      fn(buf + (h * g.Wq + w0) * g.Cp, g.Cp, c.off.data() + b * c.E, c.E, wb, c.bias.data() + o0, out, g.Wq * g.Cp);
   };
   if (c.walk == Walk::paired) {  // rows h and h + 1, RB / 2 columns of each (rows_per_chunk is even)
     const int64_t half = RB / 2;
     for (int64_t h = r0; h < r1; h += 2)
       for (int64_t w0 = 0; w0 < g.OW; w0 += half) {
         row_run(0, half, h, w0), row_run(half, half, h + 1, w0);
-        row_tile(h, w0);
+        row_tile(c.kind->paired, h, w0);
       }
-  } else if (c.walk == Walk::by_row) {
+  } else if (c.walk == Walk::by_row) {  // the row's tiles (row_plan)
     for (int64_t h = r0; h < r1; ++h)
-      for (int64_t w0 = 0; w0 < g.OW; w0 += RB) {
-        row_run(0, RB, h, w0);
-        row_tile(h, w0);
+      for (const RowTile& t : c.plan) {
+        row_run(0, t.cols, h, t.w0);
+        row_tile(t.fn, h, t.w0);
       }
   } else {  // across rows: a tile's RB padded pixels run on from one row (Wq pixels) to the next
     for (int64_t p0 = r0 * g.Wq; p0 < r1 * g.Wq; p0 += RB) {
       for (int64_t r = 0, h = p0 / g.Wq, w = p0 % g.Wq; r < RB; r += g.Wq - w, w = 0, ++h)
         row_run(r, std::min(RB - r, g.Wq - w), h, w);
-      tile_at(p0);
+      c.kind->fn(buf + p0 * g.Cp, g.Cp, c.off.data() + b * c.E, c.E, wb, c.bias.data() + o0, out, g.Wq * g.Cp);
     }
   }
   if (!g.pool) return;
@@ -391,7 +429,8 @@ at::Tensor tap_group_conv2d(const at::Tensor& x_in, const at::Tensor& weights, c
   c.g = make_geo(c.x, out_channels, kh, kw, sh, sw, ph, pw, pool, relu, tile_rb);
   const Geo& g = c.g;
   c.walk = choose_walk(g, *c.kind);
-  c.inner = inner_tiles(g, *c.kind, c.walk);
+  c.plan = row_plan(g, *c.kind, c.walk);
+  c.inner = inner_tiles(g, c.plan, c.walk);
   c.bias.assign(c.NB * B, 0.f);
   if (bias_in.has_value() && bias_in->defined()) {
     TORCH_CHECK(bias_in->scalar_type() == at::kFloat && bias_in->numel() == out_channels,
@@ -471,6 +510,18 @@ at::Tensor tap_group_conv2d_meta(const at::Tensor& x, const at::Tensor&, const a
                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
 }
 
+// The walk (0 across rows, 1 by row, 2 paired) and the columns of the tiles across a row (pair)
+// that tap_group_conv2d takes for a c x h x w input and tile B x RB (for tests).
+std::vector<int64_t> tap_group_walk(int64_t c, int64_t h, int64_t w, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                                    int64_t ph, int64_t pw, int64_t B, int64_t RB) {
+  const Kind& k = find_kind(B, RB);
+  const Geo g = make_geo(at::empty({1, c, h, w}), B, kh, kw, sh, sw, ph, pw, 0, false, RB);
+  const Walk walk = choose_walk(g, k);
+  std::vector<int64_t> out{int64_t(walk)};
+  for (const RowTile& t : row_plan(g, k, walk)) out.push_back(t.cols);
+  return out;
+}
+
 std::vector<int64_t> tap_group_tile_kinds() {
   std::vector<int64_t> out;
   for (const Kind& k : kKinds) out.push_back(k.B), out.push_back(k.RB);
@@ -495,5 +546,6 @@ TORCH_LIBRARY_IMPL(tkp, Meta, m) { m.impl("tap_group_conv2d", &tap_group_conv2d_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tap_group_conv2d", &tap_group_conv2d, "tkp::tap_group_conv2d without the dispatcher");
   m.def("isa", [] { return std::string(ISA); }, "the instruction set this build uses");
+  m.def("walk", &tap_group_walk, "[walk (0 across rows, 1 by row, 2 paired), the columns of a row's tiles...]");
   m.def("output_cache", &tkp_outputs::stats, "[freed outputs kept, their bytes] of this kernel's cache (outputs.h)");
 }
