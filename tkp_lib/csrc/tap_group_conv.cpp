@@ -196,17 +196,42 @@ void tile(const float* x, int64_t C, const int32_t* off, int64_t E, const float*
       for (int b = 0; b < OCB; ++b) acc[r][b] = vfmadd(xv, wv[b], acc[r][b]);
     }
   }
+  // the epilogue, with out's fields in locals (the vector stores may alias anything, so each
+  // field would be read again after each) and whole blocks in loops of their own (16 @ 32,
+  // batch 1 and 32, on an AMD Zen 3: 1.07-1.13x, with a residual 1.04-1.07x; 1.00-1.04x at
+  // 64 @ 8; less where more entries share the tile's epilogue)
+  float* const* dst = out.dst;
+  const float* const* resv = out.res;
+  const int64_t n = out.n;
+  const bool relu = out.relu;
+  if (n >= B && resv) {
 #pragma GCC unroll 32
-  for (int r = 0; r < RB; ++r) {
-    float* d = out.dst[r];
-    if (!d) continue;
-    const float* res = out.res ? out.res[r] : nullptr;
-    for (int b = 0; b < OCB; ++b) {
-      vec a = acc[r][b];
-      if (res) a = vadd(a, vload_first(res + b * V, out.n - b * V));
-      if (out.relu) a = vmax(a, vzero());
-      if (out.n >= B) vstore(d + b * V, a);
-      else vstore_first(d + b * V, a, out.n - b * V);
+    for (int r = 0; r < RB; ++r) {
+      float* d = dst[r];
+      if (!d) continue;
+      for (int b = 0; b < OCB; ++b) {
+        const vec a = vadd(acc[r][b], vload(resv[r] + b * V));
+        vstore(d + b * V, relu ? vmax(a, vzero()) : a);
+      }
+    }
+  } else if (n >= B) {
+#pragma GCC unroll 32
+    for (int r = 0; r < RB; ++r) {
+      float* d = dst[r];
+      if (!d) continue;
+      for (int b = 0; b < OCB; ++b) vstore(d + b * V, relu ? vmax(acc[r][b], vzero()) : acc[r][b]);
+    }
+  } else {  // the last block, of fewer than B outputs
+#pragma GCC unroll 32
+    for (int r = 0; r < RB; ++r) {
+      float* d = dst[r];
+      if (!d) continue;
+      for (int b = 0; b < OCB; ++b) {
+        vec a = acc[r][b];
+        if (resv) a = vadd(a, vload_first(resv[r] + b * V, n - b * V));
+        if (relu) a = vmax(a, vzero());
+        vstore_first(d + b * V, a, n - b * V);
+      }
     }
   }
 }
