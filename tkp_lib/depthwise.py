@@ -146,15 +146,14 @@ class DepthwiseTopKConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         fused = residual is None  # the activation in the kernel: nothing comes between
-        if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and kernel_available():
+        if x.is_cpu and x.dtype == torch.float32 and x.dim() == 4 and kernel_available():  # (TapGroupConv2d)
             if self._packed is None:  # and the kernel's arguments between x and the activation
                 self._packed = (self.values.float().contiguous(), self.taps.int().contiguous())
                 self._args = (*self._packed, self.bias, *self.kernel_size, *self.stride, *self.padding)
-            args = (*self._args, self.act() if fused else 0)
-            if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-                y = torch.ops.tkp.depthwise_topk2d(x, *args)  # the registered op, which they can trace
-            else:
-                y = kernel().depthwise_topk2d(x, *args)  # the same function without torch.ops' parsing
+            if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # the registered op, which they trace
+                y = torch.ops.tkp.depthwise_topk2d(x, *self._args, self.act() if fused else 0)
+            else:  # the same function without torch.ops' parsing
+                y = kernel().depthwise_topk2d(x, *self._args, self.act() if fused else 0)
         else:
             if self._dense is None or self._dense.dtype != x.dtype:
                 self._dense = self.dense_weight().to(x.dtype)

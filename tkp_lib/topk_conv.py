@@ -167,14 +167,13 @@ class TopKConv2d(nn.Module):
         return self._tile
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and kernel_available()
-                and (residual is None or residual.dtype == torch.float32)):
+        if (x.is_cpu and x.dtype == torch.float32 and x.dim() == 4  # the cheap tests first (TapGroupConv2d)
+                and (residual is None or residual.dtype == torch.float32) and kernel_available()):
             if self._packed is None:
                 self.packed()
-            args = (*self._args, self.relu, residual, self.pool)
-            if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-                return torch.ops.tkp.topk_conv2d(x, *args)  # the registered op, which they can trace
-            return kernel().topk_conv2d(x, *args)  # the same function without torch.ops' parsing
+            if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # the registered op, which they trace
+                return torch.ops.tkp.topk_conv2d(x, *self._args, self.relu, residual, self.pool)
+            return kernel().topk_conv2d(x, *self._args, self.relu, residual, self.pool)  # without torch.ops' parsing
         if self._dense is None or self._dense.dtype != x.dtype:
             self._dense = self.dense_weight().to(x.dtype)
         y = F.conv2d(x, self._dense, None if self.bias is None else self.bias.to(x.dtype), self.stride, self.padding)
