@@ -1,8 +1,14 @@
-// How the TKP kernels use torch's intra-op threads: one parallel region per call, units of
-// work handed out one at a time from a shared counter. On a machine that other processes
-// keep busy, the OS may stop one of the threads for milliseconds; with a static split the
-// others then finish their share and wait for it at the region's end (with OpenMP's default
-// wait policy, spinning on the core it needs), while here they take over its units.
+// How the TKP kernels use torch's intra-op threads: one parallel region per call; each thread
+// takes the units of its own share (an even split, in order) one at a time, then helps with the
+// others' shares, taking their units from the same counters. The shares keep a unit's data on
+// one core from call to call: the units are image-major, so in a network each thread reads the
+// images it wrote in the layer before (units handed out from one shared counter instead sent
+// images from core to core: deployed ResNet-56 at batch 32, 2 threads, on a 2-vCPU AMD Zen 3 VM
+// ran 1.41x and 1.54x slower, and scaled 1.32x from 1 thread where dense scaled 1.9x). On a
+// machine that other processes keep busy, the OS may stop one of the threads for milliseconds;
+// with a static split the others then finish their share and wait for it at the region's end
+// (with OpenMP's default wait policy, spinning on the core it needs), while here they take
+// over its units.
 // A region still ends only when every thread of the team has come through it, and OpenMP's
 // barrier spins by default, holding the core the late thread needs: so the calling thread,
 // done with the units, watches for the others for at most kSpinMicroseconds, then sleeps (a
@@ -27,6 +33,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
+#include <memory>
 #include <mutex>
 
 namespace tkp_parallel {
@@ -71,7 +78,10 @@ void for_units(int64_t units, bool serial, Backoff& backoff, const F& fn) {
     for (int64_t u = 0; u < units; ++u) fn(u, state);
     return;
   }
-  std::atomic<int64_t> next{0}, by_caller{0};
+  std::unique_ptr<std::atomic<int64_t>[]> taken(new std::atomic<int64_t>[threads]);  // units of each share
+  for (int64_t s = 0; s < threads; ++s) taken[s] = 0;
+  auto share = [&](int64_t s) { return s * units / threads; };  // its first unit
+  std::atomic<int64_t> by_caller{0};
   std::mutex mutex;
   std::condition_variable all_through;
   std::atomic<int64_t> left{threads};  // ranges of [0, threads) not yet through the units (changed under mutex)
@@ -80,11 +90,14 @@ void for_units(int64_t units, bool serial, Backoff& backoff, const F& fn) {
     State state;
     int64_t done = 0;
     try {
-      for (int64_t u = next.fetch_add(1); u < units; u = next.fetch_add(1)) fn(u, state), ++done;
+      for (int64_t k = 0; k < threads; ++k) {  // its own share (begin), then the others'
+        const int64_t s = (begin + k) % threads, first = share(s), count = share(s + 1) - first;
+        for (int64_t i = taken[s].fetch_add(1); i < count; i = taken[s].fetch_add(1)) fn(first + i, state), ++done;
+      }
     } catch (...) {
       std::lock_guard<std::mutex> lock(mutex);
       if (!error) error = std::current_exception();
-      next = units;  // the others stop after their current unit
+      for (int64_t s = 0; s < threads; ++s) taken[s] = units;  // the others stop after their current unit
     }
     if (begin == 0) {  // the calling thread spins a little, then waits asleep (not at the barrier)
       const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicroseconds);
