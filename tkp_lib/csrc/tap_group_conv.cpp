@@ -37,7 +37,7 @@
 //
 // Threads: one parallel region per call (parallel.h), over whole images where there are at
 // least 4 per thread, else over (image, block, rows) units sized so that every thread gets
-// several; handed out one at a time. Each thread pads the images it needs into its own buffer
+// several; each thread's own share first (parallel.h). Each thread pads the images it needs into its own buffer
 // (a copy of a few percent of the work, and no second fork/join): whole images pad each image
 // once (units per block padded most images twice at 2 threads: 64 channels, 8x8, batch 32
 // ran 1.18-1.33x slower). Small calls run on the calling thread alone.
@@ -500,7 +500,7 @@ at::Tensor tap_group_conv2d(const at::Tensor& x_in, const at::Tensor& weights, c
   c.y = tkp_outputs::empty({g.N, g.O, g.YH, g.YW}, at::MemoryFormat::ChannelsLast);
 
   // units: whole images where there are several per thread, else (image, block, chunk of output
-  // rows), so that every thread gets several; handed out one at a time
+  // rows), so that every thread gets several
   const int64_t threads = at::get_num_threads(), per_image = c.NB * g.OH * g.Wq * B * std::max<int64_t>(c.E, 1);
   const bool serial = !tkp_parallel::worth_threads(g.N * per_image);
   const bool whole = serial || g.N >= 4 * threads;  // else each block of an image a unit of its own
