@@ -112,7 +112,8 @@ struct TileKind {
 // small planes (batch 1 at 8x8), large S large ones. On AVX2 (an AMD Zen 3) one output channel
 // with 7-14 vectors was the fastest tile on most layers: each (channel, tap) entry's broadcast
 // weight and tap lookups then feed S multiply-adds (256 @ 8, batch 1: 1.16-1.43x over the best
-// tile compiled before).
+// tile compiled before). An 8x8 image is 71 flat positions: one tile of 9 vectors computes 72
+// (1.17x over 11 vectors, 1.07x at Top-2); 16 x 16 is 271, three tiles of 12.
 #if defined(__AVX512F__)
 const TileKind kTiles[] = {
     {1, 8, tile<1, 8>},   {2, 4, tile<2, 4>},  {2, 8, tile<2, 8>},  {2, 12, tile<2, 12>}, {3, 5, tile<3, 5>},
@@ -123,8 +124,9 @@ const TileKind kTiles[] = {
 };
 #else
 const TileKind kTiles[] = {
-    {1, 7, tile<1, 7>},   {1, 8, tile<1, 8>}, {1, 10, tile<1, 10>}, {1, 11, tile<1, 11>}, {1, 13, tile<1, 13>},
-    {1, 14, tile<1, 14>}, {2, 4, tile<2, 4>}, {2, 6, tile<2, 6>},   {2, 7, tile<2, 7>},   {2, 8, tile<2, 8>},
+    {1, 7, tile<1, 7>},   {1, 8, tile<1, 8>},   {1, 9, tile<1, 9>}, {1, 10, tile<1, 10>}, {1, 11, tile<1, 11>},
+    {1, 12, tile<1, 12>}, {1, 13, tile<1, 13>}, {1, 14, tile<1, 14>}, {2, 4, tile<2, 4>}, {2, 6, tile<2, 6>},
+    {2, 7, tile<2, 7>},   {2, 8, tile<2, 8>},
     {3, 4, tile<3, 4>},   {4, 2, tile<4, 2>}, {4, 3, tile<4, 3>},   {4, 4, tile<4, 4>},   {5, 3, tile<5, 3>},
     {7, 2, tile<7, 2>},   {8, 1, tile<8, 1>}, {14, 1, tile<14, 1>},
 };
