@@ -331,6 +331,10 @@ def test_benchmark_runs_end_to_end(kernel, one_thread, tmp_path):
     assert set(run["layers"][0]["batches"]) == {1, 2} and set(run["whole"]) == {1, 2}
     assert {"dense_eager_ms", "dense_channels_last_ms", "deploy_eager_ms", "speedup"} <= set(run["whole"][1])
     assert json.loads(out.read_text())["runs"][0]["whole"]["2"]["best_deploy"] == "deploy_eager"
+    parts = run["parts"][2]  # every node of the deployed graph timed alone, and the whole
+    assert {"features_0", "features_3", "classifier_1", "classifier_4"} <= set(parts["nodes"])
+    assert "x" not in parts["nodes"] and "output" not in parts["nodes"]
+    assert parts["whole_ms"] > 0 and all(v > 0 for v in parts["nodes"].values())
 
 
 # ---- without a kernel, and deploy.pt in a fresh process -----------------------------------------
