@@ -238,19 +238,12 @@ def time_whole(dense: nn.Module, deployed: nn.Module, input_shape: tuple, batche
     return out
 
 
-def time_parts(gm: torch.fx.GraphModule, x: torch.Tensor, timing: dict) -> dict:
-    """{"whole_ms", "nodes": {node name: ms}} of the deployed graph on x: each node called on
-    its own with the inputs it got in one run (so no interpreter's time counted in it: a
-    torch.fx.Interpreter adds tens of microseconds per node, more than a small node takes),
-    interleaved with the whole model. The nodes' sum is less than the whole: the rest is the
-    calls between them and what one node's data evicts from the caches for the next."""
-    captured = []
-
-    class Capture(torch.fx.Interpreter):
-        def run_node(self, n):
-            if n.op in ("call_module", "call_function", "call_method"):
-                captured.append((n, *self.fetch_args_kwargs_from_env(n)))
-            return super().run_node(n)
+def node_calls(gm: torch.fx.GraphModule, x: torch.Tensor) -> dict[str, tuple]:
+    """{node name: (call, output)} of every call node of gm: the node as a call of its own on
+    copies of the inputs it got in one run on x (an in-place node changes only its copies),
+    and (a copy of) what it returned there."""
+    def copied(v):
+        return torch.fx.node.map_aggregate(v, lambda t: t.clone() if isinstance(t, torch.Tensor) else t)
 
     def call(n, args, kwargs):
         if n.op == "call_module":
@@ -259,9 +252,29 @@ def time_parts(gm: torch.fx.GraphModule, x: torch.Tensor, timing: dict) -> dict:
             return functools.partial(n.target, *args, **kwargs)
         return functools.partial(getattr(args[0], n.target), *args[1:], **kwargs)
 
+    calls = {}
+
+    class Capture(torch.fx.Interpreter):
+        def run_node(self, n):
+            if n.op not in ("call_module", "call_function", "call_method"):
+                return super().run_node(n)
+            args, kwargs = copied(self.fetch_args_kwargs_from_env(n))
+            out = super().run_node(n)
+            calls[n.name] = (call(n, args, kwargs), copied(out))
+            return out
+
     with torch.no_grad():
         Capture(gm).run(x.clone())
-    nodes = {n.name: call(n, args, kwargs) for n, args, kwargs in captured}
+    return calls
+
+
+def time_parts(gm: torch.fx.GraphModule, x: torch.Tensor, timing: dict) -> dict:
+    """{"whole_ms", "nodes": {node name: ms}} of the deployed graph on x: each node called
+    alone (node_calls: no interpreter's time counted in it, which adds tens of microseconds
+    per node, more than a small node takes), interleaved with the whole model. The nodes' sum
+    is less than the whole: the rest is the calls between them and what one node's data
+    evicts from the caches for the next."""
+    nodes = {name: fn for name, (fn, _) in node_calls(gm, x).items()}
     r = kernels.median_ms({**nodes, " whole": lambda: gm(x)}, repeats=timing["repeats"],
                           min_round_s=timing["min_round_s"] / 3)
     return {"whole_ms": r.pop(" whole"), "nodes": r}
