@@ -4,7 +4,7 @@
 // one core from call to call: the units are image-major, so in a network each thread reads the
 // images it wrote in the layer before (units handed out from one shared counter instead sent
 // images from core to core: deployed ResNet-56 at batch 32, 2 threads, on a 2-vCPU AMD Zen 3 VM
-// ran 1.41x and 1.54x slower, and scaled 1.32x from 1 thread where dense scaled 1.9x). On a
+// ran 1.41-1.62x slower in five runs of six, equal in one, and scaled 1.32x from 1 thread). On a
 // machine that other processes keep busy, the OS may stop one of the threads for milliseconds;
 // with a static split the others then finish their share and wait for it at the region's end
 // (with OpenMP's default wait policy, spinning on the core it needs), while here they take

@@ -293,7 +293,7 @@ int64_t short_tiles(int64_t OW, const Kind& k) {
 // rows' OW to half tiles (and an odd last row computes a second row it drops). Short tiles
 // cost more than their positions: a walk by rows with them counts a quarter position more per
 // short tile, and 17/16 of it all (on an AMD Zen 3, 16x6 tiles at batch 1 and 32, against
-// paired: 1.05-1.10x at 16 columns, 32 and 128 channels; 0.94-1.00x at 28, 0.92-0.96x at 32).
+// paired: 1.05-1.09x at 16 columns, 32 and 128 channels; 0.97-0.99x at 28, 0.93-0.96x at 32).
 // Of equals, where inner tiles can read the image itself, paired, then by row (128 @ 16, batch
 // 32: 1.04-1.05x paired against across); elsewhere across rows first.
 Walk choose_walk(const Geo& g, const Kind& k) {
