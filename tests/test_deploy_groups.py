@@ -32,7 +32,7 @@ def grouped_conv(c_in, c_out, ks, stride, pad, k, group, gen, bias=True):
 
 
 def max_rel(y, ref):
-    return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    return float(((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).detach())
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +227,8 @@ def test_rows_end_in_short_tiles_that_match_conv2d(kernel):
 def test_outputs_come_from_a_bounded_cache_of_freed_ones(kernel):
     """Outputs of 256 KiB or more come from a cache of freed ones (csrc/outputs.h): a freed
     output's memory serves the next output of its size, never one while it is alive; it stays
-    an ordinary resizable tensor; at most 16 freed buffers and 256 MiB are kept."""
+    an ordinary resizable tensor; at most 16 freed buffers and 256 MiB are kept, and
+    kernels.free_cached_outputs() frees them, leaving the outputs in use alone."""
     gen = torch.Generator().manual_seed(6)
     mod = T.kernel()
     conv = grouped_conv(16, 64, 3, 1, 1, 1, 32, gen)
@@ -254,6 +255,15 @@ def test_outputs_come_from_a_bounded_cache_of_freed_ones(kernel):
     del big
     buffers, held = mod.output_cache()
     assert buffers <= 16 and held <= 256 * 2**20
+    live = m(x)
+    expected = live.clone()
+    del live
+    live = m(x)  # from the cache; its neighbour freed last, then all kept ones released
+    spare = m(2 * x)
+    del spare
+    held = mod.output_cache()[1]
+    assert kernels.free_cached_outputs() >= held > 0 and mod.output_cache() == [0, 0]  # (and the other kernels')
+    assert torch.equal(live, expected) and max_rel(m(x), conv(x).detach()) < 1e-5  # a live one untouched
 
 
 @pytest.mark.parametrize("kind", ["tapgroup", "topk", "depthwise"])

@@ -56,6 +56,13 @@ def native(stem: str, what: str, fallback: str):
     return _builds[stem]["module"]
 
 
+def free_cached_outputs() -> int:
+    """Frees the freed outputs the built kernels keep for their next calls (up to 16 and 256
+    MiB each, csrc/outputs.h), e.g. when a process is done with a deployed model; the bytes
+    freed. Outputs still in use are not touched; later calls cache again."""
+    return sum(b["module"].release_outputs() for b in _builds.values() if b["module"] is not None)
+
+
 def build_flags() -> tuple[str, list[str]]:
     """(extension name suffix, compiler flags) for this process: -march=native, -mno-avx512f
     under TKP_KERNEL_ISA=avx2, -fopenmp where torch's intra-op threads are OpenMP's."""

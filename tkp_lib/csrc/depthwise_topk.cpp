@@ -517,5 +517,7 @@ TORCH_LIBRARY_IMPL(tkp, Meta, m) { m.impl("depthwise_topk2d", &depthwise_topk2d_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("depthwise_topk2d", &depthwise_topk2d, "tkp::depthwise_topk2d without the dispatcher");
   m.def("isa", &isa, "the instruction set this build uses: avx512 or avx2");
+  m.def("output_cache", &tkp_outputs::stats, "[freed outputs kept, their bytes] of this kernel's cache (outputs.h)");
+  m.def("release_outputs", &tkp_outputs::release, "frees the outputs this kernel keeps; the bytes freed");
 }
 #endif

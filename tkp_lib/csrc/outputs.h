@@ -9,7 +9,7 @@
 // asked for, and frees the oldest past those bounds. Smaller outputs come from torch's
 // allocator, where glibc reuses them anyway. torch's own c10::CPUCachingAllocator works only
 // in mobile builds. The tensors are ordinary resizable CPU tensors; only their memory comes
-// and goes here.
+// and goes here. release() frees the kept buffers (tkp_lib.kernels.free_cached_outputs()).
 #pragma once
 
 #include <ATen/EmptyTensor.h>
@@ -93,11 +93,22 @@ inline CachingAllocator& allocator() {
   return *a;
 }
 
-// (freed buffers kept, their bytes): for tests
+// (freed buffers kept, their bytes)
 inline std::vector<int64_t> stats() {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
   return {int64_t(c.freed.size()), int64_t(c.bytes)};
+}
+
+// frees every buffer kept (outputs still in use are not touched); the bytes freed
+inline int64_t release() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  const int64_t bytes = int64_t(c.bytes);
+  for (const auto& f : c.freed) std::free(f.second);
+  c.freed.clear();
+  c.bytes = 0;
+  return bytes;
 }
 
 // like at::empty(sizes, float32 CPU, memory_format)

@@ -573,4 +573,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", [] { return std::string(ISA); }, "the instruction set this build uses");
   m.def("walk", &tap_group_walk, "[walk (0 across rows, 1 by row, 2 paired), the columns of a row's tiles...]");
   m.def("output_cache", &tkp_outputs::stats, "[freed outputs kept, their bytes] of this kernel's cache (outputs.h)");
+  m.def("release_outputs", &tkp_outputs::release, "frees the outputs this kernel keeps; the bytes freed");
 }

@@ -582,5 +582,7 @@ TORCH_LIBRARY_IMPL(tkp, Meta, m) { m.impl("topk_conv2d", &topk_conv2d_meta); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_conv2d", &topk_conv2d, "tkp::topk_conv2d without the dispatcher");
   m.def("isa", [] { return std::string(ISA); }, "the instruction set this build uses");
+  m.def("output_cache", &tkp_outputs::stats, "[freed outputs kept, their bytes] of this kernel's cache (outputs.h)");
+  m.def("release_outputs", &tkp_outputs::release, "frees the outputs this kernel keeps; the bytes freed");
 }
 #endif
