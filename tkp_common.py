@@ -698,9 +698,10 @@ def write_reports(r: Run, write_final: bool = True, quiet: bool = False) -> dict
 
 def checkpoint_args(base: dict, ckpt_args: dict, path: str) -> argparse.Namespace:
     """`base` (this command's arguments, or a script's defaults) overlaid with a checkpoint's
-    science flags; `eval` set to `path`, so the script loads no pretrained weights."""
+    science flags; `eval` set to `path`, so the script loads no pretrained weights; `dry_run`
+    (generated data) this command's, not the checkpoint's."""
     saved = argparse.Namespace(**{**base, **{k: v for k, v in ckpt_args.items() if k not in OPERATIONAL_FLAGS}})
-    saved.eval, saved.dry_run = path, False
+    saved.eval, saved.dry_run = path, bool(base.get("dry_run"))
     return saved
 
 
@@ -725,13 +726,15 @@ def evaluate_checkpoint(args, script: Script) -> dict:
 
 def _evaluate_checkpoint(args, script: Script, ckpt: dict, dist: Dist, device: torch.device) -> dict:
     saved = checkpoint_args(vars(args), ckpt["args"], args.eval)
+    if saved.dry_run:  # the dry run's generated validation images, as its run saw them
+        _apply_dry_run(saved)
     module = script.build_model(saved).to(device)
     load_weights(module, clean_state_dict(ckpt["model"]), args.eval)
     plan = script.build_plan(module, saved)
     masks = {k: v.to(device) for k, v in ckpt["masks"].items()}
     check_file_masks(module, plan, masks, args.eval, script.name)
     _, val_set = script.build_data(saved)
-    loader = make_loader(val_set, args.batch_val, train=False, num_workers=args.num_workers,
+    loader = make_loader(val_set, saved.batch_val, train=False, num_workers=saved.num_workers,
                          device=device, dist=dist)
     report = sparsity_report(module, plan, masks, script.input_shape(saved), device, parts=_mac_parts(script, saved))
     quantized = "int8" in ckpt

@@ -155,6 +155,9 @@ def test_dry_run_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "dry" / "summary.json").is_file()
     assert "theoretical speed-up" in r.stdout
+    final = json.loads((tmp_path / "dry" / "summary.json").read_text())["final_top1"]
+    e = vgg8.main(["--dry-run", "--eval", str(tmp_path / "dry" / "final.pt")])  # the run's generated data
+    assert e["final_top1"] == final and e["val_images"] == 2
 
 
 @pytest.mark.parametrize("flags,expected", [

@@ -253,7 +253,8 @@ def base_parser(description: str) -> ArgumentParser:
                         "checkpoint_last.pt, final.pt, final_qat.pt, summary.json and figures are removed "
                         "first (other files stay)")
     g.add_argument("--eval", default=None, metavar="CKPT",
-                   help="evaluate a final.pt on the validation set and print its summary")
+                   help="evaluate a final.pt on the validation set and print its summary (with "
+                        "--dry-run: on the dry run's generated images)")
     g.add_argument("--dry-run", action="store_true",
                    help="the whole two-stage pipeline on a few generated images, to check an install")
     return p
