@@ -245,7 +245,7 @@ def node_calls(gm: torch.fx.GraphModule, x: torch.Tensor) -> dict[str, tuple]:
     def copied(v):
         return torch.fx.node.map_aggregate(v, lambda t: t.clone() if isinstance(t, torch.Tensor) else t)
 
-    def call(n, args, kwargs):
+    def call(n, args, kwargs):  # as torch.fx.Interpreter.call_*, the module looked up once, not per call
         if n.op == "call_module":
             return functools.partial(gm.get_submodule(n.target), *args, **kwargs)
         if n.op == "call_function":

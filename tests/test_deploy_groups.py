@@ -258,9 +258,9 @@ def test_outputs_come_from_a_bounded_cache_of_freed_ones(kernel):
     live = m(x)
     expected = live.clone()
     del live
-    live = m(x)  # from the cache; its neighbour freed last, then all kept ones released
+    live = m(x)  # an output from the cache, still in use while the cache is released
     spare = m(2 * x)
-    del spare
+    del spare  # one buffer kept at least
     held = mod.output_cache()[1]
     assert kernels.free_cached_outputs() >= held > 0 and mod.output_cache() == [0, 0]  # (and the other kernels')
     assert torch.equal(live, expected) and max_rel(m(x), conv(x).detach()) < 1e-5  # a live one untouched

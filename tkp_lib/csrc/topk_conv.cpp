@@ -113,7 +113,8 @@ struct TileKind {
 // with 7-14 vectors was the fastest tile on most layers: each (channel, tap) entry's broadcast
 // weight and tap lookups then feed S multiply-adds (256 @ 8, batch 1: 1.16-1.43x over the best
 // tile compiled before). An 8x8 image is 71 flat positions: one tile of 9 vectors computes 72
-// (1.17x over 11 vectors, 1.07x at Top-2); 16 x 16 is 271, three tiles of 12.
+// (256 @ 8, batch 1: 1.17x over 11 vectors; at Top-2 1.07x over 10, the best there before);
+// 16 x 16 is 271, three tiles of 12.
 #if defined(__AVX512F__)
 const TileKind kTiles[] = {
     {1, 8, tile<1, 8>},   {2, 4, tile<2, 4>},  {2, 8, tile<2, 8>},  {2, 12, tile<2, 12>}, {3, 5, tile<3, 5>},
