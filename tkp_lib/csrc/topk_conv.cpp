@@ -72,14 +72,13 @@ void tile(const float* x, int64_t plane, int64_t c0, int64_t c1, int64_t K, cons
           int64_t n_prefetch) {
   // y[m][0 .. V*S) (+)= sum over channels c in [c0, c1), k < K of w[c][k][m] * x[c][tap_off[tap[c][k][m]] + ...];
   // and the n_prefetch lines at xc + prefetch[j] of each channel (its next tile) into L1 meanwhile
+  // loops unrolled whole, so that g++ keeps acc in registers rather than a copy on the stack
+  // (AVX-512 Intel Xeon, batch 1 and 32: 1.00-1.04x, most tiles)
   vec acc[M][S];
-  if (bias) {
-    for (int m = 0; m < M; ++m)
-      for (int s = 0; s < S; ++s) acc[m][s] = vset1(bias[m]);
-  } else {
-    for (int m = 0; m < M; ++m)
-      for (int s = 0; s < S; ++s) acc[m][s] = vload(y + m * ystride + s * V);
-  }
+#pragma GCC unroll 16
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 16
+    for (int s = 0; s < S; ++s) acc[m][s] = bias ? vset1(bias[m]) : vload(y + m * ystride + s * V);
   w += c0 * K * M;
   tap += c0 * K * M;
   const float* xc = x + c0 * plane;
@@ -95,7 +94,9 @@ void tile(const float* x, int64_t plane, int64_t c0, int64_t c1, int64_t K, cons
       }
     }
   }
+#pragma GCC unroll 16
   for (int m = 0; m < M; ++m)
+#pragma GCC unroll 16
     for (int s = 0; s < S; ++s) vstore(y + m * ystride + s * V, acc[m][s]);
 }
 
