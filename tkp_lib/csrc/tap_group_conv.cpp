@@ -182,7 +182,7 @@ void tile(const float* x, int64_t C, const int32_t* off, int64_t E, const float*
   constexpr int B = OCB * V;
   // each accumulator loads the bias itself, in a loop unrolled whole: with one splat per block,
   // g++ 12 built tiles of 12 and 14 positions through the stack (half-width stores read back
-  // whole, which store forwarding cannot serve): on an Intel Xeon with AVX-512 32x14 ran 1.04-1.10x
+  // whole, which store forwarding cannot serve): on an Intel Xeon with AVX-512 32x14 ran 1.03-1.10x
   // faster at batch 1 and 1.05-1.20x at 32 without it, 32x6 and the AVX2 tiles the same
   vec acc[RB][OCB];
 #pragma GCC unroll 32
