@@ -27,7 +27,7 @@ from torch.nn.modules.utils import _pair
 from tkp_lib import kernels
 
 GROUP_SIZES = (64, 32, 16, 8)
-DEFAULT_TILE = (32, 12)  # (B, RB) where nothing else is known
+DEFAULT_TILE = (32, 8)  # (B, RB) where nothing else is known (AVX-512; other builds: default_tile)
 
 
 def kernel():
