@@ -362,6 +362,29 @@ def test_benchmark_runs_end_to_end(kernel, one_thread, tmp_path):
     assert parts["whole_ms"] > sum(sorted(parts["nodes"].values())[-2:]) / 2  # the whole, not a node
 
 
+
+def test_benchmark_whole_figure_is_the_whole_graph(monkeypatch):
+    """time_parts' "whole_ms" is the time of one call of the whole graph, its "nodes" those of
+    the nodes alone: checked with the timer replaced by one that runs each function once and
+    answers a figure of its own per name (no timing in the test)."""
+    deploy_latency = import_benchmark()
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2)))
+    whole_calls = []
+    gm.register_forward_hook(lambda *_: whole_calls.append(1))  # the graph module's own forward only
+    figures = {}
+
+    def fake_median_ms(fns, **kwargs):
+        for name, fn in fns.items():
+            fn()
+            figures[name] = float(len(figures) + 1)
+        return dict(figures)
+
+    monkeypatch.setattr(deploy_latency.kernels, "median_ms", fake_median_ms)
+    parts = deploy_latency.time_parts(gm, torch.randn(1, 3, 6, 6), {"repeats": 1, "min_round_s": 0.001})
+    assert whole_calls == [1]  # the timed whole (node_calls runs the graph in an Interpreter)
+    assert parts["whole_ms"] == figures[" whole"] and " whole" not in parts["nodes"]
+    assert parts["nodes"] == {n.name: figures[n.name] for n in gm.graph.nodes if n.op.startswith("call_")}
+
 # ---- without a kernel, and deploy.pt in a fresh process -----------------------------------------
 
 def run_python(code: str, env_extra: dict | None = None) -> str:
