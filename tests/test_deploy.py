@@ -362,21 +362,22 @@ def test_benchmark_runs_end_to_end(kernel, one_thread, tmp_path):
     assert parts["whole_ms"] > sum(sorted(parts["nodes"].values())[-2:]) / 2  # the whole, not a node
 
 
-
 def test_benchmark_whole_figure_is_the_whole_graph(monkeypatch):
     """time_parts' "whole_ms" is the time of one call of the whole graph, its "nodes" those of
     the nodes alone: checked with the timer replaced by one that runs each function once and
     answers a figure of its own per name (no timing in the test)."""
     deploy_latency = import_benchmark()
     gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2)))
-    whole_calls = []
+    whole_calls, fired, ran, figures = [], [], {}, {}
     gm.register_forward_hook(lambda *_: whole_calls.append(1))  # the graph module's own forward only
-    figures = {}
+    for name, sub in gm.named_children():
+        sub.register_forward_hook(lambda *_, name=name: fired.append(name))
 
     def fake_median_ms(fns, **kwargs):
         for name, fn in fns.items():
+            fired.clear()
             fn()
-            figures[name] = float(len(figures) + 1)
+            ran[name], figures[name] = list(fired), float(len(figures) + 1)
         return dict(figures)
 
     monkeypatch.setattr(deploy_latency.kernels, "median_ms", fake_median_ms)
@@ -384,6 +385,8 @@ def test_benchmark_whole_figure_is_the_whole_graph(monkeypatch):
     assert whole_calls == [1]  # the timed whole (node_calls runs the graph in an Interpreter)
     assert parts["whole_ms"] == figures[" whole"] and " whole" not in parts["nodes"]
     assert parts["nodes"] == {n.name: figures[n.name] for n in gm.graph.nodes if n.op.startswith("call_")}
+    assert ran["_0"] == ["0"] and ran["_3"] == ["3"] and ran[" whole"] == ["0", "1", "2", "3"]  # each its own
+
 
 # ---- without a kernel, and deploy.pt in a fresh process -----------------------------------------
 
