@@ -25,11 +25,12 @@ one. Dense kernels multiply zeros like any other value, so the measured speed-up
     scale and bias (torch.addcmul: oneDNN has no fast path for depthwise 1x1 convs, which
     would make the floor look below 1x). The ratio bounds what K=1 can gain with dense
     kernels at that shape; each row names its 1x1 ("floor_op").
-  * N:M ViTs (2:4), deployment: every pruned Linear converted to a semi-structured sparse
-    weight (torch.sparse.to_sparse_semi_structured: cuSPARSELt, else CUTLASS; fp16/bf16; a
-    CUDA GPU with compute capability >= 8.0), its output checked against the masked dense
-    layer, both timed, and the sparse form kept only where it is faster. Elsewhere the
-    section says why it was skipped and the benchmark goes on.
+  * N:M ViTs (2:4), deployment: every pruned Linear the forward calls converted to a
+    semi-structured sparse weight (torch.sparse.to_sparse_semi_structured: cuSPARSELt, else
+    CUTLASS, whose kernels torch builds for compute capability 8.x alone, pytorch issue
+    #132928; fp16/bf16; a CUDA GPU with compute capability >= 8.0), its output checked against
+    the masked dense layer, both timed, and the sparse form kept only where it is faster.
+    Elsewhere the section says why it was skipped and the benchmark goes on.
 
     python benchmarks/inference_latency.py --checkpoint runs/vgg8-.../final.pt --json lat.json
     python benchmarks/inference_latency.py --script vgg8 --topk 1
@@ -455,7 +456,8 @@ def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def deploy_semi_structured(bench: Bench, setup: DeviceSetup, batches: list[int], timing: Timing, seed: int,
                            compiled_dense: nn.Module | None = None, compile_mode: str | None = None,
-                           margin: float = 0.02, convert: Callable | None = None) -> dict:
+                           margin: float = 0.02, convert: Callable | None = None,
+                           progress: Callable[[dict], None] | None = None) -> dict:
     """Convert each pruned Linear to a 2:4 semi-structured sparse weight where that is faster.
 
     Per layer, at the largest batch: the layer's input shape is taken from one forward pass,
@@ -464,8 +466,9 @@ def deploy_semi_structured(bench: Bench, setup: DeviceSetup, batches: list[int],
     form is kept only if it is correct and at least `margin` faster. Then the whole deployed
     model is checked against the masked dense model and both are timed (eager at every batch;
     compiled at the largest). `convert` replaces torch.sparse.to_sparse_semi_structured (the
-    tests pass a stand-in to run this bookkeeping on a CPU). Never raises: a failure is
-    reported in the result."""
+    tests pass a stand-in to run this bookkeeping on a CPU); `progress(result so far)` is called
+    after the per-layer decisions and after the eager timings, so that a run stopped during a
+    compile keeps them. Never raises: a failure is reported in the result."""
     out = {"device": str(setup.device), "pattern": bench.plan.pattern, **cusparselt_info()}
     if convert is None:
         reason = semi_structured_unsupported(setup.device, bench.plan.pattern)
@@ -473,13 +476,14 @@ def deploy_semi_structured(bench: Bench, setup: DeviceSetup, batches: list[int],
             return {**out, "status": "skipped" if reason.startswith("skipped") else "not applicable",
                     "reason": reason}
     try:
-        return {**out, **_deploy(bench, setup, batches, timing, seed, compiled_dense, compile_mode, margin, convert)}
+        return {**out, **_deploy(bench, setup, batches, timing, seed, compiled_dense, compile_mode, margin, convert,
+                                 lambda part: progress and progress({**out, **part}))}
     except Exception as e:  # noqa: BLE001 - the deployment is an experiment; the benchmark goes on
         _free(setup.device)
         return {**out, "status": "failed", "reason": f"failed: {kernels.one_line(e)}"}
 
 
-def _deploy(bench, setup, batches, timing, seed, compiled_dense, compile_mode, margin, convert) -> dict:
+def _deploy(bench, setup, batches, timing, seed, compiled_dense, compile_mode, margin, convert, progress) -> dict:
     dtype = setup.dtype if setup.dtype in (torch.float16, torch.bfloat16) else (
         torch.bfloat16 if setup.device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16)
     backend, problems = "stand-in", []
@@ -507,6 +511,11 @@ def _deploy(bench, setup, batches, timing, seed, compiled_dense, compile_mode, m
     layers = []
     for name in linears:
         lin = modules[name]
+        if name not in shapes:  # e.g. CLIP's text tower, or a MultiheadAttention's out_proj (whose
+            # weight the attention multiplies by itself): their weights stay dense
+            layers.append({"layer": name, "weight": list(lin.weight.shape), "kept_sparse": False,
+                           "note": "dense: not called as a module by the timed forward"})
+            continue
         row = {"layer": name, "weight": list(lin.weight.shape), "input": list(shapes[name]), "kept_sparse": False}
         x = torch.randn(shapes[name], device=setup.device, dtype=dtype)
         w, b = lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
@@ -534,14 +543,17 @@ def _deploy(bench, setup, batches, timing, seed, compiled_dense, compile_mode, m
     ref, y = dense(x_big), deployed(x_big)
     result["model_rel_error"] = _relative_error(y, ref)
     result["model_matches"] = result["model_rel_error"] <= 5e-2
-    rows = []
-    for batch in batches if kept else []:  # with no sparse layer the deployed model is the dense one
+    rows = result["model"] = []
+    progress(result)
+    timed = kept and result["model_matches"]  # with no sparse layer the deployed model is the dense one
+    for batch in batches if timed else []:
         x = setup.inputs(batch, bench.input_shape, seed).to(dtype)
         t = measure_interleaved({"dense": (None, lambda: dense(x)), "deployed": (None, lambda: deployed(x))},
                                 setup.device, timing)
         d, s = t["dense"]["median_ms"], t["deployed"]["median_ms"]
         rows.append({"batch": batch, "mode": "eager", "dense_ms": d, "deployed_ms": s, "speedup": d / s})
-    if compile_mode and kept:
+    progress(result)
+    if compile_mode and timed:
         try:
             x = x_big
             d_model = (compiled_dense if compiled_dense is not None
@@ -553,7 +565,6 @@ def _deploy(bench, setup, batches, timing, seed, compiled_dense, compile_mode, m
             rows.append({"batch": big, "mode": "compile", "dense_ms": d, "deployed_ms": s, "speedup": d / s})
         except Exception as e:  # noqa: BLE001 - the sparse subclass under torch.compile is prototype
             rows.append({"batch": big, "mode": "compile", "error": kernels.one_line(e)})
-    result["model"] = rows
     return result
 
 
@@ -566,6 +577,8 @@ def format_report(r: dict) -> str:
              f"theoretical speed-up {th['speedup_theoretical']:.2f}x (MACs {th['macs_dense'] / 1e6:,.1f}M dense -> "
              f"{th['macs_nonzero'] / 1e6:,.1f}M non-zero; pruned layers alone "
              f"{th['speedup_pruned_layers']:.2f}x)",
+             *([f"pruned layers the timed forward does not run (not in these figures): {len(th['not_run'])}, "
+                f"e.g. {th['not_run'][0]}"] if th.get("not_run") else []),
              "dense = the same model and kernels with every weight non-zero; pruned = zeros where masked; "
              "times are medians over rounds alternating dense and pruned ((fastest): the ratio of the fastest "
              "rounds, a check on noise)", "",
@@ -627,11 +640,13 @@ def format_report(r: dict) -> str:
             sp = f"{x['sparse_ms']:>9.4f}" if "sparse_ms" in x else f"{'-':>9}"
             su = f"{x['speedup']:>7.2f}x" if "speedup" in x else f"{'-':>8}"
             er = f"{x['rel_error']:>8.1e}" if "rel_error" in x else f"{'-':>8}"
-            lines.append(f"{x['layer'][:24]:<24} {'x'.join(map(str, x['weight'])):>11} {x['dense_ms']:>9.4f} "
+            dm = f"{x['dense_ms']:>9.4f}" if "dense_ms" in x else f"{'-':>9}"
+            lines.append(f"{x['layer'][:24]:<24} {'x'.join(map(str, x['weight'])):>11} {dm} "
                          f"{sp} {su} {er}  {x['note']}")
         lines.append(f"whole model: output vs masked dense model, relative error {s['model_rel_error']:.1e} "
                      f"({'ok' if s['model_matches'] else 'MISMATCH'})"
-                     + ("" if s["layers_sparse"] else "; no layer kept sparse, so it is the masked dense model"))
+                     + ("" if s["layers_sparse"] else "; no layer kept sparse, so it is the masked dense model")
+                     + ("" if s["model_matches"] or not s["layers_sparse"] else "; not timed"))
         for m in s["model"]:
             if "error" in m:
                 lines.append(f"  batch {m['batch']:>4} {m['mode']:<8} failed: {m['error']}")
@@ -701,10 +716,17 @@ def bench_device(bench: Bench, device: torch.device, args, timing: Timing, modes
             result["deployed"].append({"device": str(device), "error": kernels.one_line(e)})
         saved()
     if args.semi_structured:
-        result["semi_structured"].append(deploy_semi_structured(
+        entry = {"device": str(device), "status": "failed", "reason": "failed: stopped before it finished"}
+        result["semi_structured"].append(entry)
+
+        def progress(part: dict) -> None:  # what is measured so far replaces the entry, and is saved
+            entry.clear()
+            entry.update(part)
+            saved()
+
+        progress(deploy_semi_structured(
             bench, setup, batches, timing, args.seed, compiled_dense=compiled,
-            compile_mode=args.compile_mode if args.compile else None, margin=args.sparse_margin))
-        saved()
+            compile_mode=args.compile_mode if args.compile else None, margin=args.sparse_margin, progress=progress))
 
 
 def main(argv=None) -> dict:
@@ -720,7 +742,10 @@ def main(argv=None) -> dict:
     else:
         raise tkp.TKPError("pass --checkpoint PATH (a final.pt) or --script NAME (a fresh model)")
 
-    report = sparsity_report(bench.model, bench.plan, bench.masks, bench.input_shape, torch.device("cpu"))
+    # the MACs of the forward pass that is timed: CLIP's is its image encoder (its pruned text
+    # encoder runs once per set of class names, and is listed as not run)
+    report = sparsity_report(bench.model, bench.plan, bench.masks, bench.input_shape, torch.device("cpu"),
+                             strict=False)
     pruned_dense = sum(x["macs_dense"] for x in report["layers"])
     pruned_nonzero = sum(x["macs_nonzero"] for x in report["layers"])
     theoretical = {**{k: v for k, v in report.items() if k != "layers"},

@@ -21,6 +21,7 @@ import clip_vit
 import tkp_common as tkp
 from tkp_lib import runs
 from tkp_lib.report import sparsity_report
+from tkp_lib.runtime import plain
 from tkp_lib.sparsity import compute_masks, group_ranks
 
 TINY = {"embed_dim": 32,
@@ -189,6 +190,48 @@ def test_macs_of_both_towers_by_hand(tiny):
     assert report["macs_dense"] == image + text and report["speedup_pruned_layers"] == pytest.approx(2.0)
     in_proj = {r["layer"]: r for r in report["layers"]}["visual.transformer.resblocks.0.attn.in_proj_weight"]
     assert (in_proj["part"], in_proj["macs_dense"], in_proj["macs_nonzero"]) == ("image", 17 * 64 * 192, 17 * 32 * 192)
+
+
+def test_inference_latency_times_the_image_encoder(tiny, tmp_path):
+    """benchmarks/inference_latency.py on CLIP: the timed forward is the image encoder, so its
+    theoretical speed-up is the image part's and the text tower is listed as not run; the 2:4
+    deployment (a stand-in converter on the CPU) leaves the Linears the forward does not call as
+    modules dense (the text tower; MultiheadAttention's out_proj), and saves its per-layer
+    decisions before the compiled timing."""
+    from benchmarks import inference_latency as lat
+    config, data = tiny
+    model_flags = ["--model", str(config), "--no-pretrained", "--data-path", str(data), "--templates", "simple"]
+    out = tmp_path / "lat.json"
+    threads = torch.get_num_threads()
+    lat.main(["--script", "clip", "--devices", "cpu", "--threads", "1", "--batch-sizes", "1", "--warmup", "0",
+              "--repeats", "1", "--min-repeat-ms", "0", "--no-compile", "--json", str(out), "--", *model_flags])
+    torch.set_num_threads(threads)
+    saved = json.loads(out.read_text())
+    assert saved["complete"] and [r["batch"] for r in saved["latency"]] == [1]
+    args = parse(tiny)
+    model = clip_vit.build_model(args)
+    plan = clip_vit.build_plan(model, args)
+    by_part = sparsity_report(model, plan, compute_masks(model, plan), clip_vit.SCRIPT.input_shape(args),
+                              torch.device("cpu"), parts=clip_vit.mac_parts(args))["macs_parts"]
+    theory, logits = saved["theoretical"], 4 * 32  # the image embedding against the 4 classes' embeddings
+    assert theory["macs_dense"] == by_part["image"]["macs_dense"] + logits
+    assert theory["macs_nonzero"] == by_part["image"]["macs_nonzero"] + logits
+    assert theory["not_run"] == [n.removesuffix(".weight") for n in TEXT]
+
+    bench = lat.build_fresh("clip", model_flags, seed=0)
+    setup = lat.setup_device(bench, torch.device("cpu"), torch.float32, channels_last=False)
+    calls = []
+    with torch.inference_mode():
+        result = lat.deploy_semi_structured(bench, setup, [1], lat.Timing(0, 1, 0.0), seed=0,
+                                            convert=lambda w: w.clone(), margin=-1.0,
+                                            progress=lambda part: calls.append(json.loads(json.dumps(plain(part)))))
+    notes = {r["layer"]: r["note"] for r in result["layers"]}
+    assert notes["visual.transformer.resblocks.0.attn.out_proj"] == "dense: not called as a module by the timed forward"
+    assert notes["transformer.resblocks.1.mlp.c_fc"] == "dense: not called as a module by the timed forward"
+    assert notes["visual.transformer.resblocks.1.mlp.c_proj"] == "sparse: faster"
+    assert result["status"] == "done" and result["layers_sparse"] == 4 and result["model_matches"]
+    assert calls[0]["layers"] == json.loads(json.dumps(plain(result["layers"]))) and calls[0]["model"] == []
+    assert [m["batch"] for m in calls[-1]["model"]] == [1]
 
 
 @pytest.mark.parametrize("targets,expected", [
