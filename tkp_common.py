@@ -784,17 +784,28 @@ def import_script(name: str):
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules.setdefault(path.stem, module)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            if sys.modules.get(path.stem) is module:  # no half-imported module left behind
+                del sys.modules[path.stem]
+            raise
         return module
     for p in script_files():
         if name in (p.name, p.stem, p.stem.removesuffix("_optimized")):
             return import_script(str(p))
+    unimportable = []
     for p in script_files():  # by the Script's own name (e.g. 'vit', 'densenet121')
-        module = import_script(str(p))
+        try:
+            module = import_script(str(p))
+        except ImportError as e:  # another script's own package missing (clip_vit.py: open_clip)
+            unimportable.append(f"{p.name} ({e})")
+            continue
         if module.SCRIPT.name == name:
             return module
     known = ", ".join(p.stem.removesuffix("_optimized") for p in script_files())
-    raise TKPError(f"no model script {name!r} in {ROOT}; choose from {known}")
+    why = f" (not importable: {'; '.join(unimportable)})" if unimportable else ""
+    raise TKPError(f"no model script {name!r} in {ROOT}; choose from {known}{why}")
 
 
 def _fits(model: nn.Module, state: dict) -> bool:

@@ -308,3 +308,17 @@ def test_dry_run_defaults_to_the_small_model_unless_one_is_named(monkeypatch):
     clip_vit.main(["--dry-run"])
     clip_vit.main(["--dry-run", "--model", "ViT-B-16"])
     assert seen == [clip_vit.DRY_RUN_MODEL, "ViT-B-16"]
+
+
+def test_other_scripts_are_found_without_open_clip():
+    """A machine without open_clip (the GPU machine's torch, torchvision and timm alone) still
+    finds a script by its Script name: clip_vit.py's ImportError is passed over (and not left
+    half-imported), and named when no script matches."""
+    code = ("import sys; sys.modules['open_clip'] = None; import tkp_common as tkp\n"
+            "print(tkp.import_script('vit').SCRIPT.name, 'clip_vit' in sys.modules)\n"
+            "try:\n    tkp.import_script('nope')\nexcept tkp.TKPError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, error = out.stdout.splitlines()[-2:]
+    assert first == "vit False"
+    assert "no model script 'nope'" in error and "not importable: clip_vit.py (" in error
