@@ -114,6 +114,39 @@ def test_epoch_covers_every_image_once_and_shards_evenly():
     assert sorted(torch.cat(val).tolist()) == list(range(50))  # validation: every image exactly once
 
 
+def test_batches_are_drawn_from_device_values_alone(monkeypatch):
+    """No tensor is made from host values while batches are drawn (on a GPU each such copy
+    waits for all queued work, so the host could never run ahead): the recipe with every step
+    (crop, flip, the four jitters with hue, Normalize) runs with torch.tensor refused and
+    torch.as_tensor refused for anything but a tensor already on the device, and its images
+    are those drawn without the refusal."""
+    train = upscaled_cifar_transforms(32)[0]
+    data = ImageArrayDataset(images(64, smooth=True), np.zeros(64, dtype=np.int64), train)
+
+    def draw():
+        loader = DeviceImageLoader(data, 16, train=True, device=CPU, seed=2)
+        loader.set_epoch(5)
+        return loader, iter(loader)
+
+    expected = torch.cat([b for b, _ in draw()[1]])
+    loader, batches = draw()  # built (its Normalize tensors made) before the refusal
+    as_tensor = torch.as_tensor
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor made from host values per batch")
+
+    def device_tensors_only(v, *args, **kwargs):
+        if not isinstance(v, torch.Tensor):
+            refuse()
+        return as_tensor(v, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", refuse)
+    monkeypatch.setattr(torch, "as_tensor", device_tensors_only)
+    got = torch.cat([b for b, _ in batches])
+    monkeypatch.undo()
+    assert torch.equal(got, expected) and len(got) == 64
+
+
 def test_unsupported_transform_is_refused():
     data = ImageArrayDataset(images(4), np.zeros(4, dtype=np.int64), T.Compose([T.RandomRotation(10), T.ToTensor()]))
     with pytest.raises(ValueError, match="RandomRotation"):

@@ -306,7 +306,10 @@ class DeviceImageLoader:
 
     def __init__(self, dataset: ImageArrayDataset, batch_size: int, *, train: bool, device: torch.device,
                  dist: Dist = Dist(), seed: int = 0):
-        self.steps = _device_steps(dataset.transform)  # raises ValueError for unsupported transforms
+        # raises ValueError for unsupported transforms; Normalize's mean and std are put on the
+        # device once here (a tensor built from host values per batch waits for the GPU to finish)
+        self.steps = [(s[0], *(torch.tensor(v, device=device).view(1, -1, 1, 1) for v in s[1:]))
+                      if s[0] == "normalize" else s for s in _device_steps(dataset.transform)]
         self.images = torch.from_numpy(dataset.images).to(device).permute(0, 3, 1, 2).contiguous()
         self.labels = torch.from_numpy(dataset.labels).to(device)
         self.batch_size, self.train, self.device, self.dist = batch_size, train, device, dist
@@ -463,13 +466,17 @@ def augment_batch(images: torch.Tensor, steps: list[tuple], gen: torch.Generator
             ranges = step[1:]
             factors = [None if r is None else _uniform(b, r[0], r[1], gen, dev) for r in ranges]
             order = torch.rand(b, 4, generator=gen, device=dev).argsort(1)  # per-image random order
+            if factors[3] is not None:  # the images that take their hue shift at each slot, read
+                # back in one host sync for all four slots (a nonzero() per slot would wait four times)
+                hue_slot = (order == 3).int().argmax(1)
+                hue_at = hue_slot.argsort().split(torch.bincount(hue_slot, minlength=4).tolist())
             for slot in range(4):
                 for op, factor in enumerate(factors):
                     if factor is None:
                         continue
                     chosen = order[:, slot] == op
                     if op == 3:  # hue: only on the images whose turn it is
-                        idx = chosen.nonzero().squeeze(1)
+                        idx = hue_at[slot]
                         if len(idx):
                             x[idx] = _shift_hue(x[idx], factor[idx]).clamp(0, 1)
                         continue
@@ -483,8 +490,7 @@ def augment_batch(images: torch.Tensor, steps: list[tuple], gen: torch.Generator
                         x = x * fac + _gray(x) * (1 - fac)
                     x = x.clamp(0, 1)
         elif name == "normalize":
-            mean = torch.tensor(step[1], device=dev).view(1, 3, 1, 1)
-            std = torch.tensor(step[2], device=dev).view(1, 3, 1, 1)
+            mean, std = (torch.as_tensor(v, device=dev).view(1, -1, 1, 1) for v in step[1:])
             x = (x - mean) / std
     return x.contiguous()
 

@@ -185,7 +185,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype=None, dis
         pred = out.topk(min(max(topk), out.shape[1]), dim=1).indices
         hits = pred == y[:, None]
         sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(),
-                             torch.tensor(len(y), dtype=torch.float64, device=device)]
+                             hits.new_full((), len(y), dtype=torch.float64)]  # (no host-to-device copy)
                             + [hits[:, :k].any(1).sum().double() for k in topk])
     sums = all_reduce_sum(sums, dist).tolist()
     n = max(sums[1], 1)
