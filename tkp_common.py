@@ -392,7 +392,10 @@ def _wrap(r: Run, compile: bool | None = None) -> nn.Module:
     if r.dist.enabled:
         model = nn.parallel.DistributedDataParallel(
             r.module, device_ids=[r.device.index] if r.device.type == "cuda" else None)
-    return torch.compile(model) if (r.use_compile if compile is None else compile) else model
+    # dynamic=False: the last, smaller batch of an epoch gets a static graph of its own; with
+    # automatic dynamic shapes the graph compiled for it (symbolic batch size) would serve
+    # every later full batch too
+    return torch.compile(model, dynamic=False) if (r.use_compile if compile is None else compile) else model
 
 
 def _write_args(r: Run, n_train: int, n_val: int, channels_last: bool) -> None:

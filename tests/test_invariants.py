@@ -157,3 +157,28 @@ def test_masked_model_deepcopies_and_pickles():
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), m.parameters()))
     assert set(pickle.loads(pickle.dumps(masks))) == set(masks)
     copy.deepcopy(masker)
+
+
+def test_the_compiled_model_keeps_static_shapes(monkeypatch):
+    """The training driver compiles with static shapes: an epoch's last, smaller batch gets a
+    graph of its own, and no graph with a symbolic batch size (which would then serve every
+    later full batch) is made."""
+    import types
+
+    import tkp_common as tkp
+    graphs, compile_ = [], torch.compile
+
+    def record(gm, example_inputs):  # whether the graph takes a symbolic size
+        values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        graphs.append(any(isinstance(v, torch.SymInt) or isinstance(v, torch.Tensor)
+                          and any(isinstance(d, torch.SymInt) for d in v.shape) for v in values))
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=record, **kw))
+    torch._dynamo.reset()
+    run = types.SimpleNamespace(module=small_net(), dist=Dist(), device=torch.device("cpu"), use_compile=True)
+    model = tkp._wrap(run)
+    for batch in (4, 4, 2, 4, 2):
+        model(torch.randn(batch, 3, 8, 8))
+    torch._dynamo.reset()
+    assert graphs == [False, False]

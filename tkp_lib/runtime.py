@@ -317,6 +317,7 @@ def init_distributed(device_arg: str) -> tuple[Dist, torch.device]:
         if device.index >= torch.cuda.device_count():
             raise TKPError(f"there is no {device}: this machine has {torch.cuda.device_count()} GPU(s)")
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # a few input shapes per run: cuDNN times its algorithms per shape
     if dist.enabled and not torch_dist.is_initialized():
         if device.type == "cuda":
             torch_dist.init_process_group("nccl", device_id=device)
