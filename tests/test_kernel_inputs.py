@@ -40,6 +40,32 @@ def test_tap_group_refuses_a_tap_outside_the_kernel(tg_kernel):
         m.forward_torch(torch.randn(1, 4, 8, 8))
 
 
+def test_tap_group_torch_path_checks_its_taps_once_per_change(monkeypatch):
+    """The torch path (any device) reads the taps' range back only when the taps change (on a
+    GPU each read waits for the queued kernels): three calls, one check; an in-place change,
+    one more; an in-place change to a bad tap is still refused."""
+    m, x = tap_group_layer(padding=1), torch.randn(1, 4, 8, 8)
+    reads, tensor_min = [], torch.Tensor.min
+
+    def counted_min(t, *args, **kwargs):
+        if t is m.taps:
+            reads.append(1)
+        return tensor_min(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "min", counted_min)
+    for _ in range(3):
+        m.forward_torch(x)
+    assert len(reads) == 1
+    with torch.no_grad():
+        m.taps[0, 0, 0] = 4
+    m.forward_torch(x)
+    assert len(reads) == 2
+    with torch.no_grad():
+        m.taps[0, 0, 0] = 9  # a 3x3 kernel has taps 0..8
+    with pytest.raises(ValueError, match="tap"):
+        m.forward_torch(x)
+
+
 def test_tap_group_op_refuses_channels_and_taps_out_of_range(tg_kernel):
     """tkp::tap_group_conv2d reads the padded input at each entry's (input channel, tap): any
     entry out of range, first, middle or last in the packed blocks, is refused."""

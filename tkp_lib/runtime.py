@@ -427,6 +427,9 @@ def versions() -> dict:
             out[name] = __import__(name).__version__
         except ImportError:
             out[name] = None
+    if torch.cuda.is_available():  # what GPU figures depend on
+        out.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                   gpu_capability=".".join(map(str, torch.cuda.get_device_capability())))
     return out
 
 

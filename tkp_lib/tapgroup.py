@@ -97,7 +97,7 @@ class TapGroupConv2d(nn.Module):
         self.register_buffer("taps", torch.zeros(n_groups, in_channels, k, dtype=torch.int32))
         self.register_buffer("weights", torch.zeros(out_channels, in_channels, k))
         self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
-        self._packed = None
+        self._packed = self._checked = None
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, group: int, k: int, tile=None) -> "TapGroupConv2d":
@@ -132,7 +132,7 @@ class TapGroupConv2d(nn.Module):
         self.tile, self._packed = tuple(tile), None
 
     def _apply(self, fn, recurse=True):
-        self._packed = None
+        self._packed = self._checked = None
         return super()._apply(fn, recurse)
 
     def dense_weight(self) -> torch.Tensor:
@@ -144,13 +144,19 @@ class TapGroupConv2d(nn.Module):
         return w.reshape(self.out_channels, self.in_channels, kh, kw)
 
     def check(self) -> None:
-        """ValueError where the buffers describe no convolution this layer computes."""
+        """ValueError where the buffers describe no convolution this layer computes. Checked
+        again only when the taps or bias change (their tensor or its in-place version): on a
+        GPU, reading the taps' range back waits for every queued kernel."""
+        state = (id(self.taps), self.taps._version, id(self.bias))
+        if state == self._checked:
+            return
         kh, kw = self.kernel_size
         if self.taps.numel() and not 0 <= int(self.taps.min()) <= int(self.taps.max()) < kh * kw:
             raise ValueError(f"TapGroupConv2d: a tap index outside the {kh}x{kw} kernel (taps must be in "
                              f"0..{kh * kw - 1})")
         if self.bias is not None and self.bias.numel() != self.out_channels:
             raise ValueError(f"TapGroupConv2d: the bias has {self.bias.numel()} values for {self.out_channels} outputs")
+        self._checked = state
 
     def packed(self):
         """(weights (blocks, E, B), channels (blocks, E), taps (blocks, E), RB): the kernel's
@@ -203,7 +209,8 @@ class TapGroupConv2d(nn.Module):
 
     def forward_torch(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """unfold + index_select of each group's kept rows + matmul (any device and dtype)."""
-        self.check()
+        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):  # (traced: checked eagerly)
+            self.check()
         kh, kw = self.kernel_size
         n, _, h, wd = x.shape
         oh = (h + 2 * self.padding[0] - kh) // self.stride[0] + 1
