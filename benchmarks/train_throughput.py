@@ -243,12 +243,17 @@ def main(argv=None):
     if extra:
         result["ratios"]["stage1/dense (dense + regularizer time)"] = 1 + extra["regularizer"] / step["dense"]
         result["ratios"]["stage2/dense (dense + masking time)"] = 1 + extra["masking"] / step["dense"]
+
+    def save():  # the step times first: a run stopped in the epoch measurement keeps them
+        if bench.json:
+            Path(bench.json).write_text(json.dumps(result, indent=2) + "\n")
+
+    save()
     if not bench.skip_epoch:
         result.update(epoch_measurements(s, bench, trainers, step))
         result["ratios"]["epoch/compute"] = result.pop("epoch_over_compute")
+        save()
     print_report(result, bench)
-    if bench.json:
-        Path(bench.json).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

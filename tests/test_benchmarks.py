@@ -47,3 +47,48 @@ def test_tap_group_cuda_benchmark_runs_on_cpu(tmp_path):
                              "--no-compile", "--json", str(tmp_path / "g.json")])
     assert len(r["layers"]) == 4 and all(row["rel_error"] < 1e-5 for row in r["layers"])
     assert all(row["speedup"] > 0 for row in r["layers"])
+
+
+def gpu_check_steps(part: str) -> list[list[str]]:
+    """The python command lines of one part of benchmarks/gpu_check.sh, its variables filled in."""
+    import re
+    import shlex
+    text = (ROOT / "benchmarks" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    body = re.search(rf"^  {part}\)\n(.*?)^    ;;", text, re.S | re.M).group(1)
+    steps = []
+    for line in body.splitlines():
+        words = shlex.split(line.replace("$L", "benchmarks/inference_latency.py"))
+        if words[:1] == ["step"]:
+            assert words[3] == "python" and int(words[2]) > 0
+            steps.append(words[4:])
+    return steps
+
+
+def test_gpu_check_steps_use_flags_their_scripts_take():
+    """Every step of the prepared GPU run (a lent GPU has 15 minutes, start included) names
+    flags its target's own parser takes, including the model flags the benchmarks pass on;
+    each part's step limits add up to about 5 minutes or less, so a part can run twice."""
+    import re
+
+    import tkp_common as tkp
+    from benchmarks import inference_latency, tap_group_cuda
+    text = (ROOT / "benchmarks" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    parts = {"train": 0, "latency": 0, "extra": 0}
+    for part in parts:
+        parts[part] = sum(int(n) for n in re.findall(r"^    step \"[^\"]+\" (\d+) ",
+                                                     re.search(rf"^  {part}\)\n(.*?)^    ;;", text,
+                                                               re.S | re.M).group(1), re.M))
+        steps = gpu_check_steps(part)
+        assert steps and parts[part] <= 330, (part, parts[part])
+        for target, *argv in steps:
+            if target == "benchmarks/inference_latency.py":
+                args, extra = inference_latency.get_args_parser().parse_known_args(argv)
+                tkp.import_script(args.script).get_args_parser().parse_args(extra)
+            elif target == "benchmarks/train_throughput.py":
+                args = train_throughput.get_args_parser().parse_args(argv)
+                tkp.import_script(args.script).get_args_parser().parse_args(args.script_args)
+            elif target == "benchmarks/tap_group_cuda.py":
+                tap_group_cuda.get_args_parser().parse_args(argv)
+            else:
+                tkp.import_script(target).get_args_parser().parse_args(argv)
+    assert parts["train"] <= 300 and parts["latency"] <= 300
