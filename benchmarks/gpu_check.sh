@@ -4,12 +4,14 @@
 # others; each part's results go to $OUT/gpu_results_PART.json, its log to $OUT/gpu_log_PART.txt,
 # and every step's own JSON to $OUT/json_PART/ as soon as the step writes it.
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh train     # dry runs + training throughput, <= 290 s
-#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh latency   # inference latency, 2:4, tap groups, <= 270 s
-#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh extra     # GoogLeNet, fp16 compiled, ViT 2:4 compiled, <= 330 s
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh train     # dry runs + training throughput
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh latency   # inference latency, 2:4, tap groups
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh extra     # GoogLeNet, fp16 compiled, ViT 2:4 compiled
 #
-# A lent GPU comes with 15 minutes in all, its start included: each part fits about 5 minutes
-# (the sum of its step limits), so a part can be run again after a fix. Run train first.
+# A part takes at most the sum of its step limits (train 290 s, latency 270 s, extra 330 s),
+# plus 10 s per step to kill a stuck one and 60 s for the version lines. A lent GPU comes with
+# 15 minutes in all, its start included: enough for train and latency, or for one of them run
+# again after a fix; extra is for a session that has time left. Run train first.
 #
 # Steps: (1) vgg8 --dry-run on CUDA, bf16 compiled and fp16 eager; (2) training throughput
 # (dense / stage-1 / stage-2 steps, loaders, a full epoch) for VGG-8 compiled and ViT-S eager;
@@ -21,6 +23,10 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/tkp_gpu}
 PART=${1:-train}
+case "$PART" in
+  train|latency|extra) ;;
+  *) echo "gpu_check.sh: PART must be train, latency or extra (got $PART)" >&2; exit 2 ;;
+esac
 J="$OUT/json_$PART"
 DRY=/tmp/tkp_dry_$PART
 rm -rf "$J" "$DRY"  # a rerun on a warm machine starts clean: nothing stale is reported
@@ -38,8 +44,8 @@ step() {  # step NAME SECONDS COMMAND...
   echo "=== $name: exit $? after $((SECONDS - start))s" >> "$LOG"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$LOG" 2>&1
-python -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())" >> "$LOG" 2>&1
+timeout -k 5 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$LOG" 2>&1
+timeout -k 5 40 python -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())" >> "$LOG" 2>&1
 
 L=benchmarks/inference_latency.py
 case "$PART" in
@@ -73,16 +79,17 @@ case "$PART" in
     step "latency vit-s 2:4 compiled" 110 python $L --script vit_small --sparsity-type 2:4 --no-pretrained \
       --devices cuda --batch-sizes 256 --json "$J/latency_vit_compiled.json"
     ;;
-  *)
-    echo "gpu_check.sh: PART must be train, latency or extra (got $PART)" >&2
-    exit 2
-    ;;
 esac
 
 python - "$J" "$OUT/gpu_results_$PART.json" <<'EOF'
 import json, sys
 from pathlib import Path
-results = {p.stem: json.loads(p.read_text()) for p in sorted(Path(sys.argv[1]).glob("*.json"))}
+results = {}
+for p in sorted(Path(sys.argv[1]).glob("*.json")):
+    try:
+        results[p.stem] = json.loads(p.read_text())
+    except ValueError as e:  # a step stopped while writing: the others still count
+        results[p.stem] = {"unreadable": str(e)}
 Path(sys.argv[2]).write_text(json.dumps(results, indent=1) + "\n")
 print("results:", ", ".join(results) or "none")
 EOF

@@ -483,6 +483,35 @@ def deploy_semi_structured(bench: Bench, setup: DeviceSetup, batches: list[int],
         return {**out, "status": "failed", "reason": f"failed: {kernels.one_line(e)}"}
 
 
+def _decide_layer(lin: nn.Linear, name: str, shape, convert, setup, dtype, timing, margin) -> dict:
+    """One Linear's row: its sparse twin checked and timed against it on a random input of the
+    layer's own input shape, and put in its place where it is correct and faster."""
+    if shape is None:  # e.g. CLIP's text tower, or a MultiheadAttention's out_proj (whose weight
+        # the attention multiplies by itself): their weights stay dense
+        return {"layer": name, "weight": list(lin.weight.shape), "kept_sparse": False,
+                "note": "dense: not called as a module by the timed forward"}
+    row = {"layer": name, "weight": list(lin.weight.shape), "input": list(shape), "kept_sparse": False}
+    x = torch.randn(shape, device=setup.device, dtype=dtype)
+    w, b = lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
+    ref = F.linear(x, w, b)  # what nn.Linear.forward computes
+    try:
+        sparse = convert(w.contiguous())
+        row["rel_error"] = _relative_error(F.linear(x, sparse, b), ref)
+        t = measure_interleaved({"dense": (None, lambda: F.linear(x, w, b)),
+                                 "sparse": (None, lambda: F.linear(x, sparse, b))}, setup.device, timing)
+        row["dense_ms"], row["sparse_ms"] = t["dense"]["median_ms"], t["sparse"]["median_ms"]
+        row["speedup"] = row["dense_ms"] / row["sparse_ms"]
+        row["kept_sparse"] = row["rel_error"] <= 2e-2 and row["speedup"] >= 1 + margin
+        row["note"] = ("sparse: faster" if row["kept_sparse"] else
+                       "dense: sparse output differs" if row["rel_error"] > 2e-2 else "dense: sparse not faster")
+        if row["kept_sparse"]:
+            lin.weight = nn.Parameter(sparse, requires_grad=False)
+    except Exception as e:  # noqa: BLE001 - e.g. a shape the kernels do not take
+        row["note"] = f"dense: {kernels.one_line(e)}"
+        row["dense_ms"] = measure(lambda: F.linear(x, w, b), setup.device, timing)["median_ms"]
+    return row
+
+
 def _deploy(bench, setup, batches, timing, seed, compiled_dense, compile_mode, margin, convert, progress) -> dict:
     dtype = setup.dtype if setup.dtype in (torch.float16, torch.bfloat16) else (
         torch.bfloat16 if setup.device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16)
@@ -508,34 +537,8 @@ def _deploy(bench, setup, batches, timing, seed, compiled_dense, compile_mode, m
     big = max(batches)
     x_big = setup.inputs(big, bench.input_shape, seed).to(dtype)
     shapes = input_shapes(deployed, linears, x_big)
-    layers = []
-    for name in linears:
-        lin = modules[name]
-        if name not in shapes:  # e.g. CLIP's text tower, or a MultiheadAttention's out_proj (whose
-            # weight the attention multiplies by itself): their weights stay dense
-            layers.append({"layer": name, "weight": list(lin.weight.shape), "kept_sparse": False,
-                           "note": "dense: not called as a module by the timed forward"})
-            continue
-        row = {"layer": name, "weight": list(lin.weight.shape), "input": list(shapes[name]), "kept_sparse": False}
-        x = torch.randn(shapes[name], device=setup.device, dtype=dtype)
-        w, b = lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
-        ref = F.linear(x, w, b)  # what nn.Linear.forward computes
-        try:
-            sparse = convert(w.contiguous())
-            row["rel_error"] = _relative_error(F.linear(x, sparse, b), ref)
-            t = measure_interleaved({"dense": (None, lambda: F.linear(x, w, b)),
-                                     "sparse": (None, lambda: F.linear(x, sparse, b))}, setup.device, timing)
-            row["dense_ms"], row["sparse_ms"] = t["dense"]["median_ms"], t["sparse"]["median_ms"]
-            row["speedup"] = row["dense_ms"] / row["sparse_ms"]
-            row["kept_sparse"] = row["rel_error"] <= 2e-2 and row["speedup"] >= 1 + margin
-            row["note"] = ("sparse: faster" if row["kept_sparse"] else
-                           "dense: sparse output differs" if row["rel_error"] > 2e-2 else "dense: sparse not faster")
-            if row["kept_sparse"]:
-                lin.weight = nn.Parameter(sparse, requires_grad=False)
-        except Exception as e:  # noqa: BLE001 - e.g. a shape the kernels do not take
-            row["note"] = f"dense: {kernels.one_line(e)}"
-            row["dense_ms"] = measure(lambda: F.linear(x, w, b), setup.device, timing)["median_ms"]
-        layers.append(row)
+    layers = [_decide_layer(modules[name], name, shapes.get(name), convert, setup, dtype, timing, margin)
+              for name in linears]
     kept = sum(r["kept_sparse"] for r in layers)
     result = {"status": "done", "backend": backend, "backend_problems": problems, "dtype": dtype_name(dtype),
               "decided_at_batch": big, "margin": margin, "layers": layers, "layers_sparse": kept,
@@ -569,6 +572,33 @@ def _deploy(bench, setup, batches, timing, seed, compiled_dense, compile_mode, m
 
 
 # ---- report ------------------------------------------------------------------------------
+
+def _format_semi_structured(s: dict, label: str) -> list[str]:
+    if s["status"] != "done":
+        return [f"2:4 deployment ({label}): {s['reason']}"]
+    lines = [f"2:4 deployment ({label}, {s['dtype']}, backend {s['backend']}): {s['layers_sparse']} of "
+             f"{s['layers_total']} Linears kept sparse (decided at batch {s['decided_at_batch']}, "
+             f"sparse kept only if >= {s['margin']:.0%} faster and correct)",
+             f"{'layer':<24} {'weight':>11} {'dense ms':>9} {'sparse ms':>9} {'speed-up':>8} {'rel err':>8}  "
+             f"decision"]
+    for x in s["layers"]:
+        dm = f"{x['dense_ms']:>9.4f}" if "dense_ms" in x else f"{'-':>9}"
+        sp = f"{x['sparse_ms']:>9.4f}" if "sparse_ms" in x else f"{'-':>9}"
+        su = f"{x['speedup']:>7.2f}x" if "speedup" in x else f"{'-':>8}"
+        er = f"{x['rel_error']:>8.1e}" if "rel_error" in x else f"{'-':>8}"
+        lines.append(f"{x['layer'][:24]:<24} {'x'.join(map(str, x['weight'])):>11} {dm} {sp} {su} {er}  {x['note']}")
+    lines.append(f"whole model: output vs masked dense model, relative error {s['model_rel_error']:.1e} "
+                 f"({'ok' if s['model_matches'] else 'MISMATCH'})"
+                 + ("" if s["layers_sparse"] else "; no layer kept sparse, so it is the masked dense model")
+                 + ("" if s["model_matches"] or not s["layers_sparse"] else "; not timed"))
+    for m in s["model"]:
+        if "error" in m:
+            lines.append(f"  batch {m['batch']:>4} {m['mode']:<8} failed: {m['error']}")
+        else:
+            lines.append(f"  batch {m['batch']:>4} {m['mode']:<8} masked dense {m['dense_ms']:.3f} ms, "
+                         f"deployed {m['deployed_ms']:.3f} ms: {m['speedup']:.2f}x")
+    return lines
+
 
 def format_report(r: dict) -> str:
     th = r["theoretical"]
@@ -627,32 +657,7 @@ def format_report(r: dict) -> str:
         lines.append("floor = kxk time / (K x 1x1 time): the best dense kernels can do for K taps at these shapes "
                      "(gathering the shifted inputs not counted)")
     for s in r["semi_structured"]:
-        label = r["device_names"].get(s["device"], s["device"])
-        if s["status"] != "done":
-            lines += ["", f"2:4 deployment ({label}): {s['reason']}"]
-            continue
-        lines += ["", f"2:4 deployment ({label}, {s['dtype']}, backend {s['backend']}): {s['layers_sparse']} of "
-                      f"{s['layers_total']} Linears kept sparse (decided at batch {s['decided_at_batch']}, "
-                      f"sparse kept only if >= {s['margin']:.0%} faster and correct)",
-                  f"{'layer':<24} {'weight':>11} {'dense ms':>9} {'sparse ms':>9} {'speed-up':>8} {'rel err':>8}  "
-                  f"decision"]
-        for x in s["layers"]:
-            sp = f"{x['sparse_ms']:>9.4f}" if "sparse_ms" in x else f"{'-':>9}"
-            su = f"{x['speedup']:>7.2f}x" if "speedup" in x else f"{'-':>8}"
-            er = f"{x['rel_error']:>8.1e}" if "rel_error" in x else f"{'-':>8}"
-            dm = f"{x['dense_ms']:>9.4f}" if "dense_ms" in x else f"{'-':>9}"
-            lines.append(f"{x['layer'][:24]:<24} {'x'.join(map(str, x['weight'])):>11} {dm} "
-                         f"{sp} {su} {er}  {x['note']}")
-        lines.append(f"whole model: output vs masked dense model, relative error {s['model_rel_error']:.1e} "
-                     f"({'ok' if s['model_matches'] else 'MISMATCH'})"
-                     + ("" if s["layers_sparse"] else "; no layer kept sparse, so it is the masked dense model")
-                     + ("" if s["model_matches"] or not s["layers_sparse"] else "; not timed"))
-        for m in s["model"]:
-            if "error" in m:
-                lines.append(f"  batch {m['batch']:>4} {m['mode']:<8} failed: {m['error']}")
-            else:
-                lines.append(f"  batch {m['batch']:>4} {m['mode']:<8} masked dense {m['dense_ms']:.3f} ms, "
-                             f"deployed {m['deployed_ms']:.3f} ms: {m['speedup']:.2f}x")
+        lines += ["", *_format_semi_structured(s, r["device_names"].get(s["device"], s["device"]))]
     return "\n".join(lines)
 
 
@@ -742,10 +747,12 @@ def main(argv=None) -> dict:
     else:
         raise tkp.TKPError("pass --checkpoint PATH (a final.pt) or --script NAME (a fresh model)")
 
-    # the MACs of the forward pass that is timed: CLIP's is its image encoder (its pruned text
-    # encoder runs once per set of class names, and is listed as not run)
+    # the MACs of the forward pass that is timed; for a model counted by parts, such as CLIP's
+    # image encoder timed alone (its text encoder runs once per set of class names), the pruned
+    # layers that forward does not run are listed as not run
+    counted_by_parts = tkp.import_script(bench.script).SCRIPT.mac_parts is not None
     report = sparsity_report(bench.model, bench.plan, bench.masks, bench.input_shape, torch.device("cpu"),
-                             strict=False)
+                             strict=not counted_by_parts)
     pruned_dense = sum(x["macs_dense"] for x in report["layers"])
     pruned_nonzero = sum(x["macs_nonzero"] for x in report["layers"])
     theoretical = {**{k: v for k, v in report.items() if k != "layers"},

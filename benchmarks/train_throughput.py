@@ -246,7 +246,9 @@ def main(argv=None):
 
     def save():  # the step times first: a run stopped in the epoch measurement keeps them
         if bench.json:
-            Path(bench.json).write_text(json.dumps(result, indent=2) + "\n")
+            tmp = Path(bench.json).with_name(f".{Path(bench.json).name}.tmp")  # never a half-written file
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            tmp.replace(bench.json)
 
     save()
     if not bench.skip_epoch:

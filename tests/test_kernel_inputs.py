@@ -66,6 +66,24 @@ def test_tap_group_torch_path_checks_its_taps_once_per_change(monkeypatch):
         m.forward_torch(x)
 
 
+def test_tap_group_torch_path_runs_on_inference_tensors():
+    """Buffers made under inference_mode (a layer built there, or moved with .to() there, as
+    benchmarks/inference_latency.py does) keep no version counter: they are checked on every
+    call instead, and a bad tap is still refused."""
+    x = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode():
+        built = tap_group_layer(padding=1)
+        moved = tap_group_layer(padding=1).to(torch.float64).to(torch.float32)
+        for m in (built, moved):
+            assert m.taps.is_inference()
+            ref = F.conv2d(x, m.dense_weight(), m.bias, 1, 1)
+            for _ in range(2):
+                assert torch.allclose(m.forward_torch(x), ref, atol=1e-5)
+        built.taps[0, 0, 0] = 9
+        with pytest.raises(ValueError, match="tap"):
+            built.forward_torch(x)
+
+
 def test_tap_group_op_refuses_channels_and_taps_out_of_range(tg_kernel):
     """tkp::tap_group_conv2d reads the padded input at each entry's (input channel, tap): any
     entry out of range, first, middle or last in the packed blocks, is refused."""

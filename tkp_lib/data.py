@@ -412,6 +412,37 @@ def _crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tenso
                      sampling_ratio=1, aligned=True)
 
 
+def _color_jitter(x: torch.Tensor, ranges, gen: torch.Generator) -> torch.Tensor:
+    """ColorJitter on a float batch: per-image factors for brightness, contrast, saturation
+    and hue (a range or None each), applied in a per-image random order, as torchvision draws them."""
+    b, dev = len(x), x.device
+    factors = [None if r is None else _uniform(b, r[0], r[1], gen, dev) for r in ranges]
+    order = torch.rand(b, 4, generator=gen, device=dev).argsort(1)  # per-image random order
+    if factors[3] is not None:  # the images that take their hue shift at each slot, read
+        # back in one host sync for all four slots (a nonzero() per slot would wait four times)
+        hue_slot = (order == 3).int().argmax(1)
+        hue_at = hue_slot.argsort().split(torch.bincount(hue_slot, minlength=4).tolist())
+    for slot in range(4):
+        for op, factor in enumerate(factors):
+            if factor is None:
+                continue
+            if op == 3:  # hue: only on the images whose turn it is
+                idx = hue_at[slot]
+                if len(idx):
+                    x[idx] = _shift_hue(x[idx], factor[idx]).clamp(0, 1)
+                continue
+            # factor 1 leaves an image exactly as it is (x * 1 + m * 0 == x)
+            fac = torch.where(order[:, slot] == op, factor, torch.ones_like(factor)).view(-1, 1, 1, 1)
+            if op == 0:
+                x = x * fac
+            elif op == 1:
+                x = x * fac + _gray(x).mean((1, 2, 3), keepdim=True) * (1 - fac)
+            else:
+                x = x * fac + _gray(x) * (1 - fac)
+            x = x.clamp(0, 1)
+    return x
+
+
 def augment_batch(images: torch.Tensor, steps: list[tuple], gen: torch.Generator) -> torch.Tensor:
     """Apply `_device_steps` to a uint8 batch (B, 3, H, W); returns float32 (B, 3, h, w)."""
     x, dev, b = images.float() / 255.0, images.device, len(images)
@@ -463,32 +494,7 @@ def augment_batch(images: torch.Tensor, steps: list[tuple], gen: torch.Generator
             flip = torch.rand(b, generator=gen, device=dev) < step[1]
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         elif name == "color_jitter":
-            ranges = step[1:]
-            factors = [None if r is None else _uniform(b, r[0], r[1], gen, dev) for r in ranges]
-            order = torch.rand(b, 4, generator=gen, device=dev).argsort(1)  # per-image random order
-            if factors[3] is not None:  # the images that take their hue shift at each slot, read
-                # back in one host sync for all four slots (a nonzero() per slot would wait four times)
-                hue_slot = (order == 3).int().argmax(1)
-                hue_at = hue_slot.argsort().split(torch.bincount(hue_slot, minlength=4).tolist())
-            for slot in range(4):
-                for op, factor in enumerate(factors):
-                    if factor is None:
-                        continue
-                    chosen = order[:, slot] == op
-                    if op == 3:  # hue: only on the images whose turn it is
-                        idx = hue_at[slot]
-                        if len(idx):
-                            x[idx] = _shift_hue(x[idx], factor[idx]).clamp(0, 1)
-                        continue
-                    # factor 1 leaves an image exactly as it is (x * 1 + m * 0 == x)
-                    fac = torch.where(chosen, factor, torch.ones_like(factor)).view(-1, 1, 1, 1)
-                    if op == 0:
-                        x = x * fac
-                    elif op == 1:
-                        x = x * fac + _gray(x).mean((1, 2, 3), keepdim=True) * (1 - fac)
-                    else:
-                        x = x * fac + _gray(x) * (1 - fac)
-                    x = x.clamp(0, 1)
+            x = _color_jitter(x, step[1:], gen)
         elif name == "normalize":
             mean, std = (torch.as_tensor(v, device=dev).view(1, -1, 1, 1) for v in step[1:])
             x = (x - mean) / std

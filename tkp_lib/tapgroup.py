@@ -145,10 +145,11 @@ class TapGroupConv2d(nn.Module):
 
     def check(self) -> None:
         """ValueError where the buffers describe no convolution this layer computes. Checked
-        again only when the taps or bias change (their tensor or its in-place version): on a
-        GPU, reading the taps' range back waits for every queued kernel."""
-        state = (id(self.taps), self.taps._version, id(self.bias))
-        if state == self._checked:
+        again only when the taps or bias change (their tensor or its in-place version; a write
+        through .data is not seen), or always for tensors made under inference_mode, which keep
+        no version: on a GPU, reading the taps' range back waits for every queued kernel."""
+        state = None if self.taps.is_inference() else (id(self.taps), self.taps._version, id(self.bias))
+        if state is not None and state == self._checked:
             return
         kh, kw = self.kernel_size
         if self.taps.numel() and not 0 <= int(self.taps.min()) <= int(self.taps.max()) < kh * kw:
@@ -209,8 +210,8 @@ class TapGroupConv2d(nn.Module):
 
     def forward_torch(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """unfold + index_select of each group's kept rows + matmul (any device and dtype)."""
-        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):  # (traced: checked eagerly)
-            self.check()
+        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):  # not while traced: no
+            self.check()  # value read back there (a deploy.pt's taps are checked when it is loaded)
         kh, kw = self.kernel_size
         n, _, h, wd = x.shape
         oh = (h + 2 * self.padding[0] - kh) // self.stride[0] + 1
