@@ -152,6 +152,7 @@ class Bench:
     pruned: dict                 # {param name: weight with zeros where pruned}
     input_shape: tuple
     source: str
+    by_parts: bool = False       # the script counts MACs by parts (CLIP: image and text encoders)
 
 
 def load_checkpoint(path: str, script: str | None) -> Bench:
@@ -167,7 +168,7 @@ def load_checkpoint(path: str, script: str | None) -> Bench:
         noise = torch.randn(w.shape, generator=gen, dtype=w.dtype) * (std or 1e-2)
         dense[n] = torch.where(t.masks[n], w, noise)
     return Bench(t.script.name, t.args, t.model, t.plan, t.masks, dense, pruned,
-                 tuple(t.script.input_shape(t.args)), f"checkpoint {path}")
+                 tuple(t.script.input_shape(t.args)), f"checkpoint {path}", t.script.mac_parts is not None)
 
 
 def build_fresh(name: str, extra: list[str], seed: int) -> Bench:
@@ -182,7 +183,8 @@ def build_fresh(name: str, extra: list[str], seed: int) -> Bench:
     Masker(model, masks).apply_()
     pruned = {n: p.detach().clone() for n, p in model.named_parameters() if n in masks}
     return Bench(module.SCRIPT.name, args, model, plan, masks, dense, pruned,
-                 tuple(module.SCRIPT.input_shape(args)), f"random init (seed {seed}), fresh masks")
+                 tuple(module.SCRIPT.input_shape(args)), f"random init (seed {seed}), fresh masks",
+                 module.SCRIPT.mac_parts is not None)
 
 
 @torch.no_grad()
@@ -750,9 +752,8 @@ def main(argv=None) -> dict:
     # the MACs of the forward pass that is timed; for a model counted by parts, such as CLIP's
     # image encoder timed alone (its text encoder runs once per set of class names), the pruned
     # layers that forward does not run are listed as not run
-    counted_by_parts = tkp.import_script(bench.script).SCRIPT.mac_parts is not None
     report = sparsity_report(bench.model, bench.plan, bench.masks, bench.input_shape, torch.device("cpu"),
-                             strict=not counted_by_parts)
+                             strict=not bench.by_parts)
     pruned_dense = sum(x["macs_dense"] for x in report["layers"])
     pruned_nonzero = sum(x["macs_nonzero"] for x in report["layers"])
     theoretical = {**{k: v for k, v in report.items() if k != "layers"},
