@@ -462,15 +462,16 @@ def deploy_semi_structured(bench: Bench, setup: DeviceSetup, batches: list[int],
                            progress: Callable[[dict], None] | None = None) -> dict:
     """Convert each pruned Linear to a 2:4 semi-structured sparse weight where that is faster.
 
-    Per layer, at the largest batch: the layer's input shape is taken from one forward pass,
-    the masked dense Linear and its sparse twin are timed (interleaved) on one random input, the
+    Per layer and per batch size: the layer's input shape is taken from one forward pass, the
+    masked dense Linear and its sparse twin are timed (interleaved) on one random input, the
     sparse output is checked against the dense one (relative error <= 2e-2), and the sparse
-    form is kept only if it is correct and at least `margin` faster. Then the whole deployed
-    model is checked against the masked dense model and both are timed (eager at every batch;
-    compiled at the largest). `convert` replaces torch.sparse.to_sparse_semi_structured (the
-    tests pass a stand-in to run this bookkeeping on a CPU); `progress(result so far)` is called
-    after the per-layer decisions and after the eager timings, so that a run stopped during a
-    compile keeps them. Never raises: a failure is reported in the result."""
+    form is kept only if it is correct and at least `margin` faster at that batch. Then each
+    batch's deployed model is checked against the masked dense model and both are timed (eager
+    at every batch; compiled at the largest). The per-layer table is the largest batch's.
+    `convert` replaces torch.sparse.to_sparse_semi_structured (the tests pass a stand-in to run
+    this bookkeeping on a CPU); `progress(result so far)` is called after the per-layer
+    decisions and after the eager timings, so that a run stopped during a compile keeps them.
+    Never raises: a failure is reported in the result."""
     out = {"device": str(setup.device), "pattern": bench.plan.pattern, **cusparselt_info()}
     if convert is None:
         reason = semi_structured_unsupported(setup.device, bench.plan.pattern)
@@ -514,6 +515,18 @@ def _decide_layer(lin: nn.Linear, name: str, shape, convert, setup, dtype, timin
     return row
 
 
+def _deployed_at(dense: nn.Module, linears: list[str], x: torch.Tensor, convert, setup, dtype, timing,
+                 margin) -> tuple[nn.Module, list[dict], float]:
+    """A copy of `dense` with each Linear decided at the batch of `x` (_decide_layer), its rows,
+    and its output's relative error against the dense model's on `x`."""
+    deployed = copy.deepcopy(dense)
+    modules = dict(deployed.named_modules())
+    shapes = input_shapes(deployed, linears, x)
+    layers = [_decide_layer(modules[name], name, shapes.get(name), convert, setup, dtype, timing, margin)
+              for name in linears]
+    return deployed, layers, _relative_error(deployed(x), dense(x))
+
+
 def _deploy(bench, setup, batches, timing, seed, compiled_dense, compile_mode, margin, convert, progress) -> dict:
     dtype = setup.dtype if setup.dtype in (torch.float16, torch.bfloat16) else (
         torch.bfloat16 if setup.device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16)
@@ -532,35 +545,36 @@ def _deploy(bench, setup, batches, timing, seed, compiled_dense, compile_mode, m
     dense = setup.model if dtype == setup.dtype else copy.deepcopy(setup.model).to(dtype)
     if dense is not setup.model:
         compiled_dense = None  # the compiled model runs another dtype
-    deployed = copy.deepcopy(dense)
-    modules = dict(deployed.named_modules())
+    modules = dict(dense.named_modules())
     linears = [n.removesuffix(".weight") for n in bench.masks
                if isinstance(modules.get(n.removesuffix(".weight")), nn.Linear)]
     big = max(batches)
-    x_big = setup.inputs(big, bench.input_shape, seed).to(dtype)
-    shapes = input_shapes(deployed, linears, x_big)
-    layers = [_decide_layer(modules[name], name, shapes.get(name), convert, setup, dtype, timing, margin)
-              for name in linears]
+    # decided per batch size: a sparse kernel faster at 256 rows may be slower at one image
+    decided = {b: _deployed_at(dense, linears, setup.inputs(b, bench.input_shape, seed).to(dtype), convert, setup,
+                               dtype, timing, margin) for b in sorted(batches, reverse=True)}
+    deployed, layers, rel_error = decided[big]
     kept = sum(r["kept_sparse"] for r in layers)
     result = {"status": "done", "backend": backend, "backend_problems": problems, "dtype": dtype_name(dtype),
               "decided_at_batch": big, "margin": margin, "layers": layers, "layers_sparse": kept,
-              "layers_total": len(layers)}
-    ref, y = dense(x_big), deployed(x_big)
-    result["model_rel_error"] = _relative_error(y, ref)
-    result["model_matches"] = result["model_rel_error"] <= 5e-2
+              "layers_total": len(layers), "model_rel_error": rel_error, "model_matches": rel_error <= 5e-2,
+              "smaller_batches": [{"batch": b, "layers_sparse": sum(r["kept_sparse"] for r in decided[b][1]),
+                                   "model_rel_error": decided[b][2]} for b in batches if b != big]}
     rows = result["model"] = []
     progress(result)
-    timed = kept and result["model_matches"]  # with no sparse layer the deployed model is the dense one
-    for batch in batches if timed else []:
+    for batch in batches:  # with no sparse layer the deployed model is the dense one: not timed
+        model, chosen, err = decided[batch]
+        if not any(r["kept_sparse"] for r in chosen) or err > 5e-2:
+            continue
         x = setup.inputs(batch, bench.input_shape, seed).to(dtype)
-        t = measure_interleaved({"dense": (None, lambda: dense(x)), "deployed": (None, lambda: deployed(x))},
+        t = measure_interleaved({"dense": (None, lambda: dense(x)), "deployed": (None, lambda: model(x))},
                                 setup.device, timing)
         d, s = t["dense"]["median_ms"], t["deployed"]["median_ms"]
         rows.append({"batch": batch, "mode": "eager", "dense_ms": d, "deployed_ms": s, "speedup": d / s})
+    timed = kept and result["model_matches"]
     progress(result)
     if compile_mode and timed:
         try:
-            x = x_big
+            x = setup.inputs(big, bench.input_shape, seed).to(dtype)
             d_model = (compiled_dense if compiled_dense is not None
                        else torch.compile(dense, dynamic=False, mode=compile_mode))
             s_model = torch.compile(deployed, dynamic=False, mode=compile_mode)
@@ -593,6 +607,8 @@ def _format_semi_structured(s: dict, label: str) -> list[str]:
                  f"({'ok' if s['model_matches'] else 'MISMATCH'})"
                  + ("" if s["layers_sparse"] else "; no layer kept sparse, so it is the masked dense model")
                  + ("" if s["model_matches"] or not s["layers_sparse"] else "; not timed"))
+    lines += [f"decided again at batch {x['batch']}: {x['layers_sparse']} of {s['layers_total']} Linears kept "
+              f"sparse (relative error {x['model_rel_error']:.1e})" for x in s.get("smaller_batches", [])]
     for m in s["model"]:
         if "error" in m:
             lines.append(f"  batch {m['batch']:>4} {m['mode']:<8} failed: {m['error']}")

@@ -133,6 +133,28 @@ def test_semi_structured_bookkeeping_with_a_stand_in_converter():
                         "speedup_pruned_layers": 2.0}}))), "semi_structured": [exact, partial]})
 
 
+def test_semi_structured_layers_are_decided_per_batch_size(monkeypatch):
+    """A sparse layer faster at the large batch may be slower at batch 1: each batch size gets
+    its own decisions and its own deployed model (here a stand-in decision keeps a layer sparse
+    at batch 2 alone), and a batch whose deployed model is the dense one is not timed."""
+    decide = lat._decide_layer
+
+    def at_batch_2_only(lin, name, shape, convert, setup, dtype, timing, margin):
+        return decide(lin, name, shape, convert, setup, dtype, timing, -1.0 if shape[0] == 2 else 1e9)
+
+    monkeypatch.setattr(lat, "_decide_layer", at_batch_2_only)
+    bench = lat.build_fresh("vit", [*TINY_VIT, "--target-layers", "mlp"], seed=0)
+    setup = lat.setup_device(bench, torch.device("cpu"), torch.float32, channels_last=False)
+    with torch.inference_mode():
+        result = lat.deploy_semi_structured(bench, setup, [1, 2], lat.Timing(0, 1, 0.0), seed=0,
+                                            convert=lambda w: w.clone())
+    assert result["decided_at_batch"] == 2 and result["layers_sparse"] == result["layers_total"] == 24
+    assert [(x["batch"], x["layers_sparse"]) for x in result["smaller_batches"]] == [(1, 0)]
+    assert [m["batch"] for m in result["model"]] == [2]
+    text = "\n".join(lat._format_semi_structured(plain(result), "cpu"))
+    assert "decided again at batch 1: 0 of 24 Linears kept sparse" in text
+
+
 def test_compiled_paths_run(monkeypatch, capsys):
     """torch.compile's paths (dense/pruned weights swapped under one compiled graph, and the
     deployed model), with dynamo's eager backend standing in for inductor to keep it quick."""
