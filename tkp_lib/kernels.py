@@ -46,7 +46,9 @@ def native(stem: str, what: str, fallback: str):
                 raise RuntimeError(f"{NO_KERNEL_ENV} is set")
             from torch.utils import cpp_extension
             isa, flags = build_flags()
-            # -march=native: one build per kind of CPU, should the extension folder be shared by several
+            # -march=native: one build per kind of CPU, should the extension folder be shared by several.
+            # csrc/ stays C++17: torch 2.11's cpp_extension compiles with -std=c++17 (2.14: c++20), and a
+            # C++20-only line would turn the kernels off there with one line, not fail a test here
             module = cpp_extension.load(name=f"tkp_{stem}_{cpu_tag()}{isa}", sources=[str(CSRC / f"{stem}.cpp")],
                                         extra_cflags=flags, verbose=False)
             _builds[stem] = {"module": module, "why": ""}
