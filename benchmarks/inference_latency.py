@@ -67,6 +67,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/inference_latency.py`
 import tkp_common as tkp  # noqa: E402
 from tkp_lib import deploy_layers, kernels, topk_conv  # noqa: E402
 from tkp_lib.report import sparsity_report  # noqa: E402
+from tkp_lib.runs import write_text_atomic  # noqa: E402
 from tkp_lib.runtime import HelpFormatter, device_name, fraction, gpu_has_bf16, int_list, nonneg_float, plain, versions  # noqa: E402
 from tkp_lib.sparsity import Masker, compute_masks  # noqa: E402
 
@@ -800,9 +801,7 @@ def main(argv=None) -> dict:
     def save() -> None:  # after each part, so a run cut short by a time limit keeps what it measured
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(plain(result), indent=2) + "\n")
-            tmp.replace(path)
+            write_text_atomic(path, json.dumps(plain(result), indent=2) + "\n")
 
     cudnn_benchmark = torch.backends.cudnn.benchmark
     try:

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 import tkp_common as tkp  # noqa: E402
 from tkp_lib import kernels  # noqa: E402
 from tkp_lib.data import DeviceImageLoader, ImageArrayDataset, make_loader  # noqa: E402
+from tkp_lib.runs import write_text_atomic  # noqa: E402
 from tkp_lib.runtime import Dist, amp_name, device_name, init_distributed, resolve_amp  # noqa: E402
 from tkp_lib.sparsity import AuxRegularizer, Masker, compute_masks  # noqa: E402
 from tkp_lib.train import build_trainer, train_one_epoch  # noqa: E402
@@ -246,9 +247,7 @@ def main(argv=None):
 
     def save():  # the step times first: a run stopped in the epoch measurement keeps them
         if bench.json:
-            tmp = Path(bench.json).with_name(f".{Path(bench.json).name}.tmp")  # never a half-written file
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-            tmp.replace(bench.json)
+            write_text_atomic(Path(bench.json), json.dumps(result, indent=2) + "\n")
 
     save()
     if not bench.skip_epoch:

@@ -49,8 +49,9 @@ def test_tap_group_cuda_benchmark_runs_on_cpu(tmp_path):
     assert all(row["speedup"] > 0 for row in r["layers"])
 
 
-def gpu_check_steps(part: str) -> list[list[str]]:
-    """The python command lines of one part of benchmarks/gpu_check.sh, its variables filled in."""
+def gpu_check_steps(part: str) -> list[tuple[int, list[str]]]:
+    """(time limit, python command line) of each step of one part of benchmarks/gpu_check.sh,
+    its variables filled in."""
     import re
     import shlex
     text = (ROOT / "benchmarks" / "gpu_check.sh").read_text().replace("\\\n", " ")
@@ -59,28 +60,21 @@ def gpu_check_steps(part: str) -> list[list[str]]:
     for line in body.splitlines():
         words = shlex.split(line.replace("$L", "benchmarks/inference_latency.py"))
         if words[:1] == ["step"]:
-            assert words[3] == "python" and int(words[2]) > 0
-            steps.append(words[4:])
+            assert words[3] == "python", line
+            steps.append((int(words[2]), words[4:]))
     return steps
 
 
 def test_gpu_check_steps_use_flags_their_scripts_take():
     """Every step of the prepared GPU run (a lent GPU has 15 minutes, start included) names
     flags its target's own parser takes, including the model flags the benchmarks pass on;
-    each part's step limits add up to about 5 minutes or less, so a part can run twice."""
-    import re
-
+    train and latency each take at most 300 s of step limits, extra 330 s."""
     import tkp_common as tkp
     from benchmarks import inference_latency, tap_group_cuda
-    text = (ROOT / "benchmarks" / "gpu_check.sh").read_text().replace("\\\n", " ")
-    parts = {"train": 0, "latency": 0, "extra": 0}
-    for part in parts:
-        parts[part] = sum(int(n) for n in re.findall(r"^    step \"[^\"]+\" (\d+) ",
-                                                     re.search(rf"^  {part}\)\n(.*?)^    ;;", text,
-                                                               re.S | re.M).group(1), re.M))
+    for part, most in (("train", 300), ("latency", 300), ("extra", 330)):
         steps = gpu_check_steps(part)
-        assert steps and parts[part] <= 330, (part, parts[part])
-        for target, *argv in steps:
+        assert len(steps) >= 3 and 0 < sum(limit for limit, _ in steps) <= most, part
+        for _, (target, *argv) in steps:
             if target == "benchmarks/inference_latency.py":
                 args, extra = inference_latency.get_args_parser().parse_known_args(argv)
                 tkp.import_script(args.script).get_args_parser().parse_args(extra)
@@ -91,4 +85,3 @@ def test_gpu_check_steps_use_flags_their_scripts_take():
                 tap_group_cuda.get_args_parser().parse_args(argv)
             else:
                 tkp.import_script(target).get_args_parser().parse_args(argv)
-    assert parts["train"] <= 300 and parts["latency"] <= 300

@@ -147,6 +147,30 @@ def test_batches_are_drawn_from_device_values_alone(monkeypatch):
     assert torch.equal(got, expected) and len(got) == 64
 
 
+def test_color_jitter_applies_each_images_ops_in_its_own_order():
+    """The batched ColorJitter against the same draws applied one image at a time, op by op in
+    that image's own order (hue at whichever of the four slots the image drew it)."""
+    from tkp_lib import data
+    x = torch.from_numpy(images(64, smooth=True)).permute(0, 3, 1, 2).float() / 255
+    ranges = ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.2, 0.2))
+    got = data._color_jitter(x.clone(), ranges, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)  # the draws in the order _color_jitter makes them
+    factors = [data._uniform(64, lo, hi, gen, CPU) for lo, hi in ranges]
+    order = torch.rand(64, 4, generator=gen).argsort(1)
+    assert len({tuple(o) for o in order.tolist()}) > 10  # many orders, hue at every slot
+    for i in range(64):
+        y = x[i:i + 1]
+        for op in order[i].tolist():
+            f = factors[op][i:i + 1]
+            if op == 3:
+                y = data._shift_hue(y, f)
+            else:
+                toward = 0 if op == 0 else data._gray(y).mean() if op == 1 else data._gray(y)
+                y = y * f.view(-1, 1, 1, 1) + toward * (1 - f.view(-1, 1, 1, 1))
+            y = y.clamp(0, 1)
+        assert torch.allclose(got[i:i + 1], y, atol=1e-6), i
+
+
 def test_unsupported_transform_is_refused():
     data = ImageArrayDataset(images(4), np.zeros(4, dtype=np.int64), T.Compose([T.RandomRotation(10), T.ToTensor()]))
     with pytest.raises(ValueError, match="RandomRotation"):
