@@ -77,14 +77,15 @@ def rebuild_model(final_path: str, script: str | None = None) -> tuple[nn.Module
 
 
 
-def tile_list(text: str) -> list[tuple[int, int]]:
+def tile_list(text: str) -> list[tuple[int, int, int]]:
     try:
         tiles = [tuple(int(v) for v in t.lower().split("x")) for t in text.split(",") if t.strip()]
     except ValueError:
         tiles = []
-    if not tiles or any(len(t) != 2 for t in tiles):
-        raise argparse.ArgumentTypeError(f"expected tiles like 4x4,2x8 (M output channels x S vectors), got {text!r}")
-    return tiles
+    if not tiles or any(len(t) not in (2, 3) for t in tiles):
+        raise argparse.ArgumentTypeError(f"expected tiles like 4x4,2x8x1 (M output channels x S vectors, then "
+                                         f"1 for one input copy per kernel column), got {text!r}")
+    return [topk_conv.as_tile(t) for t in tiles]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -99,7 +100,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds (medians)")
     p.add_argument("--verify-batch", type=int, default=32, help="inputs in the deployed-vs-masked check")
     p.add_argument("--tiles", type=tile_list, default=None,
-                   help="register tiles to try per layer, e.g. 4x4,2x8 (default: every tile compiled in)")
+                   help="Top-K register tiles to try per layer, MxS[x1], e.g. 4x4,4x4x1: M output channels x S "
+                        "vectors, x1: one input copy per kernel column (stride-1 layers) "
+                        "(default: every tile compiled in)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs of the check and the timing")
     p.add_argument("--json", default=None, help="write the report here")
     return p

@@ -74,7 +74,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=9, help="interleaved timing rounds (medians)")
     p.add_argument("--min-round-ms", type=float, default=4.0, help="minimum length of one timing round")
     p.add_argument("--tiles", type=D.tile_list, default=None,
-                   help="register tiles to try, M output channels x S vectors, e.g. 4x4,2x8 (default: every tile)")
+                   help="Top-K register tiles to try, as tkp_deploy's --tiles, e.g. 4x4,4x4x1 (default: every tile)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager only")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init and inputs")
     p.add_argument("--json", default=None, help="write every measurement here")
@@ -298,7 +298,7 @@ def format_layers(r: dict, batches: list[int]) -> str:
             cells.append(f"| {'':>{len(str(b)) + 3}}{t['dense_eager_ms']:7.3f} {t['dense_channels_last_ms']:7.3f} "
                          f"{comp} {t['topk_ms']:7.3f} {t['speedup']:7.2f}x ")
         lines.append(f"  {row['name']:<26} {row['shape']:<20} {row['k']:>2} {row['theoretical']:6.2f}x "
-                     + "".join(cells) + f"| {row['tile'][0]}x{row['tile'][1]}  {row['kept']}")
+                     + "".join(cells) + f"| {deploy_layers.tile_name(row['tile'])}  {row['kept']}")
     return "\n".join(lines)
 
 

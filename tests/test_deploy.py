@@ -96,6 +96,46 @@ def test_every_tile_matches_conv2d_where_the_last_tile_ends_early(kernel):
             assert relative_error(m(x), ref) < 1e-5, (n, c, ks, stride, hw, tile)
 
 
+def test_copies_per_kernel_column_match_conv2d(kernel):
+    """Tiles (M, S, 1) read, at stride 1, one copy of the input per kernel column whose rows are
+    Wo rounded up to 8 floats, without padding columns: every such tile against F.conv2d at
+    kernels 1x1 to 7x7 and 1x3 / 3x1, paddings from 0 to past the kernel's half, widths on and
+    either side of multiples of 8, one and many images (several groups per call), with a
+    residual, ReLU and the 2x2 pool, on 1 and 2 threads; and at stride 2, where they run as
+    (M, S, 0)."""
+    gen = torch.Generator().manual_seed(12)
+    columns = [t for t in kernel if t[2] == 1]
+    assert columns and all(t[0] > 0 for t in columns)
+    threads = torch.get_num_threads()
+    cases = [  # (n, c_in, c_out, (kh, kw), stride, (ph, pw), k, h, w, residual + relu + pool)
+        (1, 9, 7, (3, 3), 1, (1, 1), 1, 8, 8, False), (2, 5, 6, (3, 3), 1, (1, 1), 2, 7, 9, True),
+        (1, 4, 5, (1, 1), 1, (0, 0), 1, 5, 16, False), (3, 6, 4, (1, 3), 1, (0, 1), 2, 6, 17, True),
+        (2, 3, 5, (3, 1), 1, (2, 0), 1, 9, 15, False), (1, 5, 3, (5, 5), 1, (3, 4), 3, 6, 7, True),
+        (2, 7, 9, (7, 7), 1, (3, 3), 8, 11, 24, False), (1, 6, 5, (3, 3), 1, (0, 0), 1, 10, 10, True),
+        (40, 16, 8, (3, 3), 1, (1, 1), 1, 16, 16, True),  # more than one group of images
+        (2, 5, 6, (3, 3), 2, (1, 1), 2, 13, 12, False),
+    ]
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            for n, c_in, c_out, (kh, kw), stride, pad, k, h, w, extras in cases:
+                conv = nn.Conv2d(c_in, c_out, (kh, kw), stride, pad)
+                with torch.no_grad():
+                    conv.weight.copy_(topk_weight(c_out, c_in, kh, kw, k, gen, zero_kernels=0.2))
+                x = torch.randn(n, c_in, h, w, generator=gen)
+                ref = conv(x)
+                r = torch.randn(ref.shape, generator=gen) if extras else None
+                if extras:
+                    ref = F.max_pool2d(F.relu(ref + r), 2)
+                for tile in columns:
+                    m = topk_conv.TopKConv2d.from_conv(conv, tile)
+                    m.relu, m.pool = extras, 2 if extras else 0
+                    assert m.kernel_tile() == tile
+                    assert relative_error(m(x, r), ref) < 1e-5, (n_threads, n, c_in, kh, kw, stride, pad, h, w, tile)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_aligned_tiles_match_conv2d(kernel):
     """Tiles (0, S): one output at a time, sums grouped by tap at aligned positions."""
     gen = torch.Generator().manual_seed(10)
@@ -462,12 +502,19 @@ def test_deploy_pt_loads_in_a_fresh_process(kernel, finals, tmp_path, one_thread
     # they run on the default tile
     spec = torch.load(out, weights_only=True)
     topk = [m for m in spec["modules"].values() if m["type"] == "TopKConv2d"]
-    assert topk and all(m["config"]["tile"] == [4, 4] for m in topk)
+    assert topk and all(m["config"]["tile"] == [4, 4, 0] for m in topk)
     for m in topk:
         m["config"]["tile"] = [9, 9]  # in no build
     torch.save(spec, tmp_path / "foreign.pt")
+    # files written before the copies per kernel column name tiles (M, S): they run as (M, S, 0)
+    for m in topk:
+        m["config"]["tile"] = [4, 4]
+    torch.save(spec, tmp_path / "older.pt")
     with torch.no_grad():
         assert torch.equal(D.load(tmp_path / "foreign.pt")(x), D.load(out)(x))
+        older = D.load(tmp_path / "older.pt")
+        assert torch.equal(older(x), D.load(out)(x))
+        assert {m.kernel_tile() for m in older.modules() if isinstance(m, topk_conv.TopKConv2d)} == {(4, 4, 0)}
     # and where the kernel cannot be built, the same file runs its Top-K layers densely
     stdout = run_python(check.replace("print('ok', topk_conv.kernel_available())", "print('ok')"),
                         {"TKP_DEPLOY_NO_KERNEL": "1"})

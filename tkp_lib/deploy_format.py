@@ -506,12 +506,14 @@ _AT_LEAST_ONE = ("kernel_size", "stride", "group", "tile")  # kernel-layer argum
 
 def _check_kernel_config(config: dict, name: str, kind: str) -> None:
     """A kernel layer's sizes are non-negative, its kernel, stride, group and tile positive
-    (but the Top-K kernel's aligned tiles, M = 0): the C++ kernels index and divide with them."""
+    (but the Top-K kernel's aligned tiles, M = 0, and its columns flag): the C++ kernels index and
+    divide with them."""
     for k, v in config.items():
         values = v if isinstance(v, (list, tuple)) else [v]
         low = [1 if k in _AT_LEAST_ONE else 0] * len(values)
         if kind == "TopKConv2d" and k == "tile" and low:
             low[0] = 0  # (0, S): the Top-K kernel's aligned tiles, one output channel at a time
+            low[2:] = [0] * len(low[2:])  # (M, S, columns): columns 0 or 1
         if any(type(x) is int and x < lo for x, lo in zip(values, low)):
             raise DeployError(f"module {name} ({kind}): argument {k}={_short(v)} refused (below {min(low)})")
 

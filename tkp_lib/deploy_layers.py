@@ -260,7 +260,7 @@ def _candidates(conv: nn.Conv2d, tiles) -> list[tuple] | str:
     if why is None and not topk_conv.kernel_available():
         why = "kernel unavailable"
     if why is None:
-        out.append(("topk", lambda t: TopKConv2d.from_conv(conv, t), tiles or topk_conv.tile_kinds(), {}))
+        out.append(("topk", lambda t: TopKConv2d.from_conv(conv, t), topk_conv.tiles_for(conv, tiles), {}))
     return out or why
 
 
@@ -294,9 +294,15 @@ def time_layer(conv: nn.Conv2d, make: Callable, in_shape: tuple, batch_sizes: li
     return best, timings
 
 
+def tile_name(tile) -> str:
+    """'4x4' for the tile (4, 4) or (4, 4, 0), '4x4x1' for (4, 4, 1): as tkp_deploy's --tiles takes them."""
+    tile = list(tile)
+    return "x".join(str(v) for v in (tile[:2] if tile[2:] == [0] else tile))
+
+
 def _timing_line(measured) -> str:
     tile, timings = measured
-    return ("" if tile is None else f"tile {tile[0]}x{tile[1]}, ") + ", ".join(
+    return ("" if tile is None else f"tile {tile_name(tile)}, ") + ", ".join(
         f"batch {b}: {t['dense_ms']:.3f} ms dense, {t['kernel_ms']:.3f} ms kernel "
         f"({t['dense_ms'] / t['kernel_ms']:.2f}x)"
         for b, t in timings.items())

@@ -22,7 +22,7 @@ from torch.nn.modules.utils import _pair
 from tkp_lib import kernels
 
 MAX_K = 8  # the kernel keeps at most this many taps per kernel
-DEFAULT_TILE = (4, 4)  # compiled in on AVX-512 and AVX2 alike
+DEFAULT_TILE = (4, 4, 0)  # compiled in on AVX-512 and AVX2 alike
 
 
 def kernel():
@@ -40,11 +40,27 @@ def kernel_problem() -> str:
     return kernels.problem("topk_conv")
 
 
-def tile_kinds() -> list[tuple[int, int]]:
-    """The (M output channels, S vectors of 16 positions, 8 on AVX2) register tiles compiled
-    in; M = 0: one output channel at a time, its sums grouped by tap at aligned positions."""
+def tile_kinds() -> list[tuple[int, int, int]]:
+    """The (M output channels, S vectors of 16 positions, 8 on AVX2, columns) register tiles
+    compiled in; M = 0: one output channel at a time, its sums grouped by tap at aligned
+    positions. columns 0 reads the input from one zero-padded flat copy; 1, at stride 1, from
+    one copy per kernel column, so that every load is 32-byte aligned (csrc/topk_conv.cpp)."""
     flat = list(torch.ops.tkp.tile_kinds())
-    return list(zip(flat[0::2], flat[1::2]))
+    return list(zip(flat[0::3], flat[1::3], flat[2::3]))
+
+
+def as_tile(tile) -> tuple[int, ...]:
+    """A tile as a tuple; (M, S), as deploy.pt files written before the copies per column name them, is (M, S, 0)."""
+    tile = tuple(tile)
+    return tile + (0,) if len(tile) == 2 else tile
+
+
+def tiles_for(conv: nn.Module, tiles=None) -> list[tuple[int, int, int]]:
+    """The tiles worth timing on `conv` (default: every tile compiled in): columns = 1 only at
+    stride 1, where it differs from 0."""
+    if tiles:
+        return [as_tile(t) for t in tiles]
+    return [t for t in tile_kinds() if t[2] == 0 or tuple(conv.stride) == (1, 1)]
 
 
 
@@ -79,7 +95,7 @@ class TopKConv2d(nn.Module):
         self.register_buffer("values", torch.zeros(out_channels, in_channels, k))
         self.register_buffer("taps", torch.zeros(out_channels, in_channels, k, dtype=torch.uint8))
         self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
-        self.tile = tuple(tile)
+        self.tile = tuple(tile)  # (M, S) or (M, S, columns): kernel_tile() reads both
         self._packed = None  # (values, taps) in the kernel's tile order, built on first use
         self._tile = None    # the tile the kernel runs (kernel_tile), found on first use
         self._dense = None   # the dense weight, built on first use where the kernel cannot run
@@ -144,9 +160,10 @@ class TopKConv2d(nn.Module):
                 t[:self.out_channels] = self.taps.int()
                 self._packed = (v.reshape(tiles, m, self.in_channels, self.k).permute(0, 2, 3, 1).contiguous(),
                                 t.reshape(tiles, m, self.in_channels, self.k).permute(0, 2, 3, 1).contiguous())
-            # the kernel's arguments between x and relu, for every call (as TapGroupConv2d's)
+            # the kernel's arguments between x and relu, for every call (as TapGroupConv2d's); columns last
             self._args = (*self._packed, self.bias, self.out_channels, *self.kernel_size, *self.stride,
-                          *self.padding, *self.kernel_tile(), 0)
+                          *self.padding, *self.kernel_tile()[:2], 0)
+            self._columns = self.kernel_tile()[2]
         return self._packed
 
     def _packed_aligned(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,11 +176,13 @@ class TopKConv2d(nn.Module):
         order = torch.argsort((v == 0).long() * (1 << 40) + code % 256 * (1 << 20) + code // 256, dim=1)
         return (v.gather(1, order).reshape(shape).contiguous(), code.gather(1, order).int().reshape(shape).contiguous())
 
-    def kernel_tile(self) -> tuple[int, int]:
-        """self.tile where this build compiles it in, else DEFAULT_TILE: a deploy.pt tuned on a
-        CPU with other vector instructions (AVX-512 or AVX2) may name a tile this one lacks."""
+    def kernel_tile(self) -> tuple[int, int, int]:
+        """self.tile (M, S, columns; an (M, S) as (M, S, 0)) where this build compiles it in,
+        else DEFAULT_TILE: a deploy.pt tuned on a CPU with other vector instructions (AVX-512
+        or AVX2) may name a tile this one lacks."""
         if self._tile is None:
-            self._tile = self.tile if kernel_available() and self.tile in tile_kinds() else DEFAULT_TILE
+            tile = as_tile(self.tile)
+            self._tile = tile if kernel_available() and tile in tile_kinds() else DEFAULT_TILE
         return self._tile
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,8 +191,9 @@ class TopKConv2d(nn.Module):
             if self._packed is None:
                 self.packed()
             if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # the registered op, which they trace
-                return torch.ops.tkp.topk_conv2d(x, *self._args, self.relu, residual, self.pool)
-            return kernel().topk_conv2d(x, *self._args, self.relu, residual, self.pool)  # without torch.ops' parsing
+                return torch.ops.tkp.topk_conv2d(x, *self._args, self.relu, residual, self.pool, self._columns)
+            # without torch.ops' parsing
+            return kernel().topk_conv2d(x, *self._args, self.relu, residual, self.pool, self._columns)
         if self._dense is None or self._dense.dtype != x.dtype:
             self._dense = self.dense_weight().to(x.dtype)
         y = F.conv2d(x, self._dense, None if self.bias is None else self.bias.to(x.dtype), self.stride, self.padding)

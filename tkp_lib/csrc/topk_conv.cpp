@@ -26,9 +26,17 @@
 //
 // What bounds it: each multiply-add loads one unaligned 64-byte vector, which mostly spans
 // two cache lines, so the loop runs at about one multiply-add per cycle, where a dense
-// kernel reuses every loaded vector many times. Four variants that make the loads aligned
-// were measured and dropped: shifted copies of the input per offset residue (the windows no
-// longer fit L1); the same with 8-float vectors, whose residues are fewer (3 copies at 7x7:
+// kernel reuses every loaded vector many times. At stride 1 the tiles can instead read one
+// copy of the input per kernel column (columns = 1, Geometry::columns): rows of Wo rounded up
+// to 8 floats, no padding columns, so that every load starts on a 32-byte boundary. An AMD
+// Zen 4 loads those as fast as aligned ones (2.4-2.7 against 1.66 G multiply-adds/s for
+// arbitrary offsets, RESULTS.md 2026-12-07), and rows of 8 or 16 floats also drop the
+// padding column's positions (8x8: 64 positions, not 71); the copies cost kw times the
+// input's L1 and L2 room. Best tile with copies against best without, 1 thread: 1.20x at
+// 128 @ 16 and 1.25x at 256 @ 8, batch 1, 1.07-1.19x at batch 32, 0.95-0.96x at 64 @ 56; so
+// both are compiled in and deployment times both. Four other variants that make the loads
+// aligned were measured and dropped: shifted copies of the input per offset residue (the
+// windows no longer fit L1); the same with 8-float vectors, whose residues are fewer (3 copies at 7x7:
 // 0.66 against 0.71 ms at 512 channels, 7x7, batch 1, single runs; even at 8x8: not worth a
 // second tile family); sums grouped by tap at aligned positions, shifted into place in
 // memory once per tap (the extra read-modify-write per tap cost what the aligned loads
@@ -212,6 +220,7 @@ struct Geometry {
   std::vector<int64_t> tap_off;  // tap dy*kw + dx -> offset of its input from the output position
   int64_t max_off = 0;           // the largest offset
   int64_t max_shift = 0;         // the largest offset within a phase
+  bool columns = false;          // at stride 1 when asked: one copy of the input per kernel column (below)
 
   // the flat positions up to the last that holds an output: output (n, oh, ow) is position
   // n * Hr * Wr + oh * Wr + ow; those after the last image's last output are not computed
@@ -219,12 +228,22 @@ struct Geometry {
 };
 
 Geometry make_geometry(int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
-                       int64_t pw, int64_t G, int64_t tile_q) {
+                       int64_t pw, int64_t G, int64_t tile_q, int64_t columns) {
   Geometry g;
   g.C = C, g.H = H, g.W = W, g.kh = kh, g.kw = kw, g.sh = sh, g.sw = sw, g.ph = ph, g.pw = pw, g.G = G;
   g.Ho = (H + 2 * ph - kh) / sh + 1;
   g.Wo = (W + 2 * pw - kw) / sw + 1;
-  if (sh == 1 && sw == 1) {
+  g.columns = columns == 1 && sh == 1 && sw == 1;
+  if (g.columns) {
+    // copy dx (one per kernel column, each a "phase") holds in its row slot r, column j the
+    // padded input's row r, column j + dx: row slots as below, rows of Wr = Wo rounded up to
+    // 8 floats with no padding columns (copy dx has its zeros where j + dx falls on padding),
+    // so that tap (dy, dx) reads copy dx at offset dy * Wr: a multiple of 8 floats, 32 bytes
+    g.phases = kw;
+    g.Hr = std::max(H + ph, g.Ho);
+    g.Wr = (g.Wo + 7) / 8 * 8;
+    g.phase_size = (G * g.Hr * g.Wr + ph * g.Wr + 15) / 16 * 16;  // each copy starts on a cache line
+  } else if (sh == 1 && sw == 1) {
     // image n's row slot r holds padded row r: ph zero rows, then the data rows (each ph
     // zeros, then W values, then zeros up to Wr); the zeros right of a row are the left
     // padding of the next one, the zero rows below an image the top padding of the next.
@@ -241,8 +260,8 @@ Geometry make_geometry(int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw, 
   }
   for (int64_t dy = 0; dy < kh; ++dy)
     for (int64_t dx = 0; dx < kw; ++dx) {
-      const int64_t shift = (dy / sh) * g.Wr + dx / sw;
-      g.tap_off.push_back(((dy % sh) * sw + dx % sw) * g.phase_size + shift);
+      const int64_t shift = g.columns ? dy * g.Wr : (dy / sh) * g.Wr + dx / sw;
+      g.tap_off.push_back((g.columns ? dx : (dy % sh) * sw + dx % sw) * g.phase_size + shift);
       g.max_off = std::max(g.max_off, g.tap_off.back());
       g.max_shift = std::max(g.max_shift, shift);
     }
@@ -255,12 +274,39 @@ Geometry make_geometry(int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw, 
   return g;
 }
 
+// Channel c of images [n0, n0 + count) -> dst, one copy per kernel column (Geometry::columns).
+void prepare_columns(const float* x, int64_t n0, int64_t count, int64_t c, float* dst, const Geometry& g) {
+  const int64_t Hr = g.Hr, Wr = g.Wr, W = g.W;
+  for (int64_t dx = 0; dx < g.kw; ++dx) {
+    float* copy = dst + dx * g.phase_size;
+    // column j holds input column j + dx - pw: zeros left of lo and from hi on
+    const int64_t lo = std::min(Wr, std::max<int64_t>(0, g.pw - dx));
+    const int64_t hi = std::max(lo, std::min(Wr, W + g.pw - dx));
+    for (int64_t n = 0; n < count; ++n) {
+      const float* src = x + ((n0 + n) * g.C + c) * g.H * W;
+      float* img = copy + n * Hr * Wr;
+      std::memset(img, 0, sizeof(float) * g.ph * Wr);
+      float* row = img + g.ph * Wr;
+      for (int64_t h = 0; h < g.H; ++h, row += Wr, src += W) {
+        std::memset(row, 0, sizeof(float) * lo);
+        if (hi > lo) std::memcpy(row + lo, src + lo + dx - g.pw, sizeof(float) * (hi - lo));
+        std::memset(row + hi, 0, sizeof(float) * (Wr - hi));
+      }
+      std::memset(row, 0, sizeof(float) * (img + Hr * Wr - row));  // row slots below the data
+    }
+    std::memset(copy + count * Hr * Wr, 0, sizeof(float) * (g.phase_size - count * Hr * Wr));
+  }
+  std::memset(dst + g.kw * g.phase_size, 0, sizeof(float) * (g.plane - g.kw * g.phase_size));
+}
+
 // images [n0, n0 + count) of x (N, C, H, W) -> buf (C, plane) in the flat layout, zeros around.
 void prepare_input(const float* x, int64_t n0, int64_t count, float* buf, const Geometry& g) {
   {
     for (int64_t c = 0; c < g.C; ++c) {
       float* dst = buf + c * g.plane;
-      if (g.phases == 1) {
+      if (g.columns) {
+        prepare_columns(x, n0, count, c, dst, g);
+      } else if (g.phases == 1) {
         const int64_t Hr = g.Hr, Wr = g.Wr, W = g.W;
         for (int64_t n = 0; n < count; ++n) {
           const float* src = x + ((n0 + n) * g.C + c) * g.H * W;
@@ -468,12 +514,15 @@ bool taps_in_range(const int32_t* tp, int64_t n, int64_t n_taps, int64_t channel
 }
 
 // The register-tile kernel: values/taps packed per tile of M output channels,
-// values[t][i][k][m] (float) and taps[t][i][k][m] (int32, dy*kw + dx).
+// values[t][i][k][m] (float) and taps[t][i][k][m] (int32, dy*kw + dx). columns 0: the padded
+// flat layout; 1: at stride 1 one input copy per kernel column (Geometry::columns), at other
+// strides the same as 0.
 at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& taps,
                        const c10::optional<at::Tensor>& bias_in, int64_t out_channels, int64_t kh, int64_t kw,
                        int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t tile_m,
                        int64_t tile_s, int64_t channel_block, bool relu, const c10::optional<at::Tensor>& residual_in,
-                       int64_t pool) {
+                       int64_t pool, int64_t columns) {
+  TORCH_CHECK(columns == 0 || columns == 1, "tkp::topk_conv2d: columns must be 0 or 1");
   TORCH_CHECK(values.scalar_type() == at::kFloat && values.dim() == 4 && values.is_contiguous(),
               "tkp::topk_conv2d: values must be contiguous float32 (tiles, C_in, K, M)");
   TORCH_CHECK(taps.scalar_type() == at::kInt && taps.sizes() == values.sizes() && taps.is_contiguous(),
@@ -487,10 +536,10 @@ at::Tensor topk_conv2d(const at::Tensor& x_in, const at::Tensor& values, const a
   const Call c = check_call(x_in, C, bias_in, out_channels, kh, kw, stride_h, stride_w, pad_h, pad_w, relu,
                             residual_in, pool);
   const int64_t OP = T * M, tile_q = V * tile_s;
-  const Geometry g1 = make_geometry(C, c.H, c.W, kh, kw, stride_h, stride_w, pad_h, pad_w, 1, tile_q);
+  const Geometry g1 = make_geometry(C, c.H, c.W, kh, kw, stride_h, stride_w, pad_h, pad_w, 1, tile_q, columns);
   const bool on_threads = tkp_parallel::worth_threads(c.N * g1.Hr * g1.Wr * OP * C * std::max<int64_t>(K, 1));
   const Groups groups = plan_groups(c, g1, OP, on_threads);
-  const Geometry g = make_geometry(C, c.H, c.W, kh, kw, stride_h, stride_w, pad_h, pad_w, groups.size, tile_q);
+  const Geometry g = make_geometry(C, c.H, c.W, kh, kw, stride_h, stride_w, pad_h, pad_w, groups.size, tile_q, columns);
   TORCH_CHECK(g.plane * C < (int64_t(1) << 40) && g.max_off < (int64_t(1) << 31), "tkp::topk_conv2d: input too large");
 
   // the taps (or for the aligned tiles channel * 256 + tap) in range; per-call tables: offset
@@ -551,14 +600,17 @@ at::Tensor output_like(const at::Tensor& x, int64_t out_channels, int64_t kh, in
 at::Tensor topk_conv2d_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                             int64_t out_channels, int64_t kh, int64_t kw, int64_t stride_h, int64_t stride_w,
                             int64_t pad_h, int64_t pad_w, int64_t, int64_t, int64_t, bool,
-                            const c10::optional<at::Tensor>&, int64_t pool) {
+                            const c10::optional<at::Tensor>&, int64_t pool, int64_t) {
   return output_like(x, out_channels, kh, kw, stride_h, stride_w, pad_h, pad_w, pool);
 }
 
+// (M, S, columns) triples: every register tile with and without the copies per kernel column,
+// the aligned tiles without
 std::vector<int64_t> tile_kinds() {
   std::vector<int64_t> r;
-  for (const auto& t : kTiles) r.push_back(t.m), r.push_back(t.s);
-  for (const auto& t : kAligned) r.push_back(0), r.push_back(t.s);
+  for (int64_t columns = 0; columns < 2; ++columns)
+    for (const auto& t : kTiles) r.push_back(t.m), r.push_back(t.s), r.push_back(columns);
+  for (const auto& t : kAligned) r.push_back(0), r.push_back(t.s), r.push_back(0);
   return r;
 }
 
@@ -567,7 +619,7 @@ std::vector<int64_t> tile_kinds() {
 TORCH_LIBRARY(tkp, m) {
   m.def("topk_conv2d(Tensor x, Tensor values, Tensor taps, Tensor? bias, int out_channels, int kh, int kw, "
         "int stride_h, int stride_w, int pad_h, int pad_w, int tile_m, int tile_s, int channel_block=0, "
-        "bool relu=False, Tensor? residual=None, int pool=0) -> Tensor");
+        "bool relu=False, Tensor? residual=None, int pool=0, int columns=0) -> Tensor");
   m.def("tile_kinds() -> int[]", &tile_kinds);
 }
 
