@@ -18,6 +18,12 @@ then, fp32, at every batch size, with every variant timed interleaved in one run
                     freezing), against the deployed model eager and torch.compile'd;
                     speed-up = fastest dense / fastest deployed.
 
+  thread scaling    with several --threads, once all runs are done: each run's deployed model
+                    and the eager dense variants at every thread count, all interleaved in one
+                    measurement (torch.set_num_threads before each), so that the share of the
+                    1-thread speed-up kept at more threads comes from one run, not from runs
+                    minutes apart (compiled variants are left out: inductor's code keeps the
+                    thread count it was compiled for);
   --shapes C@HW,...  isolated 3x3 stride-1 C->C layers on HW x HW inputs (no model), masked
                     with --topk and --tap-group as the engine masks them, per-layer timing only.
 
@@ -51,6 +57,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/deploy_latency.py`
 import tkp_common as tkp  # noqa: E402
 import tkp_deploy as D  # noqa: E402
 from tkp_lib import deploy_layers, kernels, tapgroup, topk_conv  # noqa: E402
+from tkp_lib.runs import write_text_atomic  # noqa: E402
 from tkp_lib.runtime import int_list, plain  # noqa: E402
 from tkp_lib.sparsity import Masker, compute_masks, topk_plan  # noqa: E402
 
@@ -302,6 +309,46 @@ def format_layers(r: dict, batches: list[int]) -> str:
     return "\n".join(lines)
 
 
+def time_scaling(dense: nn.Module, deployed: dict[int, nn.Module], input_shape: tuple, batches: list[int],
+                 timing: dict) -> dict:
+    """Per batch size: dense eager (NCHW, channels_last) and the deployed model of each thread
+    count's run (`deployed`: {threads: model}), each at its thread count, all interleaved;
+    {"ms": {"name@threads": ms}, "dense_ms": {threads: the faster dense}, "speedup": {threads:
+    fastest dense / deployed}, "share": {threads: its speed-up / the fewest threads' speed-up}}."""
+    dense_cl = copy.deepcopy(dense).to(memory_format=torch.channels_last)
+    before, out = torch.get_num_threads(), {}
+    try:
+        for b in batches:
+            x = torch.randn(b, *input_shape)
+            x_cl = x.contiguous(memory_format=torch.channels_last)
+            fns, prepare = {}, {}
+            for t, model in deployed.items():
+                for name, fn in (("dense_eager", lambda: dense(x)), ("dense_channels_last", lambda: dense_cl(x_cl)),
+                                 ("deploy_eager", lambda model=model: model(x))):
+                    fns[f"{name}@{t}"], prepare[f"{name}@{t}"] = fn, functools.partial(torch.set_num_threads, t)
+            ms = kernels.median_ms(fns, prepare=prepare, **timing)
+            dense_ms = {t: min(ms[f"dense_eager@{t}"], ms[f"dense_channels_last@{t}"]) for t in deployed}
+            speedup = {t: dense_ms[t] / ms[f"deploy_eager@{t}"] for t in deployed}
+            low = min(deployed)
+            out[b] = {"ms": ms, "dense_ms": dense_ms, "speedup": speedup,
+                      "share": {t: v / speedup[low] for t, v in speedup.items()}}
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def format_scaling(r: dict) -> str:
+    lines = []
+    for b, s in r.items():
+        ms, low = s["ms"], min(s["share"])
+        cells = ", ".join(f"{t} thread(s) {v:.2f}x (dense {s['dense_ms'][t]:.3f}, deployed "
+                          f"{ms[f'deploy_eager@{t}']:.3f} ms)" for t, v in s["speedup"].items())
+        shares = ", ".join(f"{t} threads {v:.0%}" for t, v in s["share"].items() if t != low)
+        lines.append(f"thread scaling, batch {b}, interleaved, eager: {cells}; share of the {low}-thread "
+                     f"speed-up: {shares}")
+    return "\n".join(lines)
+
+
 def format_threads(r: dict, batches: list[int]) -> str:
     lines = [format_layers(r, batches)]
     for b in batches:
@@ -326,7 +373,7 @@ def main(argv=None) -> dict:
     if args.shapes:
         result = run_shapes(args, timing)
         if args.json:
-            Path(args.json).write_text(json.dumps(plain(result), indent=1))
+            write_text_atomic(Path(args.json), json.dumps(plain(result), indent=1))
         return result
     if args.checkpoint:
         model, input_shape, script = D.rebuild_model(args.checkpoint, args.script)
@@ -348,6 +395,7 @@ def main(argv=None) -> dict:
               f"{torch.get_num_threads()} threads by default", "theoretical": theoretical, "runs": []}
     print(f"deploy_latency: {source}, input {input_shape}, fp32, batch sizes {args.batch_sizes}, torch "
           f"{torch.__version__}", flush=True)
+    deployed_at = {}  # {threads: that run's deployed model}, for the thread scaling
     for threads in args.threads:
         torch.set_num_threads(threads)
         records = deploy_layers.choose_layers(folded, input_shape, args.batch_sizes, repeats=args.repeats,
@@ -362,9 +410,15 @@ def main(argv=None) -> dict:
                "whole": time_whole(folded, deployed, input_shape, args.batch_sizes, args.compile, timing),
                "parts": {b: time_parts(deployed, torch.randn(b, *input_shape), timing) for b in args.batch_sizes}}
         result["runs"].append(run)
+        deployed_at[threads] = deployed
         print(format_threads(run, args.batch_sizes), flush=True)
         if args.json:
-            Path(args.json).write_text(json.dumps(plain(result), indent=1))
+            write_text_atomic(Path(args.json), json.dumps(plain(result), indent=1))
+    if len(deployed_at) > 1:
+        result["scaling"] = time_scaling(folded, deployed_at, input_shape, args.batch_sizes, timing)
+        print(format_scaling(result["scaling"]), flush=True)
+        if args.json:
+            write_text_atomic(Path(args.json), json.dumps(plain(result), indent=1))
     return result
 
 

@@ -402,6 +402,41 @@ def test_benchmark_runs_end_to_end(kernel, one_thread, tmp_path):
     assert parts["whole_ms"] > sum(sorted(parts["nodes"].values())[-2:]) / 2  # the whole, not a node
 
 
+def test_thread_scaling_runs_each_model_at_its_thread_count():
+    """time_scaling times dense and each run's deployed model at that run's thread count, all
+    interleaved: every call sees torch.get_num_threads() of its name, the speed-ups and shares
+    are those of its own figures, and the caller's thread count is restored."""
+    deploy_latency = import_benchmark()
+    seen = {}
+
+    class Recorder(nn.Module):
+        def __init__(self, tag):
+            super().__init__()
+            self.tag, self.conv = tag, nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            key = (self.tag, torch.get_num_threads(), x.is_contiguous(memory_format=torch.channels_last))
+            seen[key] = seen.get(key, 0) + 1
+            return self.conv(x)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = deploy_latency.time_scaling(Recorder("dense"), {1: Recorder(1), 2: Recorder(2)}, (3, 8, 8), [2],
+                                        {"repeats": 2, "min_round_s": 0.0005})
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert {(tag, t) for tag, t, _ in seen} == {("dense", 1), ("dense", 2), (1, 1), (2, 2)}
+    assert {cl for tag, _, cl in seen if tag == "dense"} == {False, True}  # NCHW and channels_last
+    s = r[2]
+    for t in (1, 2):
+        assert s["dense_ms"][t] == min(s["ms"][f"dense_eager@{t}"], s["ms"][f"dense_channels_last@{t}"])
+        assert s["speedup"][t] == s["dense_ms"][t] / s["ms"][f"deploy_eager@{t}"]
+    assert s["share"] == {1: 1.0, 2: s["speedup"][2] / s["speedup"][1]}
+    assert "share of the 1-thread speed-up: 2 threads" in deploy_latency.format_scaling(r)
+
+
 def test_benchmark_whole_figure_is_the_whole_graph(monkeypatch):
     """time_parts' "whole_ms" is the time of one call of the whole graph, its "nodes" those of
     the nodes alone: checked with the timer replaced by one that runs each function once and
