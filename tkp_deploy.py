@@ -59,6 +59,7 @@ from tkp_lib.deploy_layers import (
     layer_macs,
     summary,
     theoretical_speedup,
+    tile_name,
     time_models,
     verify,
 )
@@ -86,6 +87,15 @@ def tile_list(text: str) -> list[tuple[int, int, int]]:
         raise argparse.ArgumentTypeError(f"expected tiles like 4x4,2x8x1 (M output channels x S vectors, then "
                                          f"1 for one input copy per kernel column), got {text!r}")
     return [topk_conv.as_tile(t) for t in tiles]
+
+
+def check_tiles(tiles) -> None:
+    """--tiles names only tiles this build compiles in (DeployError otherwise), where the kernel is built."""
+    if tiles and topk_conv.kernel_available():
+        unknown = [tile_name(t) for t in tiles if t not in topk_conv.tile_kinds()]
+        if unknown:
+            raise DeployError(f"--tiles {','.join(unknown)} not compiled in; choose from "
+                              f"{','.join(tile_name(t) for t in topk_conv.tile_kinds())}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -124,9 +134,9 @@ def format_report(report: dict) -> str:
                 cells.append(f"{t['dense_ms']:>10.3f} {ms:>8.3f} {t['dense_ms'] / ms:>7.2f}x")
             else:
                 cells.append(f"{'-':>10} {'-':>8} {'-':>8}")
-        decision = f"Top-K tile {r['tile'][0]}x{r['tile'][1]}" if r["deploy"] == "topk" else f"dense ({r['why']})"
+        decision = f"Top-K tile {tile_name(r['tile'])}" if r["deploy"] == "topk" else f"dense ({r['why']})"
         if r["deploy"] == "tapgroup":
-            decision = f"tap group {r['group']}, tile {r['tile'][0]}x{r['tile'][1]}"
+            decision = f"tap group {r['group']}, tile {tile_name(r['tile'])}"
         if r["deploy"] == "depthwise":
             decision = "depthwise Top-K"
         lines.append(f"{r['name']:<28} {shape:<22} {r['k']:>2} {r['theoretical']:>6.2f}x  " + "  ".join(cells)
@@ -149,10 +159,7 @@ def main(argv=None) -> dict:
           f"thread(s), batch sizes {args.batch_sizes}", flush=True)
     folded = fold_batchnorm(model)
     dense = copy.deepcopy(folded)
-    if args.tiles and topk_conv.kernel_available():
-        unknown = [t for t in args.tiles if t not in topk_conv.tile_kinds()]
-        if unknown:
-            raise DeployError(f"--tiles {unknown} not compiled in; choose from {topk_conv.tile_kinds()}")
+    check_tiles(args.tiles)
     records = choose_layers(folded, input_shape, args.batch_sizes, repeats=args.repeats, tiles=args.tiles)
     deployed = apply_layers(folded, records, input_shape)
 

@@ -325,7 +325,8 @@ def time_scaling(dense: nn.Module, deployed: dict[int, nn.Module], input_shape: 
             for t, model in deployed.items():
                 for name, fn in (("dense_eager", lambda: dense(x)), ("dense_channels_last", lambda: dense_cl(x_cl)),
                                  ("deploy_eager", lambda model=model: model(x))):
-                    fns[f"{name}@{t}"], prepare[f"{name}@{t}"] = fn, functools.partial(torch.set_num_threads, t)
+                    fns[f"{name}@{t}"] = fn
+                    prepare[f"{name}@{t}"] = functools.partial(_at_threads, t, fn)
             ms = kernels.median_ms(fns, prepare=prepare, **timing)
             dense_ms = {t: min(ms[f"dense_eager@{t}"], ms[f"dense_channels_last@{t}"]) for t in deployed}
             speedup = {t: dense_ms[t] / ms[f"deploy_eager@{t}"] for t in deployed}
@@ -335,6 +336,12 @@ def time_scaling(dense: nn.Module, deployed: dict[int, nn.Module], input_shape: 
     finally:
         torch.set_num_threads(before)
     return out
+
+
+def _at_threads(threads: int, fn) -> None:
+    """Sets the thread count, then one untimed call (wakes or parks torch's workers)."""
+    torch.set_num_threads(threads)
+    fn()
 
 
 def format_scaling(r: dict) -> str:
@@ -370,6 +377,7 @@ def main(argv=None) -> dict:
     args = get_args_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     timing = {"repeats": args.repeats, "min_round_s": args.min_round_ms / 1e3}
+    D.check_tiles(args.tiles)
     if args.shapes:
         result = run_shapes(args, timing)
         if args.json:

@@ -345,15 +345,34 @@ def test_epilogues_fold_into_the_topk_layer(kernel):
 
 
 def test_the_op_has_a_shape_function_for_torch_export(kernel):
-    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
-    with torch.no_grad():
-        conv.weight.copy_(topk_weight(6, 4, 3, 3, 1, torch.Generator().manual_seed(9)))
-    m = topk_conv.TopKConv2d.from_conv(conv)
-    m.relu, m.pool = True, 2
-    x = torch.randn(2, 4, 16, 16)
-    exported = torch.export.export(m, (x,))
-    assert any("topk_conv2d" in str(n.target) for n in exported.graph.nodes)
-    assert torch.allclose(exported.module()(x), m(x))
+    for stride, tile in ((2, topk_conv.DEFAULT_TILE), (1, (4, 4, 1))):  # the copies per column: stride 1
+        conv = nn.Conv2d(4, 6, 3, stride=stride, padding=1)
+        with torch.no_grad():
+            conv.weight.copy_(topk_weight(6, 4, 3, 3, 1, torch.Generator().manual_seed(9)))
+        m = topk_conv.TopKConv2d.from_conv(conv, tile)
+        m.relu, m.pool = True, 2
+        x = torch.randn(2, 4, 16, 16)
+        exported = torch.export.export(m, (x,))
+        assert any("topk_conv2d" in str(n.target) for n in exported.graph.nodes)
+        assert torch.allclose(exported.module()(x), m(x))
+        assert torch.allclose(torch.compile(m, fullgraph=True, backend="eager")(x), F.max_pool2d(F.relu(conv(x)), 2),
+                              atol=1e-5)
+
+
+def test_tiles_timed_per_layer_and_the_tiles_flag(kernel):
+    """Copies per kernel column are timed at stride 1 only (elsewhere (M, S, 1) runs as
+    (M, S, 0), timed once); --tiles names tiles this build has, MxS meaning MxSx0."""
+    wide, strided = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, stride=2, padding=1)
+    assert topk_conv.tiles_for(wide) == kernel and any(t[2] == 1 for t in kernel)
+    assert topk_conv.tiles_for(strided) == [t for t in kernel if t[2] == 0]
+    assert topk_conv.tiles_for(strided, [(4, 4, 1), (4, 4)]) == [(4, 4, 0)]
+    assert topk_conv.tiles_for(wide, [(4, 4, 1), (4, 4)]) == [(4, 4, 1), (4, 4, 0)]
+    assert D.tile_list("4x4,2x8x1") == [(4, 4, 0), (2, 8, 1)]
+    D.check_tiles([(4, 4, 0), (4, 4, 1)])
+    with pytest.raises(D.DeployError, match="--tiles 4x4x2 not compiled in"):
+        D.check_tiles([(4, 4, 2)])
+    with pytest.raises(D.DeployError, match="--tiles 4x4x2 not compiled in"):
+        import_benchmark().main(["--shapes", "8@8", "--tiles", "4x4x2"])
 
 
 def import_benchmark():

@@ -516,6 +516,8 @@ def _check_kernel_config(config: dict, name: str, kind: str) -> None:
             low[2:] = [0] * len(low[2:])  # (M, S, columns): columns 0 or 1
         if any(type(x) is int and x < lo for x, lo in zip(values, low)):
             raise DeployError(f"module {name} ({kind}): argument {k}={_short(v)} refused (below {min(low)})")
+        if k == "tile" and any(type(x) is not int for x in values):  # 1.0 and True equal 1 in tile_kinds()
+            raise DeployError(f"module {name} ({kind}): argument tile={_short(v)} refused (integers only)")
 
 
 def _check_taps(m: nn.Module, name: str) -> None:

@@ -57,10 +57,11 @@ def as_tile(tile) -> tuple[int, ...]:
 
 def tiles_for(conv: nn.Module, tiles=None) -> list[tuple[int, int, int]]:
     """The tiles worth timing on `conv` (default: every tile compiled in): columns = 1 only at
-    stride 1, where it differs from 0."""
-    if tiles:
-        return [as_tile(t) for t in tiles]
-    return [t for t in tile_kinds() if t[2] == 0 or tuple(conv.stride) == (1, 1)]
+    stride 1; elsewhere it runs as 0, so (M, S, 1) is timed as (M, S, 0), once."""
+    tiles = [as_tile(t) for t in tiles] if tiles else tile_kinds()
+    if tuple(conv.stride) != (1, 1):
+        tiles = [t[:2] + (0,) + t[3:] for t in tiles]
+    return list(dict.fromkeys(tiles))
 
 
 

@@ -212,7 +212,7 @@ AlignedFn find_aligned(int64_t s) {
 // group's input and output stay in L2).
 struct Geometry {
   int64_t C, H, W, kh, kw, sh, sw, ph, pw, Ho, Wo, G;
-  int64_t phases;               // 1 for stride 1 (shared padding), else sh * sw
+  int64_t phases;               // 1 for stride 1 (shared padding), else sh * sw; kw with columns
   int64_t Hr, Wr;               // rows per image and row stride of one (phase) plane
   int64_t phase_size;           // floats per phase (all G images)
   int64_t tile_q, q_pad;        // output positions per tile; computed positions, rounded to tiles
