@@ -298,7 +298,9 @@ def run(args, script: Script) -> dict:
     # oneDNN sets up CPU kernels per layer shape (20 s for DenseNet-121's first step), which
     # would dominate a few-step dry run; the plain CPU kernels start at once. One thread: at
     # batch 2 more threads only wait on each other, badly so when other jobs share the cores
-    onednn, threads = torch.backends.mkldnn.enabled, torch.get_num_threads()
+    onednn, threads, autotune = torch.backends.mkldnn.enabled, torch.get_num_threads(), torch.backends.cudnn.benchmark
+    if device.type == "cuda":  # a few input shapes per run: cuDNN times its algorithms once per shape
+        torch.backends.cudnn.benchmark = True
     if args.dry_run and device.type == "cpu":
         torch.backends.mkldnn.enabled = False
         torch.set_num_threads(1)
@@ -319,6 +321,7 @@ def run(args, script: Script) -> dict:
             clean_up(folder, created, temporary, not finished, lock, Output(folder, dist))
         torch.backends.mkldnn.enabled = onednn
         torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = autotune
         if dist.enabled and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
 
@@ -402,7 +405,7 @@ def _write_args(r: Run, n_train: int, n_val: int, channels_last: bool) -> None:
     loader = ("device" if isinstance(r.train_loader, DeviceImageLoader)
               else f"torch ({r.args.num_workers} workers)")
     r.info = {"args": plain(vars(r.args)), "script": r.script.name, "script_file": r.script.file,
-              "versions": versions(), "device": device_name(r.device), "world_size": r.dist.world,
+              "versions": versions(r.device), "device": device_name(r.device), "world_size": r.dist.world,
               "amp": amp_name(r.amp_dtype), "compile": r.use_compile, "channels_last": channels_last,
               "data_loader": loader, "pattern": r.plan.pattern, "pruned_layers": len(r.plan.targets),
               "skipped_layers": r.plan.skipped, "tap_group_per_kernel": r.plan.per_kernel,

@@ -111,8 +111,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-batch", type=int, default=32, help="inputs in the deployed-vs-masked check")
     p.add_argument("--tiles", type=tile_list, default=None,
                    help="Top-K register tiles to try per layer, MxS[x1], e.g. 4x4,4x4x1: M output channels x S "
-                        "vectors, x1: one input copy per kernel column (stride-1 layers) "
-                        "(default: every tile compiled in)")
+                        "vectors (M = 0: the aligned tiles, which have no x1), x1: one input copy per kernel "
+                        "column (stride-1 layers; x0, the default, one padded copy) (default: every tile compiled in)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs of the check and the timing")
     p.add_argument("--json", default=None, help="write the report here")
     return p

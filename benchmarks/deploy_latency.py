@@ -18,12 +18,13 @@ then, fp32, at every batch size, with every variant timed interleaved in one run
                     freezing), against the deployed model eager and torch.compile'd;
                     speed-up = fastest dense / fastest deployed.
 
-  thread scaling    with several --threads, once all runs are done: each run's deployed model
-                    and the eager dense variants at every thread count, all interleaved in one
-                    measurement (torch.set_num_threads before each), so that the share of the
-                    1-thread speed-up kept at more threads comes from one run, not from runs
-                    minutes apart (compiled variants are left out: inductor's code keeps the
-                    thread count it was compiled for);
+  thread scaling    with several --threads (not with --shapes), once all runs are done: each
+                    run's deployed model at that run's thread count, and dense eager NCHW and
+                    channels_last at each of those counts, all interleaved in one measurement
+                    (each round after torch.set_num_threads and one untimed call), so that the
+                    share of the fewest threads' speed-up kept at more threads comes from one
+                    run, not from runs minutes apart (compiled variants are left out: inductor's
+                    code keeps the thread count it was compiled for);
   --shapes C@HW,...  isolated 3x3 stride-1 C->C layers on HW x HW inputs (no model), masked
                     with --topk and --tap-group as the engine masks them, per-layer timing only.
 
@@ -76,7 +77,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="with --script: G consecutive outputs share their --topk taps per input channel (the "
                         "largest summed squared weights of the group), deployed by tkp_lib.tapgroup.TapGroupConv2d")
     p.add_argument("--script-args", default="", help="with --script: its flags, e.g. '--img-size 32 --no-pretrain'")
-    p.add_argument("--threads", type=int_list(), default=[1, 2], help="CPU thread counts, each a run of its own")
+    p.add_argument("--threads", type=int_list(), default=[1, 2],
+                   help="CPU thread counts, each a run of its own; two or more add the interleaved thread-scaling "
+                        "measurement (see above)")
     p.add_argument("--batch-sizes", type=int_list(), default=[1, 32], help="batch sizes timed")
     p.add_argument("--repeats", type=int, default=9, help="interleaved timing rounds (medians)")
     p.add_argument("--min-round-ms", type=float, default=4.0, help="minimum length of one timing round")
@@ -375,6 +378,14 @@ def format_threads(r: dict, batches: list[int]) -> str:
 
 def main(argv=None) -> dict:
     args = get_args_parser().parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        return _main(args)
+    finally:  # main() is also called in-process (tests)
+        torch.set_num_threads(threads)
+
+
+def _main(args) -> dict:
     torch.manual_seed(args.seed)
     timing = {"repeats": args.repeats, "min_round_s": args.min_round_ms / 1e3}
     D.check_tiles(args.tiles)

@@ -9,9 +9,10 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh extra     # GoogLeNet, fp16 compiled, ViT 2:4 compiled
 #
 # A part takes at most the sum of its step limits (train 290 s, latency 270 s, extra 330 s),
-# plus 10 s per step to kill a stuck one and 60 s for the version lines. A lent GPU comes with
-# 15 minutes in all, its start included: enough for train and latency, or for one of them run
-# again after a fix; extra is for a session that has time left. Run train first.
+# plus 10 s per step to kill a stuck one and up to 70 s for the version lines. A lent GPU comes
+# with 15 minutes in all, its start included: usually enough for train and latency (if every
+# step ran into its limit, about 400 + 380 s), or for one of them run again after a fix; extra
+# is for a session that has time left. Run train first.
 #
 # Steps: (1) vgg8 --dry-run on CUDA, bf16 compiled and fp16 eager; (2) training throughput
 # (dense / stage-1 / stage-2 steps, loaders, a full epoch) for VGG-8 compiled and ViT-S eager;

@@ -785,8 +785,9 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)  # restored at the end (main() is also called in-process)
     modes = ["eager"] + (["compile"] if args.compile else [])
+    gpu = next((d for d in devices if d.type == "cuda"), None)  # the GPU whose versions the figures depend on
     result = {"benchmark": "inference_latency", "script": bench.script, "pattern": bench.plan.pattern,
-              "source": bench.source, "input_shape": list(bench.input_shape), "versions": versions(),
+              "source": bench.source, "input_shape": list(bench.input_shape), "versions": versions(gpu),
               "platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
               "load_average_at_start": load, "dense_means": "same model, same kernels, every weight non-zero "
               "(the weights before masking; for a checkpoint its pruned entries refilled with noise of the "

@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.benchmark = autotune
     result = {"benchmark": "tap_group_cuda", "device": device_name(device), "dtype": args.dtype,
               "batch": args.batch, "topk": args.topk, "tap_group": args.tap_group,
-              "versions": versions(), "layers": rows}
+              "versions": versions(device), "layers": rows}
     print(f"tap groups (Top-{args.topk}, G={args.tap_group}) vs dense on {result['device']}, "
           f"{args.dtype}, batch {args.batch}")
     for r in rows:

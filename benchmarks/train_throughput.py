@@ -121,6 +121,8 @@ def setup(bench) -> Setup:
     if bench.threads:
         torch.set_num_threads(bench.threads)
     _, device = init_distributed(bench.device)
+    if device.type == "cuda":  # as tkp_common.run trains
+        torch.backends.cudnn.benchmark = True
     amp_dtype = resolve_amp(args, device)
     use_compile = {"auto": device.type == "cuda", "on": True, "off": False}[bench.compile]
     channels_last = {"auto": device.type == "cuda" and script.SCRIPT.conv_net, "on": True,

@@ -1,6 +1,7 @@
 """The training-throughput benchmark runs on the CPU through the engine's real code path."""
 
 import json
+import re
 import sys
 
 from conftest import ROOT
@@ -68,12 +69,16 @@ def gpu_check_steps(part: str) -> list[tuple[int, list[str]]]:
 def test_gpu_check_steps_use_flags_their_scripts_take():
     """Every step of the prepared GPU run (a lent GPU has 15 minutes, start included) names
     flags its target's own parser takes, including the model flags the benchmarks pass on;
-    train and latency each take at most 300 s of step limits, extra 330 s."""
+    train and latency each take at most 300 s of step limits, extra 330 s, and the sums are
+    those the script's header states."""
     import tkp_common as tkp
     from benchmarks import inference_latency, tap_group_cuda
-    for part, most in (("train", 300), ("latency", 300), ("extra", 330)):
+    header = re.search(r"\(train (\d+) s, latency (\d+) s, extra (\d+) s\)",
+                       (ROOT / "benchmarks" / "gpu_check.sh").read_text().replace("\n# ", " "))
+    assert header, "gpu_check.sh's header no longer states its parts' limits"
+    for (part, most), stated in zip((("train", 300), ("latency", 300), ("extra", 330)), header.groups()):
         steps = gpu_check_steps(part)
-        assert len(steps) >= 3 and 0 < sum(limit for limit, _ in steps) <= most, part
+        assert len(steps) >= 3 and sum(limit for limit, _ in steps) == int(stated) <= most, part
         for _, (target, *argv) in steps:
             if target == "benchmarks/inference_latency.py":
                 args, extra = inference_latency.get_args_parser().parse_known_args(argv)
@@ -85,3 +90,19 @@ def test_gpu_check_steps_use_flags_their_scripts_take():
                 tap_group_cuda.get_args_parser().parse_args(argv)
             else:
                 tkp.import_script(target).get_args_parser().parse_args(argv)
+
+
+def test_versions_start_no_gpu_for_cpu_runs_and_name_the_measured_one(monkeypatch):
+    """versions() adds CUDA, cuDNN and the compute capability for the GPU a run uses, asking that
+    GPU; for a CPU run on a GPU machine it does not start CUDA (stand-ins for torch.cuda here)."""
+    import torch
+
+    from tkp_lib.runtime import versions
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or (9, 0))
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91000)
+    assert "gpu_capability" not in versions("cpu") and "gpu_capability" not in versions() and asked == []
+    v = versions(torch.device("cuda", 1))
+    assert v["gpu_capability"] == "9.0" and v["cudnn"] == 91000 and asked == [torch.device("cuda", 1)]

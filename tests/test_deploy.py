@@ -96,7 +96,7 @@ def test_every_tile_matches_conv2d_where_the_last_tile_ends_early(kernel):
             assert relative_error(m(x), ref) < 1e-5, (n, c, ks, stride, hw, tile)
 
 
-def test_copies_per_kernel_column_match_conv2d(kernel):
+def test_copies_per_kernel_column_match_conv2d(kernel, monkeypatch):
     """Tiles (M, S, 1) read, at stride 1, one copy of the input per kernel column whose rows are
     Wo rounded up to 8 floats, without padding columns: every such tile against F.conv2d at
     kernels 1x1 to 7x7 and 1x3 / 3x1, paddings from 0 to past the kernel's half, widths on and
@@ -105,6 +105,17 @@ def test_copies_per_kernel_column_match_conv2d(kernel):
     (M, S, 0)."""
     gen = torch.Generator().manual_seed(12)
     columns = [t for t in kernel if t[2] == 1]
+    real, asked = topk_conv.kernel(), []  # the kernel's last argument on every call: columns
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def topk_conv2d(self, *args):
+            asked.append(args[-1])
+            return real.topk_conv2d(*args)
+
+    monkeypatch.setattr(topk_conv, "kernel", Spy)
     assert columns and all(t[0] > 0 for t in columns)
     threads = torch.get_num_threads()
     cases = [  # (n, c_in, c_out, (kh, kw), stride, (ph, pw), k, h, w, residual + relu + pool)
@@ -132,6 +143,7 @@ def test_copies_per_kernel_column_match_conv2d(kernel):
                     m.relu, m.pool = extras, 2 if extras else 0
                     assert m.kernel_tile() == tile
                     assert relative_error(m(x, r), ref) < 1e-5, (n_threads, n, c_in, kh, kw, stride, pad, h, w, tile)
+                    assert asked[-1:] == [1], tile  # the kernel was asked for the copies
     finally:
         torch.set_num_threads(threads)
 
@@ -353,7 +365,9 @@ def test_the_op_has_a_shape_function_for_torch_export(kernel):
         m.relu, m.pool = True, 2
         x = torch.randn(2, 4, 16, 16)
         exported = torch.export.export(m, (x,))
-        assert any("topk_conv2d" in str(n.target) for n in exported.graph.nodes)
+        op, = [n for n in exported.graph.nodes if "topk_conv2d" in str(n.target)]
+        columns = op.args[17] if len(op.args) > 17 else op.kwargs.get("columns", 0)  # 0: the default, left out
+        assert columns == tile[2]  # columns reaches the registered op
         assert torch.allclose(exported.module()(x), m(x))
         assert torch.allclose(torch.compile(m, fullgraph=True, backend="eager")(x), F.max_pool2d(F.relu(conv(x)), 2),
                               atol=1e-5)
@@ -421,6 +435,26 @@ def test_benchmark_runs_end_to_end(kernel, one_thread, tmp_path):
     assert parts["whole_ms"] > sum(sorted(parts["nodes"].values())[-2:]) / 2  # the whole, not a node
 
 
+def test_several_thread_counts_add_the_scaling_measurement(kernel, one_thread, tmp_path, monkeypatch):
+    """With --threads 1,2 the benchmark ends with time_scaling over both runs' deployed models
+    (stubbed here: no timing in the test), printed and in the JSON; with one count it does not."""
+    deploy_latency = import_benchmark()
+    got = []
+
+    def fake_scaling(dense, deployed, input_shape, batches, timing):
+        got.append(sorted(deployed))
+        return {1: {"ms": {}, "dense_ms": {1: 2.0, 2: 1.0}, "speedup": {1: 4.0, 2: 3.8}, "share": {1: 1.0, 2: 0.95}}}
+
+    monkeypatch.setattr(deploy_latency, "time_scaling", fake_scaling)
+    monkeypatch.setattr(deploy_latency, "format_scaling", lambda r: "scaling line")
+    args = ["--script", "vgg8", "--topk", "1", "--batch-sizes", "1", "--repeats", "1", "--min-round-ms", "0.5",
+            "--tiles", "4x4", "--no-compile"]
+    result = deploy_latency.main(args + ["--threads", "1,2", "--json", str(tmp_path / "two.json")])
+    assert got == [[1, 2]] and [r["threads"] for r in result["runs"]] == [1, 2]
+    assert json.loads((tmp_path / "two.json").read_text())["scaling"]["1"]["share"]["2"] == 0.95
+    assert "scaling" not in deploy_latency.main(args + ["--threads", "1"]) and got == [[1, 2]]
+
+
 def test_thread_scaling_runs_each_model_at_its_thread_count():
     """time_scaling times dense and each run's deployed model at that run's thread count, all
     interleaved: every call sees torch.get_num_threads() of its name, the speed-ups and shares
@@ -454,6 +488,14 @@ def test_thread_scaling_runs_each_model_at_its_thread_count():
         assert s["speedup"][t] == s["dense_ms"][t] / s["ms"][f"deploy_eager@{t}"]
     assert s["share"] == {1: 1.0, 2: s["speedup"][2] / s["speedup"][1]}
     assert "share of the 1-thread speed-up: 2 threads" in deploy_latency.format_scaling(r)
+    # each round of a model at a thread count begins after one untimed call at that count
+    calls = []
+    torch.set_num_threads(1)
+    try:
+        deploy_latency._at_threads(2, lambda: calls.append(torch.get_num_threads()))
+        assert calls == [2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_benchmark_whole_figure_is_the_whole_graph(monkeypatch):
@@ -560,15 +602,17 @@ def test_deploy_pt_loads_in_a_fresh_process(kernel, finals, tmp_path, one_thread
     for m in topk:
         m["config"]["tile"] = [9, 9]  # in no build
     torch.save(spec, tmp_path / "foreign.pt")
-    # files written before the copies per kernel column name tiles (M, S): they run as (M, S, 0)
+    # files written before the copies per kernel column name tiles (M, S): they run as (M, S, 0);
+    # a compiled-in tile other than the default, which any unknown tile would fall back to
+    other = next(t for t in topk_conv.tile_kinds() if t[0] > 0 and t[2] == 0 and t != topk_conv.DEFAULT_TILE)
     for m in topk:
-        m["config"]["tile"] = [4, 4]
+        m["config"]["tile"] = list(other[:2])
     torch.save(spec, tmp_path / "older.pt")
     with torch.no_grad():
         assert torch.equal(D.load(tmp_path / "foreign.pt")(x), D.load(out)(x))
         older = D.load(tmp_path / "older.pt")
-        assert torch.equal(older(x), D.load(out)(x))
-        assert {m.kernel_tile() for m in older.modules() if isinstance(m, topk_conv.TopKConv2d)} == {(4, 4, 0)}
+        assert relative_error(older(x), D.load(out)(x)) < 1e-5
+        assert {m.kernel_tile() for m in older.modules() if isinstance(m, topk_conv.TopKConv2d)} == {other}
     # and where the kernel cannot be built, the same file runs its Top-K layers densely
     stdout = run_python(check.replace("print('ok', topk_conv.kernel_available())", "print('ok')"),
                         {"TKP_DEPLOY_NO_KERNEL": "1"})

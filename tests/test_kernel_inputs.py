@@ -64,6 +64,12 @@ def test_tap_group_torch_path_checks_its_taps_once_per_change(monkeypatch):
         m.taps[0, 0, 0] = 9  # a 3x3 kernel has taps 0..8
     with pytest.raises(ValueError, match="tap"):
         m.forward_torch(x)
+    with torch.no_grad():
+        m.taps[0, 0, 0] = 4
+    m.forward_torch(x)
+    m.taps = torch.full_like(m.taps, 9)  # a new tensor, assigned (version 0 like any new one): checked too
+    with pytest.raises(ValueError, match="tap"):
+        m.forward_torch(x)
 
 
 def test_tap_group_torch_path_runs_on_inference_tensors():

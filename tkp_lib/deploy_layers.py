@@ -193,7 +193,7 @@ def theoretical_speedup(macs: dict) -> float:
 
 
 def choose_layers(gm: torch.fx.GraphModule, input_shape: tuple, batch_sizes: list[int], *, repeats: int = 7,
-                  tiles: list[tuple[int, int]] | None = None, log: Callable[[str], None] = print) -> list[dict]:
+                  tiles: list[tuple[int, ...]] | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """Decide per Conv2d whether a kernel replaces it: TapGroupConv2d for a tap-group mask,
     else TopKConv2d. Every register tile is timed against the dense convolution at every
     batch size (interleaved, medians); the fastest tile (least mean time relative to dense)

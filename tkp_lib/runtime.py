@@ -317,7 +317,6 @@ def init_distributed(device_arg: str) -> tuple[Dist, torch.device]:
         if device.index >= torch.cuda.device_count():
             raise TKPError(f"there is no {device}: this machine has {torch.cuda.device_count()} GPU(s)")
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # a few input shapes per run: cuDNN times its algorithms per shape
     if dist.enabled and not torch_dist.is_initialized():
         if device.type == "cuda":
             torch_dist.init_process_group("nccl", device_id=device)
@@ -420,16 +419,21 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def versions() -> dict:
+def versions(device: torch.device | str | None = None) -> dict:
+    """Python, torch, torchvision and timm versions; with a CUDA `device` (or where CUDA is
+    already in use: its current device) also CUDA, cuDNN and the GPU's compute capability.
+    A CPU run does not start CUDA for it."""
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("torchvision", "timm"):
         try:
             out[name] = __import__(name).__version__
         except ImportError:
             out[name] = None
-    if torch.cuda.is_available():  # what GPU figures depend on
-        out.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                   gpu_capability=".".join(map(str, torch.cuda.get_device_capability())))
+    device = None if device is None else torch.device(device)
+    gpu = device if device is not None and device.type == "cuda" else None
+    if gpu is not None or (device is None and torch.cuda.is_available() and torch.cuda.is_initialized()):
+        out.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),  # what GPU figures depend on
+                   gpu_capability=".".join(map(str, torch.cuda.get_device_capability(gpu))))
     return out
 
 

@@ -148,8 +148,11 @@ class TapGroupConv2d(nn.Module):
         again only when the taps or bias change (their tensor or its in-place version; a write
         through .data is not seen), or always for tensors made under inference_mode, which keep
         no version: on a GPU, reading the taps' range back waits for every queued kernel."""
-        state = None if self.taps.is_inference() else (id(self.taps), self.taps._version, id(self.bias))
-        if state is not None and state == self._checked:
+        # the tensors themselves are held (an id could be reused by a new tensor), with the version
+        state = None if self.taps.is_inference() else (self.taps, self.taps._version, self.bias)
+        done = self._checked
+        if state is not None and done is not None and done[0] is state[0] and done[1] == state[1] \
+                and done[2] is state[2]:
             return
         kh, kw = self.kernel_size
         if self.taps.numel() and not 0 <= int(self.taps.min()) <= int(self.taps.max()) < kh * kw:

@@ -32,8 +32,8 @@
 // Zen 4 loads those as fast as aligned ones (2.4-2.7 against 1.66 G multiply-adds/s for
 // arbitrary offsets, RESULTS.md 2026-12-07), and rows of 8 or 16 floats also drop the
 // padding column's positions (8x8: 64 positions, not 71); the copies cost kw times the
-// input's L1 and L2 room. Best tile with copies against best without, 1 thread: 1.20x at
-// 128 @ 16 and 1.25x at 256 @ 8, batch 1, 1.07-1.19x at batch 32, 0.95-0.96x at 64 @ 56; so
+// input's L1 and L2 room. Best tile with copies against best without, 1 thread: 1.21x at
+// 128 @ 16 and 1.26x at 256 @ 8, batch 1, 1.07-1.19x at batch 32, 0.95-0.96x at 64 @ 56; so
 // both are compiled in and deployment times both. Four other variants that make the loads
 // aligned were measured and dropped: shifted copies of the input per offset residue (the
 // windows no longer fit L1); the same with 8-float vectors, whose residues are fewer (3 copies at 7x7:
