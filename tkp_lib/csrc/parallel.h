@@ -13,14 +13,13 @@
 // barrier spins by default, holding the core the late thread needs: so the calling thread,
 // done with the units, watches for the others for at most kSpinMicroseconds, then sleeps (a
 // condition variable) until every thread has been through the units, and only then enters
-// the barrier; its core is free meanwhile. Where the workers came so late that the calling
-// thread did more than half of their share besides its own, the region bought little and
-// cost their lateness, so the next calls of that kernel (2, 4, ... up to 64 of them) run on
-// the calling thread alone before threads are tried again. On an idle machine the workers
-// start within microseconds and this rarely triggers (on the idle 2-vCPU VM measured: a few
-// of some 5000 calls a second, when a thread was held up by up to 4 ms). Small calls run on
-// the calling thread alone: a fork/join costs microseconds on an idle machine and can cost
-// milliseconds on a busy one.
+// the barrier; its core is free meanwhile. Every call that is worth threads uses them. An
+// earlier rule sent a kernel's next 2-64 calls to the calling thread alone after a call whose
+// workers came late; timed against this code in one process (deployed ResNet-56 and VGG-8,
+// tap group 32, batch 32, 2 threads, 2-vCPU AMD Zen 4 VM; RESULTS.md, 2026-12-07 23:46), it
+// took 0.95-1.01x this code's time on the idle VM and, with busy loops beside it, 1.00-2.92x
+// in 29 rounds of 32 (0.75-0.95x in 3). Small calls run on the calling thread alone: a fork/join
+// costs microseconds on an idle machine and can cost milliseconds on a busy one.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -58,21 +57,11 @@ inline void cpu_relax() {
 #endif
 }
 
-// per kernel: calls left to run on the calling thread, and how many the next backoff holds
-struct Backoff {
-  std::atomic<int64_t> serial_calls{0};
-  std::atomic<int64_t> next{2};
-};
-
 // fn(u, state) for every u in [0, units), on torch's threads unless `serial`; each thread
 // passes its own State (default-constructed; e.g. which image its buffer holds) to its units.
 template <class State, class F>
-void for_units(int64_t units, bool serial, Backoff& backoff, const F& fn) {
+void for_units(int64_t units, bool serial, const F& fn) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), units);
-  if (!serial && threads > 1 && backoff.serial_calls.load(std::memory_order_relaxed) > 0) {
-    backoff.serial_calls.fetch_sub(1, std::memory_order_relaxed);
-    serial = true;
-  }
   if (serial || threads <= 1 || at::in_parallel_region()) {
     State state;
     for (int64_t u = 0; u < units; ++u) fn(u, state);
@@ -81,18 +70,16 @@ void for_units(int64_t units, bool serial, Backoff& backoff, const F& fn) {
   std::unique_ptr<std::atomic<int64_t>[]> taken(new std::atomic<int64_t>[threads]);  // units of each share
   for (int64_t s = 0; s < threads; ++s) taken[s] = 0;
   auto share = [&](int64_t s) { return s * units / threads; };  // its first unit
-  std::atomic<int64_t> by_caller{0};
   std::mutex mutex;
   std::condition_variable all_through;
   std::atomic<int64_t> left{threads};  // ranges of [0, threads) not yet through the units (changed under mutex)
   std::exception_ptr error;  // the first unit's exception (under mutex), rethrown by the caller
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     State state;
-    int64_t done = 0;
     try {
       for (int64_t k = 0; k < threads; ++k) {  // its own share (begin), then the others'
         const int64_t s = (begin + k) % threads, first = share(s), count = share(s + 1) - first;
-        for (int64_t i = taken[s].fetch_add(1); i < count; i = taken[s].fetch_add(1)) fn(first + i, state), ++done;
+        for (int64_t i = taken[s].fetch_add(1); i < count; i = taken[s].fetch_add(1)) fn(first + i, state);
       }
     } catch (...) {
       std::lock_guard<std::mutex> lock(mutex);
@@ -109,20 +96,12 @@ void for_units(int64_t units, bool serial, Backoff& backoff, const F& fn) {
     std::unique_lock<std::mutex> lock(mutex);
     left -= end - begin;
     if (begin == 0) {
-      by_caller = done;
       all_through.wait(lock, [&] { return left == 0; });
     } else if (left == 0) {
       all_through.notify_one();
     }
   });
   if (error) std::rethrow_exception(error);
-  if (2 * threads * by_caller.load() > (threads + 1) * units) {  // the workers came late
-    const int64_t hold = backoff.next.load(std::memory_order_relaxed);
-    backoff.serial_calls.store(hold, std::memory_order_relaxed);
-    backoff.next.store(std::min<int64_t>(2 * hold, 64), std::memory_order_relaxed);
-  } else {
-    backoff.next.store(2, std::memory_order_relaxed);
-  }
 }
 
 }  // namespace tkp_parallel

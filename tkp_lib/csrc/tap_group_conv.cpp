@@ -61,8 +61,6 @@ namespace {
 
 using namespace tkp_simd;
 
-tkp_parallel::Backoff backoff;  // this kernel's (parallel.h)
-
 thread_local Scratch scratch_image, scratch_pool;
 
 struct Geo {
@@ -522,7 +520,7 @@ at::Tensor tap_group_conv2d(const at::Tensor& x_in, const at::Tensor& weights, c
   struct Padded {
     int64_t image = -1;  // the image this thread's buffer holds
   };
-  tkp_parallel::for_units<Padded>(g.N * blocks * c.chunks, serial, backoff, [&](int64_t u, Padded& padded) {
+  tkp_parallel::for_units<Padded>(g.N * blocks * c.chunks, serial, [&](int64_t u, Padded& padded) {
     float* buf = scratch_image.get<float>(g.phases * g.phase_px * g.Cp);
     TORCH_CHECK(buf, "tkp::tap_group_conv2d: out of memory");
     const int64_t n = u / (blocks * c.chunks), b = u / c.chunks % blocks, k = u % c.chunks;

@@ -67,8 +67,6 @@ namespace {
 
 using namespace tkp_simd;
 
-tkp_parallel::Backoff backoff;  // this kernel's (parallel.h)
-
 thread_local Scratch scratch_input, scratch_output;
 
 
@@ -474,7 +472,7 @@ void run_groups(const Call& c, const Geometry& g, int64_t groups, int64_t T, int
   struct Prepared {
     int64_t group = -1;  // the group of images this thread's buffer holds
   };
-  tkp_parallel::for_units<Prepared>(groups * parts, serial, backoff, [&](int64_t u, Prepared& prepared) {
+  tkp_parallel::for_units<Prepared>(groups * parts, serial, [&](int64_t u, Prepared& prepared) {
     float* xb = scratch_input.get<float>(c.C * g.plane);
     float* yv = scratch_output.get<float>(T * M * y_stride);
     TORCH_CHECK(xb && yv, "tkp::topk_conv2d: out of memory");
