@@ -16,10 +16,11 @@
 // the barrier; its core is free meanwhile. Every call that is worth threads uses them. An
 // earlier rule sent a kernel's next 2-64 calls to the calling thread alone after a call whose
 // workers came late; timed against this code in one process (deployed ResNet-56 and VGG-8,
-// tap group 32, batch 32, 2 threads, 2-vCPU AMD Zen 4 VM; RESULTS.md, 2026-12-07 23:46), it
-// took 0.95-1.01x this code's time on the idle VM and, with busy loops beside it, 1.00-2.92x
-// in 29 rounds of 32 (0.75-0.95x in 3). Small calls run on the calling thread alone: a fork/join
-// costs microseconds on an idle machine and can cost milliseconds on a busy one.
+// tap group 32, batch 32, 2 threads, 2-vCPU AMD Zen 4 VM; RESULTS.md, the entry of 2026-12-07
+// 23:25), it took 0.95-1.01x this code's time on the idle VM; with busy loops beside it, it was
+// slower in 27 measurements of 32 (1.01-2.92x), equal in 2 and faster in 3 (0.75-0.95x).
+// Small calls run on the calling thread alone: a fork/join costs microseconds on an idle
+// machine and can cost milliseconds on a busy one.
 #pragma once
 
 #include <ATen/Parallel.h>
