@@ -23,6 +23,7 @@ one. Nothing here reads global state or has side effects at import.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -295,19 +296,10 @@ def run(args, script: Script) -> dict:
     dist, device = init_distributed(args.device)
     if args.dry_run:
         _apply_dry_run(args)
-    # oneDNN sets up CPU kernels per layer shape (20 s for DenseNet-121's first step), which
-    # would dominate a few-step dry run; the plain CPU kernels start at once. One thread: at
-    # batch 2 more threads only wait on each other, badly so when other jobs share the cores
-    onednn, threads, autotune = torch.backends.mkldnn.enabled, torch.get_num_threads(), torch.backends.cudnn.benchmark
-    if device.type == "cuda":  # a few input shapes per run: cuDNN times its algorithms once per shape
-        torch.backends.cudnn.benchmark = True
-    if args.dry_run and device.type == "cpu":
-        torch.backends.mkldnn.enabled = False
-        torch.set_num_threads(1)
     temporary = args.dry_run and args.output_dir is None and not args.resume
     folder, created, lock, finished = None, False, None, False
     try:
-        with sigterm_stops():
+        with sigterm_stops(), backend_settings(device, args.dry_run):
             folder, created, lock = prepare_output_dir(args, script.name, dist)
             summary = _run(args, script, dist, device, folder)
         finished = True
@@ -319,11 +311,29 @@ def run(args, script: Script) -> dict:
     finally:
         if folder is not None:
             clean_up(folder, created, temporary, not finished, lock, Output(folder, dist))
+        if dist.enabled and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def backend_settings(device: torch.device, dry_run: bool):
+    """The process-wide backend settings a run trains with, put back afterwards (run() is also
+    called in-process). On CUDA cuDNN times its algorithms once per input shape (a run has a
+    few). A CPU dry run uses the plain CPU kernels on one thread: oneDNN sets up kernels per
+    layer shape (20 s for DenseNet-121's first step), which would dominate a few-step run, and
+    at batch 2 more threads only wait on each other, badly so when other jobs share the cores."""
+    onednn, threads, autotune = torch.backends.mkldnn.enabled, torch.get_num_threads(), torch.backends.cudnn.benchmark
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if dry_run and device.type == "cpu":
+        torch.backends.mkldnn.enabled = False
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
         torch.backends.mkldnn.enabled = onednn
         torch.set_num_threads(threads)
         torch.backends.cudnn.benchmark = autotune
-        if dist.enabled and torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
 
 
 def _say_interrupted(e: KeyboardInterrupt, folder: Path, args, out: Output) -> None:
@@ -724,7 +734,8 @@ def evaluate_checkpoint(args, script: Script) -> dict:
     check_final(ckpt, args.eval, _script_parser(script), ignore=OPERATIONAL_FLAGS)
     dist, device = init_distributed(args.device)
     try:
-        return _evaluate_checkpoint(args, script, ckpt, dist, device)
+        with backend_settings(device, dry_run=False):
+            return _evaluate_checkpoint(args, script, ckpt, dist, device)
     finally:
         if dist.enabled and torch_dist.is_initialized():
             torch_dist.destroy_process_group()

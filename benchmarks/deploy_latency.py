@@ -78,8 +78,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "largest summed squared weights of the group), deployed by tkp_lib.tapgroup.TapGroupConv2d")
     p.add_argument("--script-args", default="", help="with --script: its flags, e.g. '--img-size 32 --no-pretrain'")
     p.add_argument("--threads", type=int_list(), default=[1, 2],
-                   help="CPU thread counts, each a run of its own; two or more add the interleaved thread-scaling "
-                        "measurement (see above)")
+                   help="CPU thread counts, each a run of its own; two or more (not with --shapes) end with the "
+                        "thread scaling: dense eager and each run's deployed model at its own thread count, "
+                        "interleaved in one measurement (the module docstring says more)")
     p.add_argument("--batch-sizes", type=int_list(), default=[1, 32], help="batch sizes timed")
     p.add_argument("--repeats", type=int, default=9, help="interleaved timing rounds (medians)")
     p.add_argument("--min-round-ms", type=float, default=4.0, help="minimum length of one timing round")

@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/tap_group_cuda.py`
 
 import tkp_common as tkp  # noqa: E402
 from tkp_lib import kernels  # noqa: E402
+from tkp_lib.runs import write_text_atomic  # noqa: E402
 from tkp_lib.runtime import HelpFormatter, device_name, versions  # noqa: E402
 from tkp_lib.sparsity import Masker, compute_masks, topk_plan  # noqa: E402
 from tkp_lib.tapgroup import TapGroupConv2d  # noqa: E402
@@ -98,7 +99,7 @@ def main(argv=None) -> dict:
         print(f"  {r['c_in']:>4}->{r['c_out']:<4} @{r['size']:>3} px: {r['speedup']:.2f}x  ({times} ms; "
               f"rel. error {r['rel_error']:.1e})")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(Path(args.json), json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -229,6 +229,15 @@ def print_report(result: dict, bench) -> None:
 
 def main(argv=None):
     bench = get_args_parser().parse_args(argv)
+    threads, autotune = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    try:  # setup() sets both as training does; main() is also called in-process (tests)
+        return _main(bench)
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = autotune
+
+
+def _main(bench) -> dict:
     s = setup(bench)
     kinds = ["dense", "stage1", "stage2"] if s.plan.targets else ["dense"]
     trainers = {k: trainer_for(s, k) for k in kinds}

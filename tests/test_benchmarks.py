@@ -4,6 +4,7 @@ import json
 import re
 import sys
 
+import torch
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -12,8 +13,12 @@ import train_throughput  # noqa: E402
 
 def test_train_throughput_on_cpu(tmp_path):
     out = tmp_path / "tp.json"
+    threads = torch.get_num_threads()
+    other = 1 if threads > 1 else 2
     r = train_throughput.main(["--script", "vgg8", "--batch", "4", "--steps", "1", "--rounds", "2", "--warmup", "1",
-                               "--num-workers", "0", "--epoch-images", "8", "--json", str(out), "--device", "cpu"])
+                               "--num-workers", "0", "--epoch-images", "8", "--json", str(out), "--device", "cpu",
+                               "--threads", str(other)])
+    assert torch.get_num_threads() == threads  # main() puts back what setup() set as training does
     saved = json.loads(out.read_text())
     assert saved["pattern"] == "top-1" and saved["batch"] == 4
     assert set(saved["images_per_s"]) == {"dense", "stage1", "stage2"}

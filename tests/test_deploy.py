@@ -144,6 +144,10 @@ def test_copies_per_kernel_column_match_conv2d(kernel, monkeypatch):
                     assert m.kernel_tile() == tile
                     assert relative_error(m(x, r), ref) < 1e-5, (n_threads, n, c_in, kh, kw, stride, pad, h, w, tile)
                     assert asked[-1:] == [1], tile  # the kernel was asked for the copies
+                    # and lays the input out as copies: kw planes whose rows are Wo rounded up to 8
+                    wo = (w + 2 * pad[1] - kw) // stride + 1
+                    layout = real.geometry(c_in, h, w, kh, kw, stride, stride, *pad, 16 * tile[1], 1)
+                    assert layout == ([1, kw, -(-wo // 8) * 8] if stride == 1 else [0, stride * stride, layout[2]])
     finally:
         torch.set_num_threads(threads)
 

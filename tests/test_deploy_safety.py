@@ -300,7 +300,8 @@ def test_kernel_taps_outside_the_kernel_are_refused(legit, tmp_path):
 def test_kernel_sizes_the_kernels_divide_by_are_refused_when_not_positive(legit, tmp_path):
     _, spec, _, _ = legit
     for key, value in (("stride", [0, 0]), ("padding", [-1, 1]), ("tile", [4, 0]), ("kernel_size", [0, 3]),
-                       ("tile", [4, 4, 1.0]), ("tile", [4, 4, True]), ("tile", [4.0, 4])):  # 1.0 == True == 1
+                       ("tile", [4, 4, 1.0]), ("tile", [4, 4, True]), ("tile", [4.0, 4]),  # 1.0 == True == 1
+                       ("tile", [4, 4, 2])):  # columns 0 or 1
         modules = copy.deepcopy(spec["modules"])
         modules["conv"]["config"][key] = value
         refused(tmp_path, {**spec, "modules": modules}, f"argument {key}=")

@@ -94,6 +94,22 @@ def test_fp16_grad_scaler_with_skipped_steps():
     assert t.optimizer.state, "no step was ever taken after the skips"
 
 
+def test_masks_hold_when_the_optimizer_state_moves_pruned_weights():
+    """Optimizer state from before the masks (momentum in every entry, as after dense steps or
+    from a resumed checkpoint) moves pruned weights even with zero gradients: the masks are
+    applied again after every step, so they stay exactly zero."""
+    torch.manual_seed(0)
+    model = small_net()
+    t, plan, masks, seen = masked_trainer(model)
+    g = torch.Generator().manual_seed(1)
+    for p in (q for group in t.optimizer.param_groups for q in group["params"]):
+        t.optimizer.state[p] = {"step": torch.tensor(10.0), "exp_avg": torch.randn(p.shape, generator=g),
+                                "exp_avg_sq": torch.rand(p.shape, generator=g) + 0.1}
+    train_one_epoch(t, loader())
+    assert seen["steps"] == 7
+    assert_invariants(model, plan, masks)
+
+
 def test_partial_accumulation_tail_steps():
     torch.manual_seed(0)
     model = small_net()

@@ -70,6 +70,19 @@ def test_tap_group_torch_path_checks_its_taps_once_per_change(monkeypatch):
     m.taps = torch.full_like(m.taps, 9)  # a new tensor, assigned (version 0 like any new one): checked too
     with pytest.raises(ValueError, match="tap"):
         m.forward_torch(x)
+    # a new tensor at the checked one's version, at an address Python gives out again (as id()
+    # reports it for every object here): still a new tensor, still checked
+    monkeypatch.setattr(tapgroup, "id", lambda obj: 1, raising=False)
+    m.taps = torch.full_like(m.taps, 4)
+    m.forward_torch(x)
+    bad = torch.full_like(m.taps, 9)
+    with torch.no_grad():
+        while bad._version < m.taps._version:
+            bad.add_(0)
+    assert bad._version == m.taps._version
+    m.taps = bad
+    with pytest.raises(ValueError, match="tap"):
+        m.forward_torch(x)
 
 
 def test_tap_group_torch_path_runs_on_inference_tensors():

@@ -209,3 +209,32 @@ def test_stage_1_prints_the_starting_ratio_of_beta_aux_to_ce(cifar10_root, tmp_p
     start = s["aux_start"]
     assert start["beta_aux"] > 0 and start["ce"] > 0
     assert f"ratio {start['beta_aux'] / start['ce']:.2g}" in line
+
+
+def test_backend_settings_hold_for_the_run_and_are_put_back(tmp_path, monkeypatch):
+    """run() trains with cuDNN's autotuning on CUDA, and a CPU dry run with the plain kernels on
+    one thread; both are process-wide, and run() is also called in-process: they are put back
+    afterwards, after a failure too. (The CUDA flag can be set without a GPU.)"""
+    onednn, threads, autotune = torch.backends.mkldnn.enabled, torch.get_num_threads(), torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        with tkp.backend_settings(torch.device("cuda"), dry_run=False):
+            assert torch.backends.cudnn.benchmark is True
+            assert torch.backends.mkldnn.enabled == onednn and torch.get_num_threads() == threads
+        assert torch.backends.cudnn.benchmark is False
+        torch.backends.mkldnn.enabled = True
+        with pytest.raises(RuntimeError, match="stop"), tkp.backend_settings(torch.device("cpu"), dry_run=True):
+            assert not torch.backends.mkldnn.enabled and torch.get_num_threads() == 1
+            assert torch.backends.cudnn.benchmark is False
+            raise RuntimeError("stop")
+        assert torch.backends.mkldnn.enabled and torch.get_num_threads() == threads
+        # and the training itself runs under them
+        seen = []
+        monkeypatch.setattr(tkp, "_run", lambda *a: seen.append((torch.backends.mkldnn.enabled,
+                                                                  torch.get_num_threads())) or {})
+        vgg8.main(["--dry-run", "--output-dir", str(tmp_path / "dry")])
+        assert seen == [(False, 1)]
+        assert torch.backends.mkldnn.enabled and torch.get_num_threads() == threads
+    finally:
+        torch.backends.mkldnn.enabled, torch.backends.cudnn.benchmark = onednn, autotune
+        torch.set_num_threads(threads)

@@ -518,6 +518,8 @@ def _check_kernel_config(config: dict, name: str, kind: str) -> None:
             raise DeployError(f"module {name} ({kind}): argument {k}={_short(v)} refused (below {min(low)})")
         if k == "tile" and any(type(x) is not int for x in values):  # 1.0 and True equal 1 in tile_kinds()
             raise DeployError(f"module {name} ({kind}): argument tile={_short(v)} refused (integers only)")
+        if kind == "TopKConv2d" and k == "tile" and len(values) > 2 and values[2] > 1:
+            raise DeployError(f"module {name} ({kind}): argument tile={_short(v)} refused (columns 0 or 1)")
 
 
 def _check_taps(m: nn.Module, name: str) -> None:

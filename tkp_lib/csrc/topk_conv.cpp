@@ -21,7 +21,8 @@
 // passes over them, and the next windows are prefetched meanwhile. Output positions that
 // fall on padding are computed and dropped when the sums are copied out to NCHW, where the
 // epilogue also adds a residual, applies ReLU and a 2x2 max pool when asked. M and S are
-// template parameters; tkp_deploy.py picks the fastest pair per layer by measuring it. The
+// template parameters, columns (below) a run-time argument; tkp_deploy.py picks the fastest
+// (M, S, columns) tile per layer by measuring it. The
 // batch goes through in groups of images whose planes fit in L2; threads: see run_groups.
 //
 // What bounds it: each multiply-add loads one unaligned 64-byte vector, which mostly spans
@@ -635,6 +636,14 @@ TORCH_LIBRARY_IMPL(tkp, Meta, m) { m.impl("topk_conv2d", &topk_conv2d_meta); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_conv2d", &topk_conv2d, "tkp::topk_conv2d without the dispatcher");
   m.def("isa", [] { return std::string(ISA); }, "the instruction set this build uses");
+  m.def(
+      "geometry",
+      [](int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+         int64_t tile_q, int64_t columns) {
+        const Geometry g = make_geometry(C, H, W, kh, kw, sh, sw, ph, pw, 1, tile_q, columns);
+        return std::vector<int64_t>{int64_t(g.columns), g.phases, g.Wr};
+      },
+      "[copies per kernel column (0/1), planes per channel, row stride] of the layout a call reads (tests)");
   m.def("output_cache", &tkp_outputs::stats, "[freed outputs kept, their bytes] of this kernel's cache (outputs.h)");
   m.def("release_outputs", &tkp_outputs::release, "frees the outputs this kernel keeps; the bytes freed");
 }
