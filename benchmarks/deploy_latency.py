@@ -136,6 +136,13 @@ def compiled(module: nn.Module, x: torch.Tensor):
         return None, kernels.one_line(e)
 
 
+def dense_eager(module: nn.Module, module_cl: nn.Module, x: torch.Tensor) -> dict:
+    """The eager dense variants on x: NCHW, and channels_last (`module_cl`, a channels_last
+    copy of `module`, on a channels_last copy of x)."""
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    return {"dense_eager": lambda: module(x), "dense_channels_last": lambda: module_cl(x_cl)}
+
+
 def time_layer(conv: nn.Conv2d, kernel_module: nn.Module, in_shape: tuple, batches: list[int], use_compile: bool,
                timing: dict) -> dict:
     """{batch: {variant_ms, speedup, compile}}: the kernel layer against `conv` dense eager (NCHW
@@ -146,10 +153,8 @@ def time_layer(conv: nn.Conv2d, kernel_module: nn.Module, in_shape: tuple, batch
     per_batch = {}
     for b in batches:
         x = torch.randn(b, *in_shape)
-        x_cl = x.contiguous(memory_format=torch.channels_last)
-        x_kernel = x_cl if nhwc else x
-        fns = {"dense_eager": lambda: conv(x), "dense_channels_last": lambda: conv_cl(x_cl),
-               "topk": lambda: kernel_module(x_kernel)}
+        x_kernel = x.contiguous(memory_format=torch.channels_last) if nhwc else x
+        fns = {**dense_eager(conv, conv_cl, x), "topk": lambda: kernel_module(x_kernel)}
         why = "--no-compile"
         if use_compile:
             fn, why = compiled(conv, x)
@@ -229,9 +234,7 @@ def time_whole(dense: nn.Module, deployed: nn.Module, input_shape: tuple, batche
     dense_cl = copy.deepcopy(dense).to(memory_format=torch.channels_last)
     for b in batches:
         x = torch.randn(b, *input_shape)
-        x_cl = x.contiguous(memory_format=torch.channels_last)
-        fns = {"dense_eager": lambda: dense(x), "dense_channels_last": lambda: dense_cl(x_cl),
-               "deploy_eager": lambda: deployed(x)}
+        fns = {**dense_eager(dense, dense_cl, x), "deploy_eager": lambda: deployed(x)}
         notes = {}
         if use_compile:
             for name, module in (("dense_compiled", dense), ("deploy_compiled", deployed)):
@@ -324,11 +327,10 @@ def time_scaling(dense: nn.Module, deployed: dict[int, nn.Module], input_shape: 
     try:
         for b in batches:
             x = torch.randn(b, *input_shape)
-            x_cl = x.contiguous(memory_format=torch.channels_last)
             fns, prepare = {}, {}
             for t, model in deployed.items():
-                for name, fn in (("dense_eager", lambda: dense(x)), ("dense_channels_last", lambda: dense_cl(x_cl)),
-                                 ("deploy_eager", lambda model=model: model(x))):
+                variants = {**dense_eager(dense, dense_cl, x), "deploy_eager": lambda model=model: model(x)}
+                for name, fn in variants.items():
                     fns[f"{name}@{t}"] = fn
                     prepare[f"{name}@{t}"] = functools.partial(_at_threads, t, fn)
             ms = kernels.median_ms(fns, prepare=prepare, **timing)
@@ -386,14 +388,20 @@ def main(argv=None) -> dict:
         torch.set_num_threads(threads)
 
 
+def save(path: str | None, result: dict) -> None:
+    """Every measurement so far, to --json (rewritten after each run: a long benchmark that
+    stops keeps what it measured)."""
+    if path:
+        write_text_atomic(Path(path), json.dumps(plain(result), indent=1))
+
+
 def _main(args) -> dict:
     torch.manual_seed(args.seed)
     timing = {"repeats": args.repeats, "min_round_s": args.min_round_ms / 1e3}
     D.check_tiles(args.tiles)
     if args.shapes:
         result = run_shapes(args, timing)
-        if args.json:
-            write_text_atomic(Path(args.json), json.dumps(plain(result), indent=1))
+        save(args.json, result)
         return result
     if args.checkpoint:
         model, input_shape, script = D.rebuild_model(args.checkpoint, args.script)
@@ -432,13 +440,11 @@ def _main(args) -> dict:
         result["runs"].append(run)
         deployed_at[threads] = deployed
         print(format_threads(run, args.batch_sizes), flush=True)
-        if args.json:
-            write_text_atomic(Path(args.json), json.dumps(plain(result), indent=1))
+        save(args.json, result)
     if len(deployed_at) > 1:
         result["scaling"] = time_scaling(folded, deployed_at, input_shape, args.batch_sizes, timing)
         print(format_scaling(result["scaling"]), flush=True)
-        if args.json:
-            write_text_atomic(Path(args.json), json.dumps(plain(result), indent=1))
+        save(args.json, result)
     return result
 
 
