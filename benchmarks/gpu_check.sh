@@ -18,8 +18,8 @@
 # (dense / stage-1 / stage-2 steps, loaders, a full epoch) for VGG-8 compiled and ViT-S eager;
 # (3) inference latency, dense vs pruned, VGG-8 Top-1 and ViT-S 2:4 with the 2:4
 # semi-structured deployment; tap groups (torch ops) against cuDNN in bf16; VGG-8 eager
-# throughput; (extra) GoogLeNet throughput, fp16 compiled and tap-group dry runs, ViT-S 2:4
-# compiled. tests/test_benchmarks.py parses every step's flags with its target's parser.
+# throughput; (extra) GoogLeNet throughput, fp16 compiled and tap-group (eager) dry runs,
+# ViT-S 2:4 compiled. tests/test_benchmarks.py parses every step's flags with its target's parser.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/tkp_gpu}
@@ -76,7 +76,7 @@ case "$PART" in
     step "dry-run vgg8 fp16 compiled" 75 python vgg8_optimized.py --dry-run --amp-dtype fp16 --compile \
       --output-dir "$DRY/fp16_compiled"
     step "dry-run vgg8 tap-group 32 bf16" 45 python vgg8_optimized.py --dry-run --tap-group 32 --amp-dtype bf16 \
-      --output-dir "$DRY/tap_group"
+      --no-compile --output-dir "$DRY/tap_group"
     step "latency vit-s 2:4 compiled" 110 python $L --script vit_small --sparsity-type 2:4 --no-pretrained \
       --devices cuda --batch-sizes 256 --json "$J/latency_vit_compiled.json"
     ;;

@@ -32,7 +32,7 @@ from tkp_lib import kernels  # noqa: E402
 from tkp_lib.runs import write_text_atomic  # noqa: E402
 from tkp_lib.runtime import HelpFormatter, device_name, versions  # noqa: E402
 from tkp_lib.sparsity import Masker, compute_masks, topk_plan  # noqa: E402
-from tkp_lib.tapgroup import TapGroupConv2d  # noqa: E402
+from tkp_lib.tapgroup import DEFAULT_TILE, TapGroupConv2d  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPES = [(64, 64, 32), (128, 128, 16), (128, 128, 32), (256, 256, 16)]  # (C_in, C_out, H = W)
@@ -56,7 +56,9 @@ def one_layer(c_in: int, c_out: int, size: int, args, device: torch.device, dtyp
     conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
     model = nn.Sequential(conv)
     Masker(model, compute_masks(model, topk_plan(model, args.topk, tap_group=args.tap_group))).apply_()
-    grouped = TapGroupConv2d.from_conv(conv, args.tap_group, args.topk).to(device, dtype)
+    # a tile named, so that no default is looked up in the CPU kernel (which would build it,
+    # a minute on a fresh machine): forward_torch uses none
+    grouped = TapGroupConv2d.from_conv(conv, args.tap_group, args.topk, DEFAULT_TILE).to(device, dtype)
     weight = conv.weight.detach().to(device, dtype)
     x = torch.randn(args.batch, c_in, size, size, device=device, dtype=dtype)
     x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -68,7 +70,7 @@ def one_layer(c_in: int, c_out: int, size: int, args, device: torch.device, dtyp
                "dense_channels_last": lambda: F.conv2d(x_cl, w_cl, padding=1),
                "tap_group": lambda: grouped.forward_torch(x)}
         if args.compile:
-            compiled = torch.compile(grouped.forward_torch)
+            compiled = torch.compile(grouped.forward_torch, dynamic=False)  # the layers' shapes differ
             fns["tap_group_compiled"] = lambda: compiled(x)
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
         ms = kernels.median_ms(fns, repeats=args.repeats, warmup=3, sync=sync)
@@ -83,23 +85,25 @@ def main(argv=None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise tkp.TKPError("--device cuda: torch sees no GPU; pass --device cpu")
     dtype = DTYPES[args.dtype]
-    autotune = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True  # dense at its fastest cuDNN algorithm, found in the warm-up
-    try:
-        rows = [one_layer(*shape, args, device, dtype) for shape in SHAPES]
-    finally:
-        torch.backends.cudnn.benchmark = autotune
+    rows = []
     result = {"benchmark": "tap_group_cuda", "device": device_name(device), "dtype": args.dtype,
               "batch": args.batch, "topk": args.topk, "tap_group": args.tap_group,
               "versions": versions(device), "layers": rows}
+    autotune = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # dense at its fastest cuDNN algorithm, found in the warm-up
+    try:
+        for shape in SHAPES:
+            rows.append(one_layer(*shape, args, device, dtype))
+            if args.json:  # after each layer: a run stopped by a time limit keeps what it measured
+                write_text_atomic(Path(args.json), json.dumps(result, indent=2) + "\n")
+    finally:
+        torch.backends.cudnn.benchmark = autotune
     print(f"tap groups (Top-{args.topk}, G={args.tap_group}) vs dense on {result['device']}, "
           f"{args.dtype}, batch {args.batch}")
     for r in rows:
         times = ", ".join(f"{k} {v:.3f}" for k, v in r["ms"].items())
         print(f"  {r['c_in']:>4}->{r['c_out']:<4} @{r['size']:>3} px: {r['speedup']:.2f}x  ({times} ms; "
               f"rel. error {r['rel_error']:.1e})")
-    if args.json:
-        write_text_atomic(Path(args.json), json.dumps(result, indent=2) + "\n")
     return result
 
 
