@@ -360,6 +360,121 @@ def test_epilogues_fold_into_the_topk_layer(kernel):
         assert relative_error(deployed(x), model(x)) < 1e-5
 
 
+class _Pos(nn.Module):  # a position embedding of one image added to the output
+    def __init__(self):
+        super().__init__()
+        self.c1, self.pos = nn.Conv2d(3, 8, 3, padding=1), nn.Parameter(torch.randn(1, 8, 8, 8))
+
+    def forward(self, x):
+        return F.relu(self.c1(x) + self.pos)
+
+
+class _Gate(nn.Module):  # a per-channel gate, shaped like the output where that is 1x1
+    def __init__(self):
+        super().__init__()
+        self.c1, self.g = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        return F.relu(self.c1(x) + self.g(F.adaptive_avg_pool2d(x, 1)))
+
+
+class _WriteBetween(nn.Module):  # an in-place ReLU on the conv's input before the add
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(True)
+
+    def forward(self, x):
+        x = self.c1(x)
+        out = self.c2(x)
+        return out + self.act(x)
+
+
+class _AddInto(nn.Module):  # the conv's output added into its input, which is returned
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x.add_(self.c2(x))
+        return x
+
+
+class _Residual(nn.Module):  # what is folded: += into the conv's output, and conv(y) + y
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        y += x
+        return self.c2(y) + y
+
+
+@pytest.mark.parametrize("cls, shape, other_shape, folded", [
+    (_Pos, (3, 8, 8), None, 0), (_Gate, (3, 2, 2), (3, 6, 6), 0), (_WriteBetween, (3, 8, 8), (3, 5, 7), 0),
+    (_AddInto, (3, 8, 8), (3, 5, 7), 0), (_Residual, (8, 8, 8), (8, 5, 7), 2)])
+def test_an_add_folds_into_a_layer_only_where_nothing_changes(kernel, cls, shape, other_shape, folded):
+    """A user's add is folded into the layer before it only where the result is the same for
+    every batch and input size: not an operand broadcast over the batch (shaped like the
+    output for one image) or over a 1x1 output, not across an in-place write to the layer's
+    input, not an add_ into the other operand; a residual into the layer's output is."""
+    torch.manual_seed(3)
+    model = cls().eval()
+    gen = torch.Generator().manual_seed(4)
+    records = []
+    with torch.no_grad():
+        for name, m in model.named_children():
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+                m.weight.copy_(topk_weight(m.out_channels, m.in_channels, 3, 3, 1, gen))
+                records.append({"name": name, "deploy": "topk", "tile": [4, 4]})
+    deployed = deploy_layers.apply_layers(deploy_layers.fold_batchnorm(model), records, shape)
+    layers = [n for n in deployed.graph.nodes if n.op == "call_module" and isinstance(
+        deployed.get_submodule(n.target), topk_conv.TopKConv2d)]
+    assert sum(len(n.args) == 2 for n in layers) == folded
+    for s in [shape] + ([other_shape] if other_shape else []):
+        for b in (1, 3):
+            x = torch.randn(b, *s, generator=gen)
+            with torch.no_grad():
+                assert relative_error(deployed(x.clone()), model(x.clone())) < 1e-5, (s, b)
+
+
+class _MyConv(nn.Conv2d):  # a user's subclass that computes as nn.Conv2d does
+    pass
+
+
+class _Standardized(nn.Conv2d):  # one that does not: weight standardization in its forward
+    def forward(self, x):
+        c = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+        return F.conv2d(x, c * (c.pow(2).mean((1, 2, 3), keepdim=True) + 1e-5).rsqrt(), self.bias, self.stride,
+                        self.padding)
+
+
+def test_a_conv2d_subclass_deploys_as_a_conv2d_where_it_computes_as_one(kernel):
+    """`class MyConv(nn.Conv2d): pass` is deployed like any Conv2d (its BatchNorm folded, the
+    kernel chosen, counted in the summary); a subclass with a forward of its own is traced
+    through into its functions and stays dense; the outputs match the model either way."""
+    torch.manual_seed(5)
+    model = nn.Sequential(_MyConv(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          _Standardized(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for m in (model[0], model[5]):
+            m.weight.copy_(topk_weight(8, m.in_channels, 3, 3, 1, gen))
+        model[1].running_mean.normal_(generator=gen)
+        model[1].running_var.uniform_(0.5, 2.0, generator=gen)
+    gm = deploy_layers.fold_batchnorm(model)
+    assert type(gm.get_submodule("0")) is nn.Conv2d and not any(isinstance(m, nn.BatchNorm2d) for m in gm.modules())
+    assert type(model[0]) is _MyConv and model[0].weight.shape == (8, 3, 3, 3)  # the user's model untouched
+    records = deploy_layers.choose_layers(gm, (3, 8, 8), [1], repeats=1, log=lambda s: None)
+    assert [r["name"] for r in records] == ["0", "5"]
+    deployed = deploy_layers.apply_layers(gm, [{**r, "deploy": "topk", "tile": [4, 4]} for r in records], (3, 8, 8))
+    assert isinstance(deployed.get_submodule("0"), topk_conv.TopKConv2d)
+    x = torch.randn(3, 3, 8, 8, generator=gen)
+    with torch.no_grad():
+        assert relative_error(deployed(x), model(x)) < 1e-5
+
+
 def test_the_op_has_a_shape_function_for_torch_export(kernel):
     for stride, tile in ((2, topk_conv.DEFAULT_TILE), (1, (4, 4, 1))):  # the copies per column: stride 1
         conv = nn.Conv2d(4, 6, 3, stride=stride, padding=1)

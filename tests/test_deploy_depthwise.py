@@ -183,6 +183,20 @@ def test_from_conv_refuses_what_it_cannot_compute(conv, why):
     assert why in depthwise.kernel_takes(conv)
 
 
+def test_a_depthwise_conv_the_kernel_cannot_compute_says_why_in_the_summary():
+    """Pruned grouped convs the depthwise kernel does not take stay dense; the depthwise ones
+    among them name the reason (dilation here), the others are "grouped/depthwise: dense"."""
+    from tkp_lib.sparsity import Masker, compute_masks, topk_plan
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1, groups=2)).eval()
+    Masker(model, compute_masks(model, topk_plan(model, 1))).apply_()
+    records = deploy_layers.choose_layers(deploy_layers.fold_batchnorm(model), (4, 8, 8), [1], repeats=1,
+                                          log=lambda s: None)
+    assert [(r["deploy"], r["why"]) for r in records] == [("dense", "depthwise: dilation (2, 2)"),
+                                                          ("dense", deploy_layers.GROUPED)]
+    assert "(1 depthwise: dilation (2, 2), 1 grouped/depthwise: dense)" in deploy_layers.summary(records)
+
+
 def test_a_dense_depthwise_kernel_is_computed_but_not_chosen():
     conv = nn.Conv2d(4, 4, 3, padding=1, groups=4)
     assert depthwise.kernel_takes(conv) == "dense" and depthwise.cannot_compute(conv) is None

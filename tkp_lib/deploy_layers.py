@@ -64,7 +64,7 @@ class _Tracer(torch.fx.Tracer):
         self.failed_in = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return deploy_ops.module_type(m) is not None
+        return deploy_ops.module_type(m) is not None or _computes_as_conv2d(m)
 
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
@@ -83,9 +83,31 @@ class _Tracer(torch.fx.Tracer):
             raise
 
 
+def _computes_as_conv2d(m: nn.Module) -> bool:
+    """A subclass of nn.Conv2d that computes what nn.Conv2d does (`class MyConv(nn.Conv2d):
+    pass`): forward and _conv_forward inherited, parameters weight and bias alone, no
+    buffers, submodules (a parametrization) or hooks."""
+    t = type(m)
+    return isinstance(m, nn.Conv2d) and t is not nn.Conv2d and t.forward is nn.Conv2d.forward \
+        and t._conv_forward is nn.Conv2d._conv_forward \
+        and {n for n, _ in m.named_parameters(recurse=False)} <= {"weight", "bias"} \
+        and not list(m.buffers(recurse=False)) and not list(m.children()) \
+        and not (m._forward_hooks or m._forward_pre_hooks)
+
+
+def _as_conv2d(m: nn.Conv2d) -> nn.Conv2d:
+    """A plain nn.Conv2d holding `m`'s parameters (the same tensors)."""
+    conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                     m.bias is not None, m.padding_mode, device="meta")
+    conv.weight, conv.bias = m.weight, m.bias
+    return conv.train(m.training)
+
+
 def trace(model: nn.Module) -> torch.fx.GraphModule:
     """`model` as a torch.fx GraphModule (see _Tracer); refuses, naming the module, a model
-    torch.fx cannot trace."""
+    torch.fx cannot trace. A Conv2d subclass that computes as nn.Conv2d does becomes one, so
+    that it is deployed as every other convolution (other subclasses are traced through and
+    stay dense)."""
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)
@@ -98,7 +120,11 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
     for node in graph.nodes:
         if node.meta.get("tkp_scope", ("", None))[0] == "":
             node.meta["tkp_scope"] = ("", type(model).__name__)
-    return torch.fx.GraphModule(tracer.root, graph)
+    gm = torch.fx.GraphModule(tracer.root, graph)
+    for name, m in list(gm.named_modules()):
+        if _computes_as_conv2d(m):
+            _set_module(gm, name, _as_conv2d(m))
+    return gm
 
 
 _NO_OPS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)  # in eval mode
@@ -247,8 +273,8 @@ def _candidates(conv: nn.Conv2d, tiles) -> list[tuple] | str:
         why = depthwise.kernel_takes(conv)
         if why is None and not depthwise.kernel_available():
             return "kernel unavailable"
-        if why is not None:
-            return GROUPED
+        if why is not None:  # a depthwise conv the kernel cannot compute says why
+            return f"depthwise: {why}" if conv.groups == conv.in_channels == conv.out_channels else GROUPED
         return [("depthwise", lambda t: DepthwiseTopKConv2d.from_conv(conv), [None], {})]  # one variant, no tiles
     out = []
     gk = tapgroup.tap_group_of(conv)
@@ -319,7 +345,7 @@ def apply_layers(gm: torch.fx.GraphModule, records: list[dict], input_shape: tup
                 gm.get_submodule(rec["name"]), rec["group"], rec["group_k"], rec["tile"]))
         elif rec["deploy"] == "depthwise":
             _set_module(gm, rec["name"], DepthwiseTopKConv2d.from_conv(gm.get_submodule(rec["name"])))
-    fuse_epilogues(gm, torch.zeros(1, *input_shape))
+    fuse_epilogues(gm, input_shape)
     depthwise.fuse_activations(gm)  # a ReLU6
     if any(isinstance(m, NHWC_LAYERS) for m in gm.modules()):
         to_channels_last(gm)
@@ -366,6 +392,46 @@ def _is_add(node: torch.fx.Node) -> bool:
         and not node.kwargs
 
 
+_IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
+
+
+def _may_write(node: torch.fx.Node, modules: dict) -> bool:
+    """Whether `node` may write into a tensor it is given: an in-place method or function
+    (`relu_`, `+=`), a module built with inplace=True, or a call passing True (inplace=True,
+    F.relu(x, True); a keepdim=True is counted too: the answer errs towards yes)."""
+    if node.op == "call_module":
+        return getattr(modules.get(node.target), "inplace", False) is True
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    if node.op == "call_function":
+        return node.target in _IN_PLACE_OPERATORS or getattr(node.target, "__name__", "").endswith("_") \
+            or any(a is True for a in node.args[1:]) or node.kwargs.get("inplace") is True
+    return False
+
+
+class _Shapes(torch.fx.Interpreter):
+    """Runs a graph, keeping {node: (shape, dtype)} of every node that returns a tensor."""
+
+    def run_node(self, n: torch.fx.Node):
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.shapes[n] = (tuple(out.shape), out.dtype)
+        return out
+
+
+def _output_shapes(gm: torch.fx.GraphModule, example: torch.Tensor) -> dict | None:
+    """{node: (shape, dtype)} of every node that returns a tensor, for one run on `example`;
+    None where the network does not run on it (e.g. a Linear fixes the input size)."""
+    interpreter = _Shapes(gm)
+    interpreter.shapes = {}
+    try:
+        with torch.no_grad():
+            interpreter.run(example)
+    except Exception:
+        return None
+    return interpreter.shapes
+
+
 def _is_pool2(node: torch.fx.Node, modules: dict) -> bool:
     """A 2x2 max pool of stride 2 without padding (VGG's nn.MaxPool2d(2))."""
     m = modules.get(node.target) if node.op == "call_module" else None
@@ -374,15 +440,34 @@ def _is_pool2(node: torch.fx.Node, modules: dict) -> bool:
         _pair(m.padding) == (0, 0) and _pair(m.dilation) == (1, 1)
 
 
-def fuse_epilogues(gm: torch.fx.GraphModule, example: torch.Tensor) -> int:
-    """Fold into each TopKConv2d (or TapGroupConv2d) what follows it when it is the only consumer: a residual
-    add (the other operand shaped like the convolution's output), then a ReLU, then a 2x2 max
-    pool. Returns how many operations were folded."""
-    from torch.fx.passes.shape_prop import ShapeProp
-    with torch.no_grad():
-        ShapeProp(gm).propagate(example)
+def fuse_epilogues(gm: torch.fx.GraphModule, input_shape: tuple) -> int:
+    """Fold into each kernel layer what follows it when it is the only consumer: a residual
+    add, then a ReLU, then a 2x2 max pool. Returns how many operations were folded.
+
+    The kernel takes the residual as an argument, so the layer's call moves down to the add.
+    An add is folded only where that changes nothing: its other operand has the shape of the
+    convolution's output (for 2 images at `input_shape`, and at twice its height and width
+    where the network runs there: an operand broadcast over the batch or over a 1x1 output
+    stays out); no node between the two may write into a tensor it is given (the layer would
+    read its input after the write); and an in-place add must write into the layer's output,
+    not into the other operand."""
+    shapes = [_output_shapes(gm, torch.zeros(2, *input_shape))]
+    shapes.append(_output_shapes(gm, torch.zeros(2, input_shape[0], *(2 * v for v in input_shape[1:]))))
+    shapes = [sh for sh in shapes if sh is not None]
     modules = dict(gm.named_modules())
     fused = 0
+
+    def shaped_alike(node, other):
+        return isinstance(other, torch.fx.Node) and bool(shapes) and all(
+            node in sh and sh.get(other) == sh[node] for sh in shapes)
+
+    def writes_between(node, user):
+        n = node.next
+        while n is not user:
+            if _may_write(n, modules):
+                return True
+            n = n.next
+        return False
 
     def only_user(node):
         return next(iter(node.users)) if len(node.users) == 1 else None
@@ -394,10 +479,9 @@ def fuse_epilogues(gm: torch.fx.GraphModule, example: torch.Tensor) -> int:
         user = only_user(node)
         if user is not None and _is_add(user) and len(node.args) == 1:
             other = user.args[1] if user.args[0] is node else user.args[0]
-            shape = node.meta.get("tensor_meta")
-            other_shape = other.meta.get("tensor_meta") if isinstance(other, torch.fx.Node) else None
-            if other is not node and shape is not None and other_shape is not None \
-                    and tuple(other_shape.shape) == tuple(shape.shape) and other_shape.dtype == shape.dtype:
+            in_place = user.target in (operator.iadd, "add_")
+            if other is not node and shaped_alike(node, other) and not (in_place and user.args[0] is not node) \
+                    and not writes_between(node, user):
                 user.prepend(node)  # after every input, including the residual's producer
                 node.args = (node.args[0], other)
                 user.replace_all_uses_with(node)
