@@ -168,7 +168,9 @@ def main(argv=None) -> dict:
     print(f"check against the masked model ({check['batch']} inputs): max relative error "
           f"{check['max_rel_error']:.2e} (<= {REL_TOLERANCE:g}), top-1 identical: {check['top1_identical']}")
     if not check["ok"]:
-        raise DeployError("the deployed model does not match the masked model; deploy.pt not written")
+        raise DeployError("the deployed model " + (f"fails ({check['error']})" if "error" in check else
+                                                   "does not match the masked model")
+                          + "; deploy.pt not written: please open an issue with the model")
 
     whole = time_models({"dense": dense, "deploy": deployed}, input_shape, args.batch_sizes, repeats=args.repeats)
     macs = layer_macs(dense, torch.zeros(1, *input_shape))

@@ -693,6 +693,24 @@ def test_a_failing_build_falls_back_with_one_line(monkeypatch, capsys):
     assert torch.allclose(m(x), F.relu(conv(x)), atol=1e-6)  # the dense path
 
 
+def test_a_deployed_model_that_fails_ends_in_one_line_and_writes_nothing(kernel, finals, tmp_path, one_thread,
+                                                                         monkeypatch):
+    """Should a deployed model raise where the masked one runs (a deployment fault), the check
+    reports it (verify's "error") and tkp_deploy ends with a DeployError naming it, no file written."""
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("tkp::topk_conv2d: residual must be shaped like the output")
+
+    check = deploy_layers.verify(Broken(), nn.Flatten(), torch.randn(2, 3, 4, 4))
+    assert not check["ok"] and "residual must be shaped" in check["error"]
+    monkeypatch.setattr(D, "apply_layers", lambda *args: Broken())
+    out = tmp_path / "deploy.pt"
+    with pytest.raises(D.DeployError, match=r"the deployed model fails \(tkp::topk_conv2d: residual"):
+        D.main([str(finals["vgg8"]), "--output", str(out), "--threads", "1", "--batch-sizes", "1", "--repeats", "1",
+                "--tiles", "4x4", "--verify-batch", "2"])
+    assert not out.exists()
+
+
 def test_deploy_pt_loads_in_a_fresh_process(kernel, finals, tmp_path, one_thread):
     out = tmp_path / "deploy.pt"
     D.main([str(finals["resnet56"]), "--output", str(out), "--threads", "1", "--batch-sizes", "1", "--repeats", "1",
