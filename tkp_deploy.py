@@ -63,7 +63,7 @@ from tkp_lib.deploy_layers import (
     time_models,
     verify,
 )
-from tkp_lib.runtime import TKPError, int_list, plain
+from tkp_lib.runtime import ArgumentParser, TKPError, int_list, int_range, plain
 
 
 def rebuild_model(final_path: str, script: str | None = None) -> tuple[nn.Module, tuple, str]:
@@ -99,16 +99,16 @@ def check_tiles(tiles) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Deploy a Top-K pruned CNN (final.pt) with the Top-K CPU kernel",
+    p = ArgumentParser(description="Deploy a Top-K pruned CNN (final.pt) with the Top-K CPU kernel",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a run's final.pt")
     p.add_argument("--output", required=True, help="where to write deploy.pt")
     p.add_argument("--script", default=None,
                    help="the model script (file or short name, e.g. vgg8) when final.pt does not record it")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int_range(1), default=None, help="CPU threads (default: torch's)")
     p.add_argument("--batch-sizes", type=int_list(), default=[1, 32], help="batch sizes timed per layer and whole")
-    p.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds (medians)")
-    p.add_argument("--verify-batch", type=int, default=32, help="inputs in the deployed-vs-masked check")
+    p.add_argument("--repeats", type=int_range(1), default=7, help="interleaved timing rounds (medians)")
+    p.add_argument("--verify-batch", type=int_range(1), default=32, help="inputs in the deployed-vs-masked check")
     p.add_argument("--tiles", type=tile_list, default=None,
                    help="Top-K register tiles to try per layer, MxS[x1], e.g. 4x4,4x4x1: M output channels x S "
                         "vectors (M = 0: the aligned tiles, which have no x1), x1: one input copy per kernel "
@@ -116,6 +116,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs of the check and the timing")
     p.add_argument("--json", default=None, help="write the report here")
     return p
+
+
+RUN_FILES = ("final.pt", "final_qat.pt", "checkpoint_last.pt")  # a run's files, which deploy.pt must not replace
+
+
+def check_paths(args) -> None:
+    """--output (and --json) name a file deployment can write, in a folder that exists, and
+    not the checkpoint or another run file: a DeployError before any timing otherwise."""
+    out = Path(args.output)
+    same = out.exists() and Path(args.checkpoint).exists() and out.samefile(args.checkpoint)
+    if same or out.name in RUN_FILES:
+        what = "the checkpoint it deploys" if same else "a run file"
+        raise DeployError(f"--output {args.output} would replace {what}: name the deployed model another file, "
+                          f"e.g. {out.with_name('deploy.pt')}")
+    for flag, path in (("--output", out), ("--json", Path(args.json) if args.json else None)):
+        if path is not None and path.is_dir():
+            raise DeployError(f"{flag} {path} is a folder: name a file in it")
+        if path is not None and not path.parent.is_dir():
+            raise DeployError(f"{flag} {path}: {path.parent} is not a folder that exists; create it first")
 
 
 def format_report(report: dict) -> str:
@@ -151,6 +170,7 @@ def format_report(report: dict) -> str:
 
 def main(argv=None) -> dict:
     args = get_args_parser().parse_args(argv)
+    check_paths(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -197,5 +217,6 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except TKPError as e:
-        sys.exit(f"tkp_deploy: {e}")
+    except TKPError as e:  # bad input: one line, exit status 2
+        print(f"tkp_deploy: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -59,12 +59,12 @@ import tkp_common as tkp  # noqa: E402
 import tkp_deploy as D  # noqa: E402
 from tkp_lib import deploy_layers, kernels, tapgroup, topk_conv  # noqa: E402
 from tkp_lib.runs import write_text_atomic  # noqa: E402
-from tkp_lib.runtime import int_list, plain  # noqa: E402
+from tkp_lib.runtime import ArgumentParser, int_list, int_range, plain  # noqa: E402
 from tkp_lib.sparsity import Masker, compute_masks, topk_plan  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", help="a run's final.pt")
     p.add_argument("--script", help="the model script (file or short name, e.g. vgg8): with --checkpoint, the one "
@@ -72,8 +72,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                     "random init, each kernel's --topk largest taps")
     p.add_argument("--shapes", type=shape_list, help="instead of a model: isolated 3x3 layers C@HW (C->C "
                    "channels, HW x HW input), e.g. 64@32,512@7; random init, masked by --topk and --tap-group")
-    p.add_argument("--topk", type=int, default=1, help="with --script: taps kept per kernel")
-    p.add_argument("--tap-group", type=int, default=1,
+    p.add_argument("--topk", type=int_range(1), default=1, help="with --script: taps kept per kernel")
+    p.add_argument("--tap-group", type=int_range(1), default=1,
                    help="with --script: G consecutive outputs share their --topk taps per input channel (the "
                         "largest summed squared weights of the group), deployed by tkp_lib.tapgroup.TapGroupConv2d")
     p.add_argument("--script-args", default="", help="with --script: its flags, e.g. '--img-size 32 --no-pretrain'")
@@ -82,7 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "thread scaling: dense eager and each run's deployed model at its own thread count, "
                         "interleaved in one measurement (the module docstring says more)")
     p.add_argument("--batch-sizes", type=int_list(), default=[1, 32], help="batch sizes timed")
-    p.add_argument("--repeats", type=int, default=9, help="interleaved timing rounds (medians)")
+    p.add_argument("--repeats", type=int_range(1), default=9, help="interleaved timing rounds (medians)")
     p.add_argument("--min-round-ms", type=float, default=4.0, help="minimum length of one timing round")
     p.add_argument("--tiles", type=D.tile_list, default=None,
                    help="Top-K register tiles to try, as tkp_deploy's --tiles, e.g. 4x4,4x4x1 (default: every tile)")
@@ -94,9 +94,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def shape_list(text: str) -> list[tuple[int, int]]:
     try:
-        return [tuple(int(v) for v in s.split("@")) for s in text.split(",") if s.strip()]
+        shapes = [tuple(int(v) for v in s.split("@")) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected shapes like 64@32,512@7, got {text!r}") from None
+        shapes = []
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"expected shapes C@HW like 64@32,512@7 (C, HW >= 1), got {text!r}")
+    return shapes
 
 
 # ---- the model ----------------------------------------------------------------------------------
@@ -399,6 +402,8 @@ def _main(args) -> dict:
     torch.manual_seed(args.seed)
     timing = {"repeats": args.repeats, "min_round_s": args.min_round_ms / 1e3}
     D.check_tiles(args.tiles)
+    if args.json and (Path(args.json).is_dir() or not Path(args.json).parent.is_dir()):
+        raise D.DeployError(f"--json {args.json}: name a file in a folder that exists")
     if args.shapes:
         result = run_shapes(args, timing)
         save(args.json, result)
@@ -451,5 +456,6 @@ def _main(args) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except tkp.TKPError as e:
-        sys.exit(f"deploy_latency: {e}")
+    except tkp.TKPError as e:  # bad input: one line, exit status 2
+        print(f"deploy_latency: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -2,8 +2,10 @@
 
 import json
 import re
+import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import ROOT
 
@@ -129,3 +131,19 @@ def test_versions_start_no_gpu_for_cpu_runs_and_name_the_measured_one(monkeypatc
     assert "gpu_capability" not in versions("cpu") and "gpu_capability" not in versions() and asked == []
     v = versions(torch.device("cuda", 1))
     assert v["gpu_capability"] == "9.0" and v["cudnn"] == 91000 and asked == [torch.device("cuda", 1)]
+
+
+def test_deploy_latency_refuses_bad_values_in_one_line(tmp_path):
+    """Counts below 1, empty or zero shapes and a --json folder end in one line (exit 2)
+    before anything is built or timed."""
+    import deploy_latency
+    parser = deploy_latency.get_args_parser()
+    for argv in (["--topk", "0"], ["--tap-group", "0"], ["--repeats", "0"], ["--shapes", "0@32"],
+                 ["--shapes", "64@0"], ["--shapes", "64"], ["--shapes", ","]):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(argv)
+        assert e.value.code == 2, argv
+    assert parser.parse_args(["--shapes", "64@32,8@4"]).shapes == [(64, 32), (8, 4)]
+    proc = subprocess.run([sys.executable, "benchmarks/deploy_latency.py", "--shapes", "8@4", "--json", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1].startswith("deploy_latency: --json"), proc.stderr

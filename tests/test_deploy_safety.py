@@ -453,3 +453,36 @@ def test_dropout_and_identity_leave_the_graph():
     gm = deploy_layers.fold_batchnorm(model)
     assert [type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"] == \
         ["Conv2d", "Flatten", "Linear"]
+
+
+def test_tkp_deploy_never_writes_over_the_checkpoint_or_into_a_bad_path(tmp_path):
+    """--output may not be the checkpoint it deploys (by any name) or a run file, nor a folder
+    or in one that does not exist, nor may --json: refused before the checkpoint is read, the
+    files untouched; bad counts are refused by the parser; from the shell, one line, exit 2."""
+    import os
+    import subprocess
+    import sys
+    run = tmp_path / "run"
+    run.mkdir()
+    final = run / "final.pt"
+    final.write_bytes(b"a trained model")
+    (run / "alias.pt").symlink_to(final)
+    cases = {(str(final), "--output", str(run / "alias.pt")): "would replace the checkpoint it deploys",
+             (str(final), "--output", str(final)): "would replace the checkpoint it deploys",
+             (str(run / "alias.pt"), "--output", str(run / "checkpoint_last.pt")): "would replace a run file",
+             (str(final), "--output", str(run)): "is a folder",
+             (str(final), "--output", str(final / "deploy.pt")): "is not a folder that exists",
+             (str(final), "--output", str(tmp_path / "no" / "deploy.pt")): "is not a folder that exists",
+             (str(final), "--output", str(run / "deploy.pt"), "--json", str(run)): "--json .* is a folder"}
+    for argv, why in cases.items():
+        with pytest.raises(D.DeployError, match=why):
+            D.main(list(argv))
+    assert final.read_bytes() == b"a trained model" and sorted(os.listdir(run)) == ["alias.pt", "final.pt"]
+    for flag in ("--threads", "--repeats", "--verify-batch"):
+        with pytest.raises(SystemExit) as e:
+            D.get_args_parser().parse_args([str(final), "--output", "d.pt", flag, "0"])
+        assert e.value.code == 2
+    proc = subprocess.run([sys.executable, "tkp_deploy.py", str(final), "--output", str(final)],
+                          cwd=D.__file__.rsplit("/", 1)[0], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("tkp_deploy: --output")
+    assert len([ln for ln in proc.stderr.splitlines() if not ln.startswith("W")]) == 1, proc.stderr
