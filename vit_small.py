@@ -22,6 +22,7 @@ import argparse
 from pathlib import Path
 
 import timm
+import torch
 import torch.nn as nn
 from timm.data import create_transform, resolve_data_config
 
@@ -89,13 +90,45 @@ def build_model(args) -> nn.Module:
         kwargs["pretrained_cfg_overlay"] = dict(file=args.pretrained_path)
     try:  # timm loads the file, drops a classifier of another class count, resizes pos. embeddings
         with tkp.weights_only_loads():  # safetensors from the hub; a .pth (or old timm) never runs code
-            return timm.create_model(args.model, pretrained=True, **kwargs)
+            model = timm.create_model(args.model, pretrained=True, **kwargs)
     except Exception as e:
         source = args.pretrained_path or "the Hugging Face hub"
         raise tkp.TKPError(f"could not load pretrained weights for {args.model} from {source} "
                            f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
                            f"offline, pass --pretrained-path FILE (timm's weights file for this model) "
                            f"or train from scratch with --no-pretrained") from None
+    if args.pretrained_path:
+        check_weights_came_from(model, args.pretrained_path, args.model)
+    return model
+
+
+def check_weights_came_from(model: nn.Module, path: str, name: str) -> None:
+    """timm loads a file leniently where the class count differs (a warning for keys that do
+    not fit, the rest left at random init): most of the model's tensors outside the head and
+    the position embedding must equal the file's of the same name, else one line. A file
+    read here neither as torch's nor as safetensors is left to timm. Weights that are not
+    finite are refused too (they would end the first epoch as a non-finite loss)."""
+    bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()), None)
+    if bad is not None:
+        raise tkp.TKPError(f"--pretrained-path {path}: its {bad} is not finite (NaN or inf); pass a good weights file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return
+    if isinstance(state, dict):
+        state = next((state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict)), state)
+    state = {k.removeprefix("module."): v for k, v in state.items()} if isinstance(state, dict) else {}
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(("head", "pos_embed"))}
+    missing = [k for k, v in own.items() if not (isinstance(state.get(k), torch.Tensor)
+                                                 and state[k].shape == v.shape and torch.equal(state[k].to(v), v))]
+    if len(missing) > len(own) // 2:
+        raise tkp.TKPError(f"--pretrained-path {path} does not fit --model {name}: {len(missing)} of its {len(own)} "
+                           f"weight tensors (e.g. {missing[0]}) are not in the file; pass timm's weights file for "
+                           f"{name}, or --no-pretrained")
 
 
 def build_plan(model, args) -> tkp.Plan:

@@ -192,3 +192,18 @@ def test_dry_run_defaults_to_a_small_image_unless_one_is_named(monkeypatch):
     vit_small.main(["--dry-run", "--img-size", "224"])
     vit_small.main([])  # a real run keeps the default
     assert seen == [vit_small.DRY_RUN_IMG_SIZE, 224, 224]
+
+
+@pytest.mark.parametrize("content, why", [("other", "does not fit --model"), ("nan", "is not finite")])
+def test_pretrained_path_that_does_not_fit_the_model_is_one_line(tmp_path, content, why):
+    """timm loads a file of another model leniently where the class count differs (a warning,
+    the weights left at random init): refused in one line instead of training from scratch;
+    so is a file of the model's own names holding NaN."""
+    source = timm.create_model(MODEL, num_classes=4, img_size=32)
+    state = {"conv1.weight": torch.zeros(3)} if content == "other" else \
+        {k: torch.full_like(v, float("nan")) for k, v in source.state_dict().items()}
+    torch.save(state, tmp_path / "w.pth")
+    args = vit_small.get_args_parser().parse_args([*FAST, "--pretrained", "--pretrained-path", str(tmp_path / "w.pth")])
+    with pytest.raises(tkp.TKPError, match=why) as err:
+        vit_small.build_model(args)
+    assert "\n" not in str(err.value)
