@@ -189,6 +189,25 @@ def test_malformed_cifar_batch_gives_one_line(cifar10_root, tmp_path):
         run_vgg8(cifar10_root, tmp_path / "x")
 
 
+@pytest.mark.parametrize("labels, batch", [([10], "data_batch_2"), ([-1], "test_batch"), ([0.5], "data_batch_1")])
+def test_cifar_labels_outside_the_classes_give_one_line(tmp_path, labels, batch):
+    """A batch whose labels are not integers in 0..classes-1 (a label 10, -1 or 0.5) is refused
+    when it is read, naming the file, instead of crashing in the loss or training on
+    truncated labels."""
+    import pickle
+
+    from conftest import write_cifar
+
+    from tkp_lib.data import load_cifar
+    write_cifar(tmp_path, "cifar10", n_train=50, n_test=10)
+    path = tmp_path / "cifar-10-batches-py" / batch
+    entry = pickle.loads(path.read_bytes())
+    entry["labels"][:1] = labels
+    path.write_bytes(pickle.dumps(entry, protocol=2))
+    with pytest.raises(tkp.TKPError, match=f"{batch} holds labels outside 0..9"):
+        load_cifar(str(tmp_path), "cifar10", download=False)
+
+
 def test_corrupt_resume_file_gives_one_line(tmp_path):
     bad = tmp_path / "checkpoint_last.pt"
     bad.write_bytes(b"\x00garbage" * 10)

@@ -113,8 +113,12 @@ def load_cifar(root: str, name: str, download: bool = True):
             if len(y) != len(x):
                 raise TKPError(f"{folder / f} holds {len(x)} images but {len(y)} labels; "
                                f"delete {folder} to download it again")
+            labels, classes = np.asarray(y), CIFAR_CLASSES[name]
+            if len(labels) and (labels.dtype.kind not in "iu" or not 0 <= labels.min() <= labels.max() < classes):
+                raise TKPError(f"{folder / f} holds labels outside 0..{classes - 1} (or not integers); "
+                               f"delete {folder} to download it again")
             xs.append(x.transpose(0, 2, 3, 1))
-            ys.append(np.asarray(y, dtype=np.int64))
+            ys.append(labels.astype(np.int64))
         return np.concatenate(xs), np.concatenate(ys)
 
     train_x, train_y = read(train_files)
