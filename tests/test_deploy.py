@@ -475,6 +475,19 @@ def test_a_conv2d_subclass_deploys_as_a_conv2d_where_it_computes_as_one(kernel):
         assert relative_error(deployed(x), model(x)) < 1e-5
 
 
+def test_a_layer_without_kept_taps_gives_its_bias_on_every_tile(kernel):
+    """K = 0 (every weight of a layer pruned to zero, as a damaged or fully pruned final.pt
+    has it): every tile, the aligned ones included, returns the bias."""
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.zero_()
+    x = torch.randn(2, 4, 8, 8)
+    for tile in topk_conv.tile_kinds():
+        m = topk_conv.TopKConv2d.from_conv(conv, tile)
+        with torch.no_grad():
+            assert m.k == 0 and torch.allclose(m(x), conv(x)), tile
+
+
 def test_the_op_has_a_shape_function_for_torch_export(kernel):
     for stride, tile in ((2, topk_conv.DEFAULT_TILE), (1, (4, 4, 1))):  # the copies per column: stride 1
         conv = nn.Conv2d(4, 6, 3, stride=stride, padding=1)

@@ -44,7 +44,10 @@ def tile_kinds() -> list[tuple[int, int, int]]:
     """The (M output channels, S vectors of 16 positions, 8 on AVX2, columns) register tiles
     compiled in; M = 0: one output channel at a time, its sums grouped by tap at aligned
     positions. columns 0 reads the input from one zero-padded flat copy; 1, at stride 1, from
-    one copy per kernel column, so that every load is 32-byte aligned (csrc/topk_conv.cpp)."""
+    one copy per kernel column, so that every load is 32-byte aligned (csrc/topk_conv.cpp).
+    Without the kernel: DEFAULT_TILE alone."""
+    if not kernel_available():
+        return [DEFAULT_TILE]
     flat = list(torch.ops.tkp.tile_kinds())
     return list(zip(flat[0::3], flat[1::3], flat[2::3]))
 
@@ -172,7 +175,8 @@ class TopKConv2d(nn.Module):
         v = self.values.detach().float().cpu().reshape(self.out_channels, -1)
         t = self.taps.long().cpu().reshape(self.out_channels, -1)
         code = torch.arange(self.in_channels).repeat_interleave(self.k) * 256 + t
-        last = t.max(1, keepdim=True).values  # zero weights read channel 0 at the last group's tap
+        # zero weights read channel 0 at the last group's tap (a layer without kept taps: none)
+        last = t.max(1, keepdim=True).values if t.shape[1] else t.new_zeros(self.out_channels, 1)
         code = torch.where(v != 0, code, last)
         order = torch.argsort((v == 0).long() * (1 << 40) + code % 256 * (1 << 20) + code // 256, dim=1)
         return (v.gather(1, order).reshape(shape).contiguous(), code.gather(1, order).int().reshape(shape).contiguous())
