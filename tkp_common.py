@@ -292,6 +292,8 @@ def run(args, script: Script) -> dict:
     """Run the two-stage pipeline of DESIGN.md §3 (or --eval) for one script. Returns the summary.
     The output folder is locked for the run; SIGTERM stops it as Ctrl-C does (Terminated)."""
     if args.eval:
+        if args.resume:
+            raise TKPError("--eval evaluates a final.pt and --resume continues a run: pass one of them")
         return evaluate_checkpoint(args, script)
     dist, device = init_distributed(args.device)
     if args.dry_run:

@@ -165,6 +165,8 @@ def test_dry_run_cli(tmp_path):
     (["--topk", "10"], "--topk 10 keeps every tap of the largest kernel (9 taps); choose 1..9"),
     (["--lr", "-1"], "--lr: must be a finite number"),
     (["--exclude-layers", "nope", "--dry-run"], "no Conv2d named nope"),
+    (["--eval", "", "--dry-run"], "--eval: expected a path, got an empty string"),
+    (["--dry-run", "--resume", "runs/a/checkpoint_last.pt", "--eval", "runs/a/final.pt"], "pass one of them"),
 ])
 def test_bad_flags_give_one_line(flags, expected, tmp_path):
     r = run_cli(*flags, "--output-dir", str(tmp_path / "x"))

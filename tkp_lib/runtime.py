@@ -145,6 +145,13 @@ def nm_pattern(text: str) -> str:
     return f"{n}:{m}"
 
 
+def path_arg(text: str) -> str:
+    """argparse type: a path, not an empty string (which would mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text
+
+
 def int_list(lo: int = 1) -> Callable[[str], list[int]]:
     """argparse type: comma-separated integers >= lo, e.g. '1,32' (duplicates dropped)."""
 
@@ -243,16 +250,16 @@ def base_parser(description: str) -> ArgumentParser:
                    help="seconds between in-epoch progress lines (0: epoch lines only)")
 
     g = p.add_argument_group("outputs")
-    g.add_argument("--output-dir", default=None,
+    g.add_argument("--output-dir", default=None, type=path_arg,
                    help="where args.json, log.jsonl, checkpoints and summary.json go "
                         "(default: runs/<script>-<time>, or the folder of --resume)")
-    g.add_argument("--resume", default=None, metavar="CKPT",
+    g.add_argument("--resume", default=None, metavar="CKPT", type=path_arg,
                    help="continue the run saved in CKPT (a checkpoint_last.pt)")
     g.add_argument("--overwrite", action="store_true",
                    help="start over in an --output-dir that holds another run: its args.json, log.jsonl, "
                         "checkpoint_last.pt, final.pt, final_qat.pt, summary.json and figures are removed "
                         "first (other files stay)")
-    g.add_argument("--eval", default=None, metavar="CKPT",
+    g.add_argument("--eval", default=None, metavar="CKPT", type=path_arg,
                    help="evaluate a final.pt on the validation set and print its summary (with "
                         "--dry-run: on the dry run's generated images)")
     g.add_argument("--dry-run", action="store_true",
