@@ -239,15 +239,17 @@ def _apply_dry_run(args) -> None:
     args.num_workers = 0
 
 
-def _load_resume(args) -> dict:
+def _load_resume(args, parser: argparse.ArgumentParser | None) -> dict:
     """Read --resume and continue its run: every flag the command line did not give comes
     from the checkpoint (except --device, --output-dir and --progress-every); a science flag
-    given with another value than the checkpoint's is refused."""
+    given with another value than the checkpoint's is refused. A damaged checkpoint (its
+    args not what `parser` could produce, a part missing or of another kind) is one line."""
     ckpt = load_file(args.resume, "--resume checkpoint")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise TKPError(f"{args.resume} is not a TKP checkpoint_last.pt (to start from weights, use "
                        f"the script's pretrained-weights flag)")
-    check_final(ckpt, args.resume, finite=False)  # model, masks and args as a final.pt holds them
+    check_final(ckpt, args.resume, parser, finite=False, ignore=OPERATIONAL_FLAGS)  # as a final.pt holds them
+    _check_resume_parts(ckpt, args.resume)
     saved, current = ckpt["args"], plain(vars(args))
     given = set(getattr(args, "explicit_flags", current))
     if current.get("beta") == "auto" and saved.get("beta_auto") is not None:
@@ -263,6 +265,25 @@ def _load_resume(args) -> dict:
         if k in current and k not in given and k not in MACHINE_FLAGS:
             setattr(args, k, v)
     return ckpt
+
+
+_RESUME_PARTS = (("optimizer", dict), ("scheduler", dict), ("scaler", dict), ("history", list), ("metrics", dict),
+                 ("amp", str), ("wall_time_s", (int, float)))
+
+
+def _check_resume_parts(ckpt: dict, path: str) -> None:
+    """The parts of a checkpoint_last.pt beyond a final.pt's, of the kinds `_checkpoint` writes."""
+    rng = ckpt.get("rng")
+    ok = {"stage": ckpt.get("stage") in (1, 2, 3),
+          "epoch": type(ckpt.get("epoch")) is int and ckpt["epoch"] >= 0,
+          "step": type(ckpt.get("step")) is int and ckpt["step"] >= 0,
+          "rng": isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
+          and rng["torch"].dtype == torch.uint8 and isinstance(rng.get("python"), (list, tuple)),
+          **{k: isinstance(ckpt.get(k), kind) for k, kind in _RESUME_PARTS}}
+    bad = next((k for k, good in ok.items() if not good), None)
+    if bad is not None:
+        raise TKPError(f"{path} is damaged: its {bad} is missing or not what a checkpoint holds; resume from "
+                       f"another copy, or start a new run")
 
 
 def _check_precision(ckpt: dict, amp: str) -> None:
@@ -368,7 +389,7 @@ def _start(args, script: Script, dist: Dist, device: torch.device, folder: Path)
     wall_start = time.time()
     if "beta_ratio" in getattr(args, "explicit_flags", ()) and args.beta != "auto" and not args.resume:
         raise TKPError("--beta-ratio is the target of --beta auto; add --beta auto, or leave --beta-ratio out")
-    resume = _load_resume(args) if args.resume else None
+    resume = _load_resume(args, _script_parser(script)) if args.resume else None
     amp_dtype = resolve_amp(args, device)
     if resume is not None:
         _check_precision(resume, amp_name(amp_dtype))

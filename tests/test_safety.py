@@ -438,6 +438,34 @@ def test_the_undamaged_final_pt_evaluates_and_loads(final_pt):
     assert tkp.load_trained(str(good)).script.name == "vgg8"
 
 
+RESUME_DAMAGES = {
+    "topk negative": (lambda c: c["args"].update(topk=-5), "its args give --topk the value -5"),
+    "lr nan": (lambda c: c["args"].update(lr=float("nan")), "its args give --lr the value nan"),
+    "no rng": (lambda c: c.pop("rng"), "is damaged: its rng is missing"),
+    "rng garbage": (lambda c: c.update(rng={"torch": torch.zeros(3), "python": []}), "is damaged: its rng is"),
+    "history None": (lambda c: c.update(history=None), "is damaged: its history is missing"),
+    "stage 7": (lambda c: c.update(stage=7), "is damaged: its stage is missing"),
+    "stage a string": (lambda c: c.update(stage="2"), "is damaged: its stage is missing"),
+    "optimizer None": (lambda c: c.update(optimizer=None), "is damaged: its optimizer is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", RESUME_DAMAGES)
+def test_a_damaged_checkpoint_is_one_line_that_blames_the_file(damage, final_pt, tmp_path):
+    """--resume reads a checkpoint_last.pt as it reads a final.pt (args through the script's
+    parser) and checks the parts a checkpoint adds (stage, epoch, step, optimizer, schedule,
+    scaler, history, metrics, RNG states): a damaged one is one line naming the file."""
+    data, good = final_pt
+    ckpt = torch.load(good.with_name("checkpoint_last.pt"), weights_only=True)
+    change, message = RESUME_DAMAGES[damage]
+    change(ckpt)
+    path = tmp_path / "checkpoint_last.pt"
+    torch.save(ckpt, path)
+    with pytest.raises(tkp.TKPError, match=message) as err:
+        vgg8.main(["--resume", str(path), "--data-root", str(data), "--num-workers", "0"])
+    assert str(err.value).startswith(str(path)) and "TKP bug" not in str(err.value)
+
+
 # ---- 6. a run that diverged but stayed finite says so ------------------------------------
 
 
