@@ -248,8 +248,9 @@ def _load_resume(args, parser: argparse.ArgumentParser | None) -> dict:
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise TKPError(f"{args.resume} is not a TKP checkpoint_last.pt (to start from weights, use "
                        f"the script's pretrained-weights flag)")
-    check_final(ckpt, args.resume, parser, finite=False, ignore=OPERATIONAL_FLAGS)  # as a final.pt holds them
     _check_resume_parts(ckpt, args.resume)
+    # model, masks and args as a final.pt holds them; finite but in QAT (its observers start at inf)
+    check_final(ckpt, args.resume, parser, finite=ckpt["stage"] != 3, ignore=OPERATIONAL_FLAGS)
     saved, current = ckpt["args"], plain(vars(args))
     given = set(getattr(args, "explicit_flags", current))
     if current.get("beta") == "auto" and saved.get("beta_auto") is not None:

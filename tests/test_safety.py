@@ -447,6 +447,7 @@ RESUME_DAMAGES = {
     "stage 7": (lambda c: c.update(stage=7), "is damaged: its stage is missing"),
     "stage a string": (lambda c: c.update(stage="2"), "is damaged: its stage is missing"),
     "optimizer None": (lambda c: c.update(optimizer=None), "is damaged: its optimizer is missing"),
+    "nan weights": (nan_weight, "is damaged: its weight features.0.weight is not a finite tensor"),
 }
 
 
@@ -464,6 +465,19 @@ def test_a_damaged_checkpoint_is_one_line_that_blames_the_file(damage, final_pt,
     with pytest.raises(tkp.TKPError, match=message) as err:
         vgg8.main(["--resume", str(path), "--data-root", str(data), "--num-workers", "0"])
     assert str(err.value).startswith(str(path)) and "TKP bug" not in str(err.value)
+
+
+def test_a_pretrain_path_with_nan_weights_is_one_line(final_pt, tmp_path):
+    """--pretrain-path (read_state_dict) refuses weights that are not finite, naming the tensor,
+    instead of a first epoch whose non-finite loss would be blamed on --lr."""
+    from tkp_lib.runtime import read_state_dict
+    _, good = final_pt
+    ckpt = torch.load(good, weights_only=True)
+    nan_weight(ckpt)
+    torch.save(ckpt, tmp_path / "f.pt")
+    with pytest.raises(tkp.TKPError, match="--pretrain-path .*: its features.0.weight is not finite"):
+        read_state_dict(str(tmp_path / "f.pt"), "--pretrain-path")
+    assert "features.0.weight" in read_state_dict(str(good), "--pretrain-path")
 
 
 # ---- 6. a run that diverged but stayed finite says so ------------------------------------

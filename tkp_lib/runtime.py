@@ -525,6 +525,9 @@ def read_state_dict(path: str, what: str = "weights file") -> dict:
             break
     if not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise TKPError(f"{what} {path} does not hold a model state_dict")
+    bad = next((k for k, v in obj.items() if v.is_floating_point() and not v.isfinite().all()), None)
+    if bad is not None:  # else the first epoch would end as a non-finite loss, blamed on --lr
+        raise TKPError(f"{what} {path}: its {bad} is not finite (NaN or inf); pass a good weights file")
     return clean_state_dict(obj)
 
 
