@@ -414,6 +414,8 @@ DAMAGES = {
     "topk a string": (lambda c: c["args"].update(topk="2"), "its args give --topk the value '2', which"),
     "unknown dataset": (lambda c: c["args"].update(dataset="cifar1000"), "give --dataset the value 'cifar1000'"),
     "revived weight": (revived_weight, "is damaged: features.3.weight: a pruned weight is non-zero$"),
+    "negative variance": (lambda c: c["model"]["features.1.running_var"].fill_(-1.0),
+                          "is damaged: its features.1.running_var .a BatchNorm variance. is negative"),
 }
 
 

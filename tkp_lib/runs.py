@@ -267,6 +267,8 @@ def check_final(ckpt: dict, path: str, parser: argparse.ArgumentParser | None = 
     for name, value in state.items():
         if not isinstance(value, torch.Tensor) or (finite and value.is_floating_point() and not value.isfinite().all()):
             raise TKPError(f"{path} is damaged: its weight {name} is not a finite tensor")
+        if name.endswith("running_var") and value.is_floating_point() and (value < 0).any():
+            raise TKPError(f"{path} is damaged: its {name} (a BatchNorm variance) is negative")
     state = clean_state_dict(state)
     for name, mask in ckpt["masks"].items():
         if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and name in state
