@@ -166,6 +166,8 @@ def test_dry_run_cli(tmp_path):
     (["--lr", "-1"], "--lr: must be a finite number"),
     (["--exclude-layers", "nope", "--dry-run"], "no Conv2d named nope"),
     (["--eval", "", "--dry-run"], "--eval: expected a path, got an empty string"),
+    (["--beta", "1e300", "--dry-run"], "--beta: expected a number in 0..1e+30 or 'auto'"),
+    (["--beta", "auto", "--beta-ratio", "1e300", "--dry-run"], "--beta-ratio: must be at most 1e6"),
     (["--dry-run", "--resume", "runs/a/checkpoint_last.pt", "--eval", "runs/a/final.pt"], "pass one of them"),
 ])
 def test_bad_flags_give_one_line(flags, expected, tmp_path):

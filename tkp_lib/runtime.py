@@ -111,9 +111,23 @@ def beta_value(text: str) -> float | str:
     if text.strip().lower() == "auto":
         return "auto"
     try:
-        return nonneg_float(text)
+        value = nonneg_float(text)
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 or 'auto', got {text!r}") from None
+        value = None
+    if value is None or value > BETA_MAX:
+        raise argparse.ArgumentTypeError(f"expected a number in 0..{BETA_MAX:g} or 'auto', got {text!r}")
+    return value
+
+
+BETA_MAX = 1e30  # beta * dL_aux/dw is added to float32 gradients (at most about 3.4e38)
+
+
+def beta_ratio(text: str) -> float:
+    """argparse type of --beta-ratio: a float in (0, 1e6] (--beta auto's beta must stay a float32)."""
+    value = positive_float(text)
+    if value > 1e6:
+        raise argparse.ArgumentTypeError(f"must be at most 1e6, got {text!r}")
+    return value
 
 
 def positive_float(text: str) -> float:
@@ -197,7 +211,7 @@ def base_parser(description: str) -> ArgumentParser:
     g.add_argument("--beta", type=beta_value,
                    help="weight of the auxiliary loss, or 'auto': the weight that puts beta * L_aux at "
                         "--beta-ratio times the cross-entropy when stage 1 starts (README, 'Choosing --beta')")
-    g.add_argument("--beta-ratio", type=positive_float, default=5.0,
+    g.add_argument("--beta-ratio", type=beta_ratio, default=5.0,
                    help="with --beta auto: the starting ratio of beta * L_aux to the cross-entropy")
     p.set_defaults(beta_auto=None)  # what --beta auto measured and chose (set by the run)
     g.add_argument("--alpha", type=nonneg_float, help="decay rate of the exponential regularizer")
