@@ -232,8 +232,9 @@ def _mac_parts(script: Script, args) -> dict | None:
 
 def _apply_dry_run(args) -> None:
     """--dry-run: a one-step epoch per stage on a few generated images (every batch of the
-    same size: on CPU each new shape costs kernel set-up time)."""
-    args.epochs_stage1 = args.epochs_stage2 = 1
+    same size: on CPU each new shape costs kernel set-up time); a stage of 0 epochs (e.g.
+    CLIP's --one-shot) stays at 0."""
+    args.epochs_stage1, args.epochs_stage2 = min(args.epochs_stage1, 1), min(args.epochs_stage2, 1)
     args.batch_train = args.batch_val = 2
     args.bn_recal_batches = min(args.bn_recal_batches, 2)
     args.num_workers = 0

@@ -167,6 +167,12 @@ def test_one_shot_masks_the_starting_weights_and_trains_nothing(tiny, tmp_path):
     assert torch.equal(final["model"]["token_embedding.weight"], start["token_embedding.weight"])
 
 
+def test_one_shot_dry_run_trains_nothing_either(tiny, tmp_path):
+    """--dry-run makes each stage one short epoch, but a stage of none (--one-shot) stays none."""
+    summary = clip_vit.main(flags(tiny, tmp_path / "dry", "--one-shot", "--dry-run"))
+    assert summary["epochs_stage1"] == summary["epochs_stage2"] == 0
+
+
 def test_macs_of_both_towers_by_hand(tiny):
     args = parse(tiny)
     model = clip_vit.build_model(args)
