@@ -58,6 +58,7 @@ from tkp_lib.qat import freeze_to_int8, int8_size_bytes, load_int8, prepare_qat,
 from tkp_lib.report import check_sparsity, format_summary, sparsity_report, stage_warnings, tap_frequencies
 from tkp_lib.runs import Output, check_file_masks, check_final, check_saved_args, clean_up, prepare_output_dir
 from tkp_lib.runtime import (
+    BETA_MAX,
     ArgumentParser,
     Dist,
     Terminated,
@@ -79,6 +80,7 @@ from tkp_lib.runtime import (
     load_weights,
     main_process_first,
     nm_pattern,
+    path_arg,
     plain,
     pretrained_state,
     read_state_dict,
@@ -119,9 +121,9 @@ __all__ = [
     # CNN scripts on CIFAR
     "cnn_parser", "cnn_script", "loads_imagenet_weights", "loads_pretrain_path", "start_from_pretrain_path",
     # flags, weights and data for scripts of their own (vit_small.py, clip_vit.py)
-    "ArgumentParser", "base_parser", "int_range", "comma_list", "nm_pattern", "load_weights", "pretrained_state",
-    "CIFAR_CLASSES", "image_folder", "fake_splits", "Plan", "nm_plan", "nm_param_plan", "topk_plan", "add_topk_args",
-    "weights_only_loads",
+    "ArgumentParser", "base_parser", "int_range", "path_arg", "comma_list", "nm_pattern", "load_weights",
+    "pretrained_state", "CIFAR_CLASSES", "image_folder", "fake_splits", "Plan", "nm_plan", "nm_param_plan",
+    "topk_plan", "add_topk_args", "weights_only_loads",
 ]
 
 CHECKPOINT_FORMAT = "tkp-checkpoint-1"
@@ -234,7 +236,8 @@ def _apply_dry_run(args) -> None:
     """--dry-run: a one-step epoch per stage on a few generated images (every batch of the
     same size: on CPU each new shape costs kernel set-up time); a stage of 0 epochs (e.g.
     CLIP's --one-shot) stays at 0."""
-    args.epochs_stage1, args.epochs_stage2 = min(args.epochs_stage1, 1), min(args.epochs_stage2, 1)
+    args.epochs_stage1, args.epochs_stage2 = (1 if e is None else min(e, 1) for e in (args.epochs_stage1,
+                                                                                     args.epochs_stage2))
     args.batch_train = args.batch_val = 2
     args.bn_recal_batches = min(args.bn_recal_batches, 2)
     args.num_workers = 0
@@ -595,9 +598,9 @@ def choose_beta(r: Run, regularizer: AuxRegularizer | None) -> None:
             torch_dist.broadcast(measured, src=0)
         l_aux, ce = measured.tolist()
         beta = ratio * ce / l_aux if l_aux > 0 else 0.0
-        if not math.isfinite(beta):
-            raise TKPError(f"--beta auto: the starting cross-entropy is {ce} and L_aux {l_aux}, so no beta "
-                           f"puts their ratio at {ratio:g}; give --beta a number")
+        if not math.isfinite(beta) or beta > BETA_MAX:  # BETA_MAX: what --beta takes (float32 gradients)
+            raise TKPError(f"--beta auto: the starting cross-entropy is {ce} and L_aux {l_aux}, so no beta up to "
+                           f"{BETA_MAX:g} puts their ratio at {ratio:g}; give --beta a number")
         r.args.beta, r.args.beta_auto = beta, {"ratio": ratio, "ce": ce, "l_aux": l_aux}
         r.out.print(f"--beta auto: beta {beta:.6g} = {ratio:g} x cross-entropy {ce:.4g} / L_aux {l_aux:.4g}"
                     if l_aux > 0 else "--beta auto: L_aux is already 0 (every kernel keeps at most K non-zero "

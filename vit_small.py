@@ -62,7 +62,8 @@ def get_args_parser() -> tkp.ArgumentParser:
     g.add_argument("--data-path", default="./data/imagenet", help="folder with train/ and val/ (ImageFolder)")
     g.add_argument("--batch-size", dest="batch_train", type=tkp.int_range(1), help="training batch per process")
     g.add_argument("--batch-val", type=tkp.int_range(1), default=None, help="validation batch (default: --batch-size)")
-    g.add_argument("--checkpoint-dir", dest="output_dir", help="the reference's name for --output-dir")
+    g.add_argument("--checkpoint-dir", dest="output_dir", type=tkp.path_arg,
+                   help="the reference's name for --output-dir")
     # the paper's table row for ViT-S/16 / ImageNet-1k
     p.set_defaults(batch_train=256, epochs_stage1=30, epochs_stage2=30, lr=1e-4, weight_decay=0.05,
                    beta=1000.0, alpha=2.0)
@@ -88,6 +89,7 @@ def build_model(args) -> nn.Module:
         if not Path(args.pretrained_path).is_file():
             raise tkp.TKPError(f"--pretrained-path {args.pretrained_path} does not exist")
         kwargs["pretrained_cfg_overlay"] = dict(file=args.pretrained_path)
+    before = torch.get_rng_state()  # the random init that timm draws before it loads the file
     try:  # timm loads the file, drops a classifier of another class count, resizes pos. embeddings
         with tkp.weights_only_loads():  # safetensors from the hub; a .pth (or old timm) never runs code
             model = timm.create_model(args.model, pretrained=True, **kwargs)
@@ -98,36 +100,29 @@ def build_model(args) -> nn.Module:
                            f"offline, pass --pretrained-path FILE (timm's weights file for this model) "
                            f"or train from scratch with --no-pretrained") from None
     if args.pretrained_path:
-        check_weights_came_from(model, args.pretrained_path, args.model)
+        after = torch.get_rng_state()
+        torch.set_rng_state(before)
+        init = timm.create_model(args.model, **kwargs).state_dict()  # the same draws, nothing loaded
+        torch.set_rng_state(after)
+        check_weights_came_from(model, init, args.pretrained_path, args.model)
     return model
 
 
-def check_weights_came_from(model: nn.Module, path: str, name: str) -> None:
+def check_weights_came_from(model: nn.Module, init: dict, path: str, name: str) -> None:
     """timm loads a file leniently where the class count differs (a warning for keys that do
-    not fit, the rest left at random init): most of the model's tensors outside the head and
-    the position embedding must equal the file's of the same name, else one line. A file
-    read here neither as torch's nor as safetensors is left to timm. Weights that are not
-    finite are refused too (they would end the first epoch as a non-finite loss)."""
-    bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()), None)
+    not fit, the rest left as initialised): most of the model's randomly initialised tensors
+    outside the head and the position embedding must differ from that init (`init`), else one line. Weights
+    that are not finite are refused too (the first epoch would end as a non-finite loss)."""
+    state = model.state_dict()
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()), None)
     if bad is not None:
         raise tkp.TKPError(f"--pretrained-path {path}: its {bad} is not finite (NaN or inf); pass a good weights file")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return
-    if isinstance(state, dict):
-        state = next((state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict)), state)
-    state = {k.removeprefix("module."): v for k, v in state.items()} if isinstance(state, dict) else {}
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith(("head", "pos_embed"))}
-    missing = [k for k, v in own.items() if not (isinstance(state.get(k), torch.Tensor)
-                                                 and state[k].shape == v.shape and torch.equal(state[k].to(v), v))]
-    if len(missing) > len(own) // 2:
-        raise tkp.TKPError(f"--pretrained-path {path} does not fit --model {name}: {len(missing)} of its {len(own)} "
-                           f"weight tensors (e.g. {missing[0]}) are not in the file; pass timm's weights file for "
+    own = [k for k in state if not k.startswith(("head", "pos_embed")) and state[k].is_floating_point()
+           and (init[k] != init[k].flatten()[0]).any()]  # drawn at random, not a constant such as LayerNorm's 1
+    kept = [k for k in own if torch.equal(state[k], init[k])]
+    if len(kept) > len(own) // 2:
+        raise tkp.TKPError(f"--pretrained-path {path} does not fit --model {name}: {len(kept)} of its {len(own)} "
+                           f"weight tensors (e.g. {kept[0]}) kept their random init; pass timm's weights file for "
                            f"{name}, or --no-pretrained")
 
 

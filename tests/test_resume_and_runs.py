@@ -238,3 +238,14 @@ def test_backend_settings_hold_for_the_run_and_are_put_back(tmp_path, monkeypatc
     finally:
         torch.backends.mkldnn.enabled, torch.backends.cudnn.benchmark = onednn, autotune
         torch.set_num_threads(threads)
+
+
+def test_a_dry_run_makes_each_stage_one_epoch_or_none():
+    """--dry-run: a stage of epochs becomes one, a stage of none (CLIP's --one-shot) stays none,
+    and a parser without epoch defaults (a user's script on tkp.base_parser) gets one each."""
+    import argparse
+    for given, expected in (((100, 100), (1, 1)), ((0, 2), (0, 1)), ((None, None), (1, 1))):
+        args = argparse.Namespace(epochs_stage1=given[0], epochs_stage2=given[1], batch_train=64, batch_val=64,
+                                  bn_recal_batches=50, num_workers=4)
+        tkp._apply_dry_run(args)
+        assert (args.epochs_stage1, args.epochs_stage2) == expected

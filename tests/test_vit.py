@@ -194,6 +194,24 @@ def test_dry_run_defaults_to_a_small_image_unless_one_is_named(monkeypatch):
     assert seen == [vit_small.DRY_RUN_IMG_SIZE, 224, 224]
 
 
+def test_pretrained_files_timm_reads_its_own_ways_are_accepted(tmp_path):
+    """The fit check judges what timm loaded, not the file's layout: an EMA copy beside the
+    weights (timm takes the EMA) and a 'module.' prefix load and pass; the empty
+    --checkpoint-dir (the reference's name of --output-dir) is refused as --output-dir is."""
+    source = timm.create_model(MODEL, num_classes=4, img_size=32)
+    ema = {k: v + 0.5 if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    torch.save({"state_dict": source.state_dict(), "state_dict_ema": ema}, tmp_path / "ema.pth")
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, tmp_path / "ddp.pth")
+    for name, expected in (("ema.pth", ema), ("ddp.pth", source.state_dict())):
+        flags = [*FAST, "--pretrained", "--pretrained-path", str(tmp_path / name)]
+        args = vit_small.get_args_parser().parse_args(flags)
+        model = vit_small.build_model(args)
+        assert torch.equal(model.blocks[0].mlp.fc1.weight, expected["blocks.0.mlp.fc1.weight"]), name
+    with pytest.raises(SystemExit) as e:
+        vit_small.get_args_parser().parse_args([*FAST, "--checkpoint-dir", ""])
+    assert e.value.code == 2
+
+
 @pytest.mark.parametrize("content, why", [("other", "does not fit --model"), ("nan", "is not finite")])
 def test_pretrained_path_that_does_not_fit_the_model_is_one_line(tmp_path, content, why):
     """timm loads a file of another model leniently where the class count differs (a warning,

@@ -397,15 +397,15 @@ _IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itr
 
 def _may_write(node: torch.fx.Node, modules: dict) -> bool:
     """Whether `node` may write into a tensor it is given: an in-place method or function
-    (`relu_`, `+=`), a module built with inplace=True, or a call passing True (inplace=True,
-    F.relu(x, True); a keepdim=True is counted too: the answer errs towards yes)."""
+    (`relu_`, `add_`), a module built with inplace=True, a call with out=, or one passing True
+    (inplace=True, F.relu(x, True); a keepdim=True is counted too: the answer errs towards yes)."""
     if node.op == "call_module":
         return getattr(modules.get(node.target), "inplace", False) is True
     if node.op == "call_method":
         return node.target.endswith("_")
     if node.op == "call_function":
         return node.target in _IN_PLACE_OPERATORS or getattr(node.target, "__name__", "").endswith("_") \
-            or any(a is True for a in node.args[1:]) or node.kwargs.get("inplace") is True
+            or any(a is True for a in node.args[1:]) or node.kwargs.get("inplace") is True or "out" in node.kwargs
     return False
 
 
@@ -453,6 +453,7 @@ def fuse_epilogues(gm: torch.fx.GraphModule, input_shape: tuple) -> int:
     not into the other operand."""
     shapes = [_output_shapes(gm, torch.zeros(2, *input_shape))]
     shapes.append(_output_shapes(gm, torch.zeros(2, input_shape[0], *(2 * v for v in input_shape[1:]))))
+    kernels.free_cached_outputs()  # that run's large outputs, which the network's own sizes will not reuse
     shapes = [sh for sh in shapes if sh is not None]
     modules = dict(gm.named_modules())
     fused = 0
