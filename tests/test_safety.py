@@ -419,14 +419,19 @@ DAMAGES = {
 }
 
 
+def damaged_copy(source, change, path):
+    """`path`: a copy of the checkpoint `source` with `change` applied to what it holds."""
+    ckpt = torch.load(source, weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, path)
+    return path
+
+
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_a_damaged_final_pt_is_one_line_that_blames_the_file(damage, final_pt, tmp_path):
     data, good = final_pt
-    ckpt = torch.load(good, weights_only=True)
     change, message = DAMAGES[damage]
-    change(ckpt)
-    path = tmp_path / "final.pt"
-    torch.save(ckpt, path)
+    path = damaged_copy(good, change, tmp_path / "final.pt")
     with pytest.raises(tkp.TKPError, match=message) as err:
         vgg8.main(["--eval", str(path), "--data-root", str(data), "--num-workers", "0"])
     assert str(err.value).startswith(str(path)) and "TKP bug" not in str(err.value)
@@ -459,11 +464,8 @@ def test_a_damaged_checkpoint_is_one_line_that_blames_the_file(damage, final_pt,
     parser) and checks the parts a checkpoint adds (stage, epoch, step, optimizer, schedule,
     scaler, history, metrics, RNG states): a damaged one is one line naming the file."""
     data, good = final_pt
-    ckpt = torch.load(good.with_name("checkpoint_last.pt"), weights_only=True)
     change, message = RESUME_DAMAGES[damage]
-    change(ckpt)
-    path = tmp_path / "checkpoint_last.pt"
-    torch.save(ckpt, path)
+    path = damaged_copy(good.with_name("checkpoint_last.pt"), change, tmp_path / "checkpoint_last.pt")
     with pytest.raises(tkp.TKPError, match=message) as err:
         vgg8.main(["--resume", str(path), "--data-root", str(data), "--num-workers", "0"])
     assert str(err.value).startswith(str(path)) and "TKP bug" not in str(err.value)
@@ -474,11 +476,9 @@ def test_a_pretrain_path_with_nan_weights_is_one_line(final_pt, tmp_path):
     instead of a first epoch whose non-finite loss would be blamed on --lr."""
     from tkp_lib.runtime import read_state_dict
     _, good = final_pt
-    ckpt = torch.load(good, weights_only=True)
-    nan_weight(ckpt)
-    torch.save(ckpt, tmp_path / "f.pt")
+    path = damaged_copy(good, nan_weight, tmp_path / "f.pt")
     with pytest.raises(tkp.TKPError, match="--pretrain-path .*: its features.0.weight is not finite"):
-        read_state_dict(str(tmp_path / "f.pt"), "--pretrain-path")
+        read_state_dict(str(path), "--pretrain-path")
     assert "features.0.weight" in read_state_dict(str(good), "--pretrain-path")
 
 
